@@ -1,0 +1,40 @@
+"""mmbalance: balancing methods for multimodal imbalance behind one interface, and a benchmark.
+
+Public API::
+
+    from mmbalance import Balancer, register_method, METHODS, DATASETS, MODELS, run
+"""
+
+from __future__ import annotations
+
+from mmbalance.balancer import Balancer, EpochContext, StepContext
+from mmbalance.datasets import DATASETS, register_dataset
+from mmbalance.errors import MMBalanceError
+from mmbalance.methods import METHODS, register_method
+from mmbalance.models import MODELS, ModelOutput, MultimodalModel, register_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Balancer",
+    "StepContext",
+    "EpochContext",
+    "METHODS",
+    "DATASETS",
+    "MODELS",
+    "register_method",
+    "register_dataset",
+    "register_model",
+    "ModelOutput",
+    "MultimodalModel",
+    "MMBalanceError",
+    "run",
+    "__version__",
+]
+
+
+def run(*args, **kwargs):
+    """Train and evaluate one run; see :func:`mmbalance.run.run_one`."""
+    from mmbalance.run import run_one
+
+    return run_one(*args, **kwargs)

@@ -1,0 +1,230 @@
+"""The Balancer interface: the points of the training step where a balancing method may act.
+
+The runner (:mod:`mmbalance.train`) owns the loop; a balancer only reacts at named hooks. The exact
+order, asserted by ``tests/test_hook_order.py`` with a GradScaler and a clipping spy::
+
+    setup
+    [epoch: on_train_epoch_start
+        [step: forward_step -> loss_terms -> (finite check, deferred) -> backward
+               -> scaler.unscale_(optimizer) -> on_after_backward -> clip_grad_norm_
+               -> scaler.step(optimizer) -> on_after_optimizer_step -> scaler.update
+               -> optimizer.zero_grad]
+     -> validate -> on_validation_end]
+    -> test with the best-validation state
+
+A balancer never calls ``zero_grad`` or ``step`` on the main optimizer, never picks a device and
+never reads globals. Its own optimizers (auxiliary heads) are its own business: it steps and
+zeroes them itself, through ``ctx.scaler`` so that AMP loss scaling stays consistent. Because
+``Balancer`` is an ``nn.Module``, auxiliary heads and buffers follow ``.to(device)``, enter
+``state_dict`` and are counted in the memory overhead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from mmbalance.errors import ConfigError, UnsupportedError
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from mmbalance.datasets.base import DatasetSpec
+    from mmbalance.models.base import ModelOutput, MultimodalModel
+    from mmbalance.tasks import Task
+
+__all__ = ["Balancer", "StepContext", "EpochContext", "OptimizerFactory", "NoConfig"]
+
+# ``optimizer_factory(params, lr=None, **overrides)`` builds an optimizer of the run's type.
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    """Config of a method without hyperparameters."""
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step hook sees. Frozen: hooks edit gradients and their own state, not the context.
+
+    Attributes:
+        model: the model being trained (train mode).
+        batch: the step's batch, on the device.
+        output: the ``forward_step`` output.
+        terms: the named loss terms (graph-carrying tensors).
+        optimizer: the main optimizer (read only for hooks: never step or zero it).
+        scaler: the run's ``torch.amp.GradScaler`` (disabled when AMP is off).
+        step: global step index, from 0.
+        epoch: epoch index, from 0.
+        step_in_epoch: step index within the epoch, from 0.
+        steps_per_epoch: number of steps in an epoch.
+    """
+
+    model: MultimodalModel
+    batch: Mapping[str, Tensor]
+    output: ModelOutput
+    terms: Mapping[str, Tensor]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    step: int
+    epoch: int
+    step_in_epoch: int
+    steps_per_epoch: int
+
+
+@dataclass(frozen=True)
+class EpochContext:
+    """What epoch-level hooks see.
+
+    ``train_loader`` and ``val_loader`` are the only data a method may use for statistics
+    (G-Blending, MSLR, MSES, PMR prototypes); test data never reaches a balancer.
+    ``fit_steps`` counts extra training steps a multi-stage method runs, for the cost record.
+    """
+
+    model: MultimodalModel
+    epoch: int
+    num_epochs: int
+    train_loader: DataLoader
+    val_loader: DataLoader
+    task: Task
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    to_device: Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
+
+
+class Balancer(nn.Module):
+    """Base class of every balancing method. ``joint`` training overrides nothing.
+
+    Class attributes set by each method:
+        name: registry name (set by ``@register_method``).
+        Config: frozen dataclass of hyperparameters; defaults are the paper's; ``__post_init__``
+            validates ranges and raises ``ValueError`` naming the field.
+        presets: per-dataset paper settings, e.g. ``{"mosi": {"rho": 1.3, "lam": 0.2}}``.
+        tasks: subset of ``{"cls", "reg", "seg"}``.
+        min_modalities / max_modalities: supported modality counts (``None`` = unbounded).
+        paper: citation shown by ``mmbalance list``.
+    """
+
+    name: ClassVar[str] = "balancer"
+    Config: ClassVar[type] = NoConfig
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    tasks: ClassVar[frozenset[str]] = frozenset({"cls", "reg", "seg"})
+    min_modalities: ClassVar[int] = 2
+    max_modalities: ClassVar[int | None] = None
+    paper: ClassVar[str] = ""
+
+    def __init__(self, config: Any = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else self.Config()
+        self.modalities: tuple[str, ...] = ()
+        self.task: Task | None = None
+
+    # -- capabilities -------------------------------------------------------------------------
+    @classmethod
+    def supports(cls, task: str | None = None, modalities: int | None = None, **_: Any) -> bool:
+        """Whether the method declares ``task`` and the modality count ``modalities``."""
+        if task is not None and task not in cls.tasks:
+            return False
+        if modalities is not None:
+            if modalities < cls.min_modalities:
+                return False
+            if cls.max_modalities is not None and modalities > cls.max_modalities:
+                return False
+        return True
+
+    def check_supported(self, spec: DatasetSpec) -> None:
+        """Raise UnsupportedError if the dataset's task or modality count is not declared."""
+        m = len(spec.modalities)
+        if spec.task not in self.tasks:
+            raise UnsupportedError(
+                f"method {self.name!r} supports tasks {sorted(self.tasks)}, not task {spec.task!r}"
+            )
+        hi = "any" if self.max_modalities is None else self.max_modalities
+        if not self.supports(modalities=m):
+            raise UnsupportedError(
+                f"method {self.name!r} supports {self.min_modalities} to {hi} modalities, the dataset has {m}"
+            )
+
+    # -- hooks --------------------------------------------------------------------------------
+    def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
+        """Once, before the first epoch, after the model is on its device: build auxiliary heads,
+        own optimizers, parameter groups. Modules created here must be moved with
+        ``self.to(device)``; the runner calls ``balancer.to(device)`` right after ``setup``."""
+        self.modalities = tuple(model.modalities)
+        self.task = task
+
+    def on_train_epoch_start(self, ctx: EpochContext) -> None:
+        """At the start of each training epoch, model in train mode: epoch-level work
+        (prototypes, re-weighting, extra training stages)."""
+
+    def forward_step(self, model: MultimodalModel, batch: Mapping[str, Tensor]) -> ModelOutput:
+        """The training forward pass; default ``model(batch)``. Override for masked passes."""
+        return model(batch)
+
+    def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Task) -> dict[str, Tensor]:
+        """Named loss terms; the runner checks each for finiteness and ``backward`` sums them.
+        Default: ``{"task": task.loss(prediction, target)}``."""
+        return {"task": task.loss(output.prediction, batch["target"])}
+
+    def backward(self, terms: Mapping[str, Tensor], scaler: torch.amp.GradScaler) -> None:
+        """One backward of the (scaled) sum of the terms. Override for per-loss backward passes."""
+        scaler.scale(sum_terms(terms)).backward()
+
+    def on_after_backward(self, ctx: StepContext) -> None:
+        """After backward and AMP unscaling of the main optimizer's gradients, BEFORE gradient
+        clipping and the optimizer step: the place to edit ``p.grad`` (modulation, projection)."""
+
+    def on_after_optimizer_step(self, ctx: StepContext) -> None:
+        """After the main optimizer step, before ``scaler.update()`` and ``zero_grad``: step and
+        zero own optimizers (through ``ctx.scaler.step``), update running statistics."""
+
+    def on_validation_end(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """After each epoch's validation, with validation metrics only (never test)."""
+
+    def predict(self, output: ModelOutput) -> Tensor:
+        """Test-time fusion rule; default ``output.prediction``."""
+        return output.prediction
+
+    def diagnostics(self) -> dict[str, float]:
+        """Per-epoch scalars for the run history (coefficients, ...). Called once per epoch,
+        so it may synchronise with the device."""
+        return {}
+
+    # -- helpers for subclasses -----------------------------------------------------------------
+    def auxiliary_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Own optimizers, counted in the memory overhead. Default: attributes named ``*optimizer``."""
+        return [v for v in vars(self).values() if isinstance(v, torch.optim.Optimizer)]
+
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """State needed at test time (e.g. UME's unimodal heads); default none, so training-only
+        heads (CGGM) stay out of saved inference checkpoints."""
+        return {}
+
+    def extra_steps(self) -> int:
+        """Training steps run outside the main loop (teachers, stages); recorded in the cost."""
+        return getattr(self, "_extra_steps", 0)
+
+    def describe_config(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {}
+
+
+def sum_terms(terms: Mapping[str, Tensor]) -> Tensor:
+    """Sum of the loss terms; raises on an empty mapping."""
+    values = list(terms.values())
+    if not values:
+        raise ConfigError("loss_terms returned no terms; expected at least {'task': ...}")
+    total = values[0]
+    for v in values[1:]:
+        total = total + v
+    return total
+
+
+def parameter_groups(model: MultimodalModel, modalities: Iterable[str]) -> dict[str, list[nn.Parameter]]:
+    """``{m: model.modality_parameters(m)}``; raises if any group is empty (no silent no-op)."""
+    return {m: model.modality_parameters(m) for m in modalities}

@@ -1,0 +1,144 @@
+"""Dataset contract: a registered source of train / val / test splits of modality dicts.
+
+A registered dataset class is built from its ``Config`` (``DATASETS.build(name, **overrides)``),
+declares a :class:`DatasetSpec`, and returns each split as a ``torch.utils.data.Dataset`` whose
+items are ``{modality: Tensor, ..., "target": Tensor}``. Where a release has no validation split,
+one is carved from train with a recorded seed (``spec.notes``). Test data is never used for model
+selection or for any method's statistics: the runner only hands ``train`` and ``val`` to methods.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from mmbalance.errors import ConfigError, ShapeError
+
+__all__ = ["DatasetSpec", "MultimodalDataset", "TensorDictDataset", "SPLITS", "check_batch", "identity_collate"]
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Static description of a dataset, read by models, tasks and methods.
+
+    Attributes:
+        task: "cls", "reg" or "seg".
+        modalities: modality name -> per-sample shape (without batch), in model order.
+        num_outputs: classes (cls, seg) or 1 (reg).
+        target_shape: per-sample target shape (``()`` for cls/reg scalars, ``(H, W)`` for seg).
+        default_model: registered model builder used when the run names none.
+        default_preset: preset name of methods/training used when the run names none.
+        task_options: keyword arguments for the Task (e.g. seg class weights).
+        notes: recorded facts (val carve seed, Dice convention, ...), copied into result rows.
+    """
+
+    task: str
+    modalities: Mapping[str, tuple[int, ...]]
+    num_outputs: int
+    target_shape: tuple[int, ...] = ()
+    default_model: str = "mlp"
+    default_preset: str | None = None
+    task_options: Mapping[str, Any] = field(default_factory=dict)
+    notes: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.task not in ("cls", "reg", "seg"):
+            raise ConfigError(f"task must be one of 'cls', 'reg', 'seg', got {self.task!r}")
+        if not self.modalities:
+            raise ConfigError("modalities must name at least one modality")
+        if "target" in self.modalities:
+            raise ConfigError("'target' is reserved and cannot be a modality name")
+
+    @property
+    def modality_names(self) -> tuple[str, ...]:
+        return tuple(self.modalities)
+
+
+class MultimodalDataset(ABC):
+    """Base of registered datasets.
+
+    Subclasses define ``Config`` (frozen dataclass), set ``task`` and ``modality_names`` as class
+    attributes (for ``names(task=..., modalities=...)`` filters), build ``self.spec`` in
+    ``__init__`` and implement :meth:`split`.
+    """
+
+    name: str
+    Config: type
+    presets: Mapping[str, Mapping[str, Any]] = {}
+    task: str
+    modality_names: tuple[str, ...]
+    paper: str = ""
+    spec: DatasetSpec
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    @classmethod
+    def supports(cls, task: str | None = None, modalities: int | None = None, **_: Any) -> bool:
+        if task is not None and task != cls.task:
+            return False
+        return modalities is None or modalities == len(cls.modality_names)
+
+    @abstractmethod
+    def split(self, split: str) -> Dataset:
+        """The ``split`` ("train", "val" or "test") as a map-style dataset of modality dicts."""
+
+    def check_split_name(self, split: str) -> None:
+        if split not in SPLITS:
+            raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+class TensorDictDataset(Dataset):
+    """In-memory dataset of equally long tensors, batched by ``__getitems__`` (no per-item collate).
+
+    ``DataLoader(ds, batch_size=B, collate_fn=identity_collate)`` fetches a whole batch with one
+    indexing op per tensor, which keeps the loader from starving the step on small models.
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor]) -> None:
+        lengths = {k: len(v) for k, v in tensors.items()}
+        if len(set(lengths.values())) != 1:
+            raise ShapeError(f"all tensors must have the same length, got {lengths}")
+        self.tensors = dict(tensors)
+        self._len = next(iter(lengths.values()))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {k: v[index] for k, v in self.tensors.items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {k: v.index_select(0, idx) for k, v in self.tensors.items()}
+
+
+def identity_collate(batch: Any) -> Any:
+    """Collate for datasets whose ``__getitems__`` already returns a batch dict."""
+    return batch
+
+
+def check_batch(batch: Mapping[str, Tensor], spec: DatasetSpec, *, source: str = "dataset") -> None:
+    """Raise ShapeError unless ``batch`` matches ``spec`` (modalities, per-sample shapes, target).
+
+    Sequence modalities may vary in their first (length) dimension when declared as ``-1``.
+    """
+    for m, shape in spec.modalities.items():
+        if m not in batch:
+            raise ShapeError(f"{source}: batch lacks modality {m!r}; expected keys {list(spec.modalities)} + 'target'")
+        got = tuple(batch[m].shape[1:])
+        if len(got) != len(shape) or any(s != -1 and s != g for s, g in zip(shape, got, strict=False)):
+            raise ShapeError(f"{source}: modality {m!r} has per-sample shape {got}, expected {tuple(shape)}")
+    if "target" not in batch:
+        raise ShapeError(f"{source}: batch lacks 'target'")
+    got_t = tuple(batch["target"].shape[1:])
+    if got_t != tuple(spec.target_shape):
+        raise ShapeError(f"{source}: target has per-sample shape {got_t}, expected {tuple(spec.target_shape)}")

@@ -1,0 +1,56 @@
+"""``unimodal``: train one named modality alone (the single-modality rows of the paper tables).
+
+The model is the same multimodal network; every other modality's encoder output is replaced by
+zeros before fusion, in training and at test time, so only the named encoder, the fusion and the
+head learn. This matches "single-modality training" as a row of the same architecture; the other
+encoders receive no gradient and are not updated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from mmbalance.balancer import Balancer
+from mmbalance.errors import ConfigError
+from mmbalance.methods import register_method
+from mmbalance.models.base import ModelOutput, MultimodalModel
+
+__all__ = ["Unimodal"]
+
+
+@dataclass(frozen=True)
+class UnimodalConfig:
+    modality: str = ""  # the modality to train; required (e.g. "text")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.modality, str) or not self.modality:
+            raise ValueError(f"modality must name one of the dataset's modalities, got {self.modality!r}")
+
+
+@register_method("unimodal")
+class Unimodal(Balancer):
+    """Single-modality training: ``--set modality=<name>``."""
+
+    Config = UnimodalConfig
+    paper = "Single-modality training (baseline)"
+    min_modalities = 1
+
+    def setup(self, model, task, optimizer_factory) -> None:
+        super().setup(model, task, optimizer_factory)
+        if self.config.modality not in model.modalities:
+            raise ConfigError(
+                f"modality must be one of {model.modalities}, got {self.config.modality!r}"
+            )
+        self.__dict__["_model"] = model  # a reference, not a submodule (stays out of state_dict)
+        self._drop = tuple(m for m in model.modalities if m != self.config.modality)
+
+    def forward_step(self, model: MultimodalModel, batch: Mapping[str, Tensor]) -> ModelOutput:
+        return model(batch, drop=self._drop)
+
+    def predict(self, output: ModelOutput) -> Tensor:
+        model: MultimodalModel = self.__dict__["_model"]
+        kept = {m: (f if m == self.config.modality else f.new_zeros(f.shape)) for m, f in output.features.items()}
+        return model.fuse(kept, output.extras).prediction

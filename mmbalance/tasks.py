@@ -1,0 +1,206 @@
+"""Tasks ``cls``, ``reg``, ``seg``: loss, metric suite, and the per-modality ``score``.
+
+``score(prediction, target)`` is the signal balancing methods read from unimodal heads (CGGM's ε):
+a 0-d tensor on the prediction's device, higher is better, computed without a host sync:
+
+* cls: accuracy of ``argmax``;
+* reg: sign accuracy ``(pred > 0) == (target > 0)`` over all samples (zeros count as negative, as
+  the CGGM code does), or ``-MAE`` with ``score="neg_mae"``;
+* seg: mean over ET/TC/WT of per-sample Dice (eps 1e-3, the CGGM code's convention).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmbalance.errors import ConfigError, ShapeError
+from mmbalance.metrics.cls import ClassificationMetrics
+from mmbalance.metrics.reg import RegressionMetrics
+from mmbalance.metrics.seg import SegmentationMetrics, brats_region_dice, soft_dice_loss
+
+__all__ = ["Task", "ClassificationTask", "RegressionTask", "SegmentationTask", "make_task", "METRIC_HIGHER_IS_BETTER"]
+
+# Direction of every metric name any task reports (tables draw the arrows from it).
+METRIC_HIGHER_IS_BETTER: dict[str, bool] = {
+    "acc": True,
+    "f1_macro": True,
+    "f1_weighted": True,
+    "mae": False,
+    "corr": True,
+    "acc2_has0": True,
+    "acc2_non0": True,
+    "f1_has0": True,
+    "f1_non0": True,
+    "acc7": True,
+    "dice_et": True,
+    "dice_tc": True,
+    "dice_wt": True,
+    "dice_mean": True,
+    "loss": False,
+}
+
+
+class Task(ABC):
+    """A learning task. Stateless apart from its options; safe to share between runs."""
+
+    name: str
+    primary_metric: str
+    num_outputs: int
+
+    @abstractmethod
+    def loss(self, prediction: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        """Task loss; ``reduction="none"`` gives one value per sample."""
+
+    @abstractmethod
+    def score(self, prediction: Tensor, target: Tensor) -> Tensor:
+        """0-d tensor, higher is better, on the prediction's device (no host sync)."""
+
+    @abstractmethod
+    def metrics(self) -> Any:
+        """A fresh metric suite with ``update(prediction, target)``, ``compute() -> dict``, ``reset()``."""
+
+    def predict_labels(self, prediction: Tensor) -> Tensor:
+        """Hard prediction (class ids / values / label maps)."""
+        return prediction
+
+    def check_prediction(self, prediction: Tensor, target: Tensor) -> None:
+        if prediction.shape[0] != target.shape[0]:
+            raise ShapeError(
+                f"prediction batch {prediction.shape[0]} differs from target batch {target.shape[0]}"
+            )
+
+
+class ClassificationTask(Task):
+    """Cross-entropy over ``(B, C)`` logits; targets are class ids ``(B,)``."""
+
+    name = "cls"
+    primary_metric = "acc"
+
+    def __init__(self, num_outputs: int, label_smoothing: float = 0.0) -> None:
+        if num_outputs < 2:
+            raise ConfigError(f"num_outputs must be >= 2 for classification, got {num_outputs}")
+        self.num_outputs = num_outputs
+        self.label_smoothing = label_smoothing
+
+    def loss(self, prediction: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        return F.cross_entropy(prediction, target.long(), reduction=reduction, label_smoothing=self.label_smoothing)
+
+    def score(self, prediction: Tensor, target: Tensor) -> Tensor:
+        return (prediction.argmax(dim=1) == target).float().mean()
+
+    def metrics(self) -> ClassificationMetrics:
+        return ClassificationMetrics(self.num_outputs)
+
+    def predict_labels(self, prediction: Tensor) -> Tensor:
+        return prediction.argmax(dim=1)
+
+
+class RegressionTask(Task):
+    """Scalar regression (sentiment in [-3, 3] for MOSI). ``prediction`` is ``(B, 1)`` or ``(B,)``.
+
+    Args:
+        loss: "l1" (the CGGM MOSI loss) or "mse".
+        score: "sign_acc" (official CGGM ε) or "neg_mae" (the paper's MAE, sign-corrected).
+    """
+
+    name = "reg"
+    primary_metric = "mae"
+    num_outputs = 1
+
+    def __init__(self, loss: str = "l1", score: str = "sign_acc") -> None:
+        if loss not in ("l1", "mse"):
+            raise ConfigError(f"regression loss must be 'l1' or 'mse', got {loss!r}")
+        if score not in ("sign_acc", "neg_mae"):
+            raise ConfigError(f"regression score must be 'sign_acc' or 'neg_mae', got {score!r}")
+        self.loss_name, self.score_name = loss, score
+
+    @staticmethod
+    def _flat(prediction: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        return prediction.reshape(prediction.shape[0], -1)[:, 0], target.reshape(target.shape[0]).to(prediction.dtype)
+
+    def loss(self, prediction: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        p, t = self._flat(prediction, target)
+        fn = F.l1_loss if self.loss_name == "l1" else F.mse_loss
+        return fn(p, t, reduction=reduction)
+
+    def score(self, prediction: Tensor, target: Tensor) -> Tensor:
+        p, t = self._flat(prediction, target)
+        if self.score_name == "neg_mae":
+            return -(p - t).abs().mean()
+        return ((p > 0) == (t > 0)).float().mean()
+
+    def metrics(self) -> RegressionMetrics:
+        return RegressionMetrics()
+
+    def predict_labels(self, prediction: Tensor) -> Tensor:
+        return prediction.reshape(prediction.shape[0], -1)[:, 0]
+
+
+class SegmentationTask(Task):
+    """BraTS-style 2D segmentation: logits ``(B, C, H, W)``, label maps ``(B, H, W)``.
+
+    Loss (the CGGM ``SegLoss``): ``ce_weight * weighted CE + dice_weight * (1 - soft Dice over the
+    foreground classes)``. Labels follow BraTS with 4 remapped to 3: 0 background, 1 necrotic core,
+    2 edema, 3 enhancing tumour; regions ET = {3}, TC = {1, 3}, WT = {1, 2, 3}.
+    """
+
+    name = "seg"
+    primary_metric = "dice_mean"
+
+    def __init__(
+        self,
+        num_outputs: int = 4,
+        class_weights: Sequence[float] | None = (0.2, 0.3, 0.25, 0.25),
+        ce_weight: float = 0.5,
+        dice_weight: float = 0.5,
+    ) -> None:
+        if num_outputs != 4:
+            raise ConfigError(f"segmentation uses the 4 BraTS labels, num_outputs must be 4, got {num_outputs}")
+        if class_weights is not None and len(class_weights) != num_outputs:
+            raise ConfigError(f"class_weights must have {num_outputs} entries, got {len(class_weights)}")
+        self.num_outputs = num_outputs
+        self.class_weights = None if class_weights is None else tuple(float(w) for w in class_weights)
+        self.ce_weight, self.dice_weight = ce_weight, dice_weight
+        self._weight_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    def _weights(self, like: Tensor) -> Tensor | None:
+        if self.class_weights is None:
+            return None
+        key = (like.device, like.dtype)
+        if key not in self._weight_cache:
+            self._weight_cache[key] = torch.tensor(self.class_weights, device=like.device, dtype=like.dtype)
+        return self._weight_cache[key]
+
+    def loss(self, prediction: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+        target = target.long()
+        ce = F.cross_entropy(prediction, target, weight=self._weights(prediction), reduction="none")
+        ce = ce.mean(dim=(1, 2))
+        dice = soft_dice_loss(prediction, target, reduction="none")
+        per_sample = self.ce_weight * ce + self.dice_weight * dice
+        return per_sample if reduction == "none" else per_sample.mean()
+
+    def score(self, prediction: Tensor, target: Tensor) -> Tensor:
+        return brats_region_dice(prediction.argmax(dim=1), target).mean()
+
+    def metrics(self) -> SegmentationMetrics:
+        return SegmentationMetrics()
+
+    def predict_labels(self, prediction: Tensor) -> Tensor:
+        return prediction.argmax(dim=1)
+
+
+def make_task(name: str, num_outputs: int, **options: Any) -> Task:
+    """Task for a :class:`~mmbalance.datasets.base.DatasetSpec` (``spec.task``, ``spec.num_outputs``)."""
+    if name == "cls":
+        return ClassificationTask(num_outputs, **options)
+    if name == "reg":
+        return RegressionTask(**options)
+    if name == "seg":
+        return SegmentationTask(num_outputs, **options)
+    raise ConfigError(f"task must be one of 'cls', 'reg', 'seg', got {name!r}")
