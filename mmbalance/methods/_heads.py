@@ -1,0 +1,291 @@
+"""Per-modality (unimodal) prediction heads on encoder features, shared by the balancing methods.
+
+Many methods need a prediction from each modality alone (OGM-GE's confidence ratio, G-Blending's
+per-modality losses, MMPareto's unimodal gradients, QMF/UME/MLA's unimodal predictions, ...).
+mmbalance never slices the fusion head for that (only valid for linear concat/sum heads; see
+``OGM-GE_CVPR2022#2/#20/#33``): a method builds its own heads on ``ModelOutput.features[m]``.
+
+Head architecture by feature kind (``features[m]`` shape) and task:
+
+* vector ``(B, d)``: ``Linear(d, K)``, or ``Linear(d, hidden) -> ReLU -> Linear(hidden, K)``;
+* sequence ``(B, L, d)``: pooled over L (``mean``, or the ``first`` / ``last`` token), then as a vector;
+* map ``(B, C, h, w)``: cls/reg: global average pooling, then as a vector; seg: a 1x1 conv to K
+  (or ``3x3 conv(hidden) -> ReLU -> 1x1 conv``), bilinearly upsampled to the target's ``(H, W)``.
+
+K is ``task.num_outputs`` (classes for cls/seg, 1 for reg). Output shapes match the fused
+prediction's: cls ``(B, K)``, reg ``(B, 1)``, seg ``(B, K, H, W)``.
+
+Feature shapes are unknown when a balancer's ``setup`` runs, so the heads are built on the first
+``forward`` (lazy init), on the features' device. Their initial weights come from a private
+``torch.Generator`` seeded at construction, so building them draws nothing from the global RNG: a
+method whose heads do not touch the model (detached features) leaves the model's training
+trajectory bit-identical to ``joint``. The built layout is saved in the state dict (extra state), so
+loading a trained state dict into fresh, unbuilt heads builds them first.
+
+Heads that train with the main model on detached features use their own optimizer
+(:meth:`UnimodalHeads.make_optimizer` once :attr:`UnimodalHeads.built`, stepped by
+:func:`step_auxiliary`); with ``detach=False`` their loss also reaches the encoders.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmbalance.errors import ConfigError, ShapeError
+
+__all__ = ["UnimodalHeads", "feature_kind", "pool_features", "step_auxiliary", "SEQUENCE_POOLS"]
+
+SEQUENCE_POOLS = ("mean", "first", "last")
+_KINDS = ("vector", "sequence", "map")
+
+
+def feature_kind(feature: Tensor, modality: str = "?") -> str:
+    """``"vector"`` for ``(B, d)``, ``"sequence"`` for ``(B, L, d)``, ``"map"`` for ``(B, C, h, w)``.
+
+    Raises:
+        ShapeError: any other number of dimensions.
+    """
+    kinds = {2: "vector", 3: "sequence", 4: "map"}
+    if not isinstance(feature, Tensor) or feature.dim() not in kinds:
+        shape = tuple(feature.shape) if isinstance(feature, Tensor) else type(feature).__name__
+        raise ShapeError(
+            f"features[{modality!r}] has shape {shape}; expected (B, d), (B, L, d) or (B, C, h, w)"
+        )
+    return kinds[feature.dim()]
+
+
+def pool_features(feature: Tensor, sequence_pool: str = "mean") -> Tensor:
+    """``(B, d)`` summary of a vector, sequence (pool over L) or map (global average) feature."""
+    kind = feature_kind(feature)
+    if kind == "vector":
+        return feature
+    if kind == "sequence":
+        if sequence_pool == "mean":
+            return feature.mean(dim=1)
+        if sequence_pool == "first":
+            return feature[:, 0]
+        if sequence_pool == "last":
+            return feature[:, -1]
+        raise ConfigError(f"sequence_pool must be one of {SEQUENCE_POOLS}, got {sequence_pool!r}")
+    return feature.mean(dim=(2, 3))
+
+
+def step_auxiliary(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """Step an auxiliary optimizer through the run's GradScaler (unscales, skips inf steps), then
+    zero it. Call from ``on_after_optimizer_step``."""
+    scaler.step(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+
+
+class _VectorHead(nn.Module):
+    """Pool (for sequences / maps) then a linear or 2-layer MLP head: ``(B, ...) -> (B, K)``."""
+
+    def __init__(self, in_dim: int, num_outputs: int, hidden: int | None, sequence_pool: str) -> None:
+        super().__init__()
+        self.sequence_pool = sequence_pool
+        if hidden is None:
+            self.net: nn.Module = nn.Linear(in_dim, num_outputs)
+        else:
+            self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs))
+
+    def forward(self, feature: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
+        return self.net(pool_features(feature, self.sequence_pool))
+
+
+class _MapHead(nn.Module):
+    """Dense head for segmentation: ``(B, C, h, w) -> (B, K, H, W)`` (1x1 conv, bilinear upsample)."""
+
+    def __init__(self, in_dim: int, num_outputs: int, hidden: int | None) -> None:
+        super().__init__()
+        if hidden is None:
+            self.net: nn.Module = nn.Conv2d(in_dim, num_outputs, kernel_size=1)
+        else:
+            self.net = nn.Sequential(
+                nn.Conv2d(in_dim, hidden, kernel_size=3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(hidden, num_outputs, kernel_size=1),
+            )
+
+    def forward(self, feature: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
+        logits = self.net(feature)
+        if out_size is not None and tuple(logits.shape[-2:]) != tuple(out_size):
+            logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+        return logits
+
+
+def _reset_with_generator(module: nn.Module, generator: torch.Generator) -> None:
+    """PyTorch's default Linear/Conv init (Kaiming-uniform a=sqrt(5), fan-in bias), drawn from
+    ``generator`` instead of the global RNG."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear | nn.Conv2d):
+            with torch.no_grad():
+                nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+                if layer.bias is not None:
+                    fan_in = layer.weight[0].numel()
+                    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                    nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+
+
+class UnimodalHeads(nn.Module):
+    """One prediction head per modality on ``features[m]``, built lazily on the first forward.
+
+    Args:
+        modalities: the modalities to build heads for (usually ``model.modalities``).
+        task_name: ``"cls"``, ``"reg"`` or ``"seg"`` (``task.name``).
+        num_outputs: K, the width of each head's output (``task.num_outputs``).
+        hidden: ``None`` for a single linear (1x1 conv) layer, else the hidden width of a 2-layer head.
+        sequence_pool: how ``(B, L, d)`` features are pooled: ``"mean"``, ``"first"`` or ``"last"``.
+        detach: read detached features (heads learn, encoders do not see the head loss).
+        seed: seed of the private init generator; default ``torch.initial_seed()`` (the run's seed,
+            read without consuming the global RNG).
+
+    ``forward(features, out_size=None) -> {m: prediction}``; ``out_size`` (the target's ``(H, W)``)
+    is required for segmentation.
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        task_name: str,
+        num_outputs: int,
+        *,
+        hidden: int | None = None,
+        sequence_pool: str = "mean",
+        detach: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not modalities:
+            raise ConfigError("modalities must name at least one modality for unimodal heads, got none")
+        if task_name not in ("cls", "reg", "seg"):
+            raise ConfigError(f"task_name must be one of 'cls', 'reg', 'seg', got {task_name!r}")
+        if not isinstance(num_outputs, int) or num_outputs < 1:
+            raise ConfigError(f"num_outputs must be an integer >= 1, got {num_outputs!r}")
+        if hidden is not None and (not isinstance(hidden, int) or hidden < 1):
+            raise ConfigError(f"hidden must be None or an integer >= 1, got {hidden!r}")
+        if sequence_pool not in SEQUENCE_POOLS:
+            raise ConfigError(f"sequence_pool must be one of {SEQUENCE_POOLS}, got {sequence_pool!r}")
+        self.modalities = tuple(modalities)
+        self.task_name = task_name
+        self.num_outputs = num_outputs
+        self.hidden = hidden
+        self.sequence_pool = sequence_pool
+        self.detach = detach
+        self.seed = int(torch.initial_seed() if seed is None else seed) % (2**63)
+        self.heads = nn.ModuleDict()
+        self._layout: dict[str, tuple[str, int]] = {}  # m -> (feature kind, input width)
+        # Follows .to(device); heads built from a state dict are created on its device.
+        self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
+
+    @classmethod
+    def for_task(cls, modalities: Sequence[str], task: Any, **options: Any) -> UnimodalHeads:
+        """Heads sized for a :class:`~mmbalance.tasks.Task` (``task.name``, ``task.num_outputs``)."""
+        return cls(modalities, task.name, int(task.num_outputs), **options)
+
+    @property
+    def built(self) -> bool:
+        """Whether the heads exist (after the first forward or a state-dict load)."""
+        return len(self._layout) == len(self.modalities)
+
+    # -- building ---------------------------------------------------------------------------------
+    def _build(self, layout: Mapping[str, tuple[str, int]], device: torch.device, dtype: torch.dtype) -> None:
+        for index, m in enumerate(self.modalities):
+            kind, in_dim = layout[m]
+            if kind not in _KINDS:
+                raise ShapeError(f"unimodal head layout for {m!r} has kind {kind!r}; expected one of {_KINDS}")
+            if self.task_name == "seg" and kind != "map":
+                raise ShapeError(
+                    f"segmentation heads need map features (B, C, h, w); features[{m!r}] is a {kind} feature"
+                )
+            # Built on the meta device (nn.Linear's own init would draw from the global RNG), then
+            # materialised and initialised from the private generator.
+            with torch.device("meta"):
+                if self.task_name == "seg":
+                    head: nn.Module = _MapHead(in_dim, self.num_outputs, self.hidden)
+                else:
+                    head = _VectorHead(in_dim, self.num_outputs, self.hidden, self.sequence_pool)
+            head = head.to_empty(device="cpu").to(dtype=dtype)
+            generator = torch.Generator().manual_seed((self.seed + 7919 * (index + 1)) % (2**63))
+            _reset_with_generator(head, generator)
+            self.heads[m] = head.to(device=device)
+        self._layout = {m: (layout[m][0], int(layout[m][1])) for m in self.modalities}
+
+    def _layout_of(self, features: Mapping[str, Tensor]) -> dict[str, tuple[str, int]]:
+        layout = {}
+        for m in self.modalities:
+            if m not in features:
+                raise ShapeError(f"features has no modality {m!r}; expected keys {self.modalities}")
+            f = features[m]
+            kind = feature_kind(f, m)
+            layout[m] = (kind, int(f.shape[1] if kind == "map" else f.shape[-1]))
+        return layout
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, features: Mapping[str, Tensor], out_size: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """Unimodal predictions ``{m: (B, K) | (B, K, H, W)}``; builds the heads on the first call.
+
+        Raises:
+            ShapeError: a feature of an unsupported rank, a feature whose width differs from the one
+                the heads were built for, non-map features for segmentation, or segmentation
+                without ``out_size``.
+        """
+        layout = self._layout_of(features)
+        if not self.built:
+            first = features[self.modalities[0]]
+            dtype = first.dtype if first.dtype in (torch.float32, torch.float64) else torch.float32
+            self._build(layout, first.device, dtype)
+        elif layout != self._layout:
+            raise ShapeError(f"unimodal heads were built for features {self._layout}, got {layout}")
+        if self.task_name == "seg" and out_size is None:
+            raise ShapeError("segmentation heads need out_size, the target's (H, W); got None")
+        size = None if out_size is None else (int(out_size[-2]), int(out_size[-1]))
+        out = {}
+        for m in self.modalities:
+            f = features[m].detach() if self.detach else features[m]
+            out[m] = self.heads[m](f, size)
+        return out
+
+    def losses(self, predictions: Mapping[str, Tensor], target: Tensor, task: Any) -> dict[str, Tensor]:
+        """``{m: task.loss(predictions[m], target)}`` (mean-reduced)."""
+        return {m: task.loss(predictions[m], target) for m in self.modalities}
+
+    def make_optimizer(self, optimizer_factory: Any, lr: float | None = None, **overrides: Any) -> torch.optim.Optimizer:
+        """An optimizer of the run's type over the heads (``optimizer_factory`` from ``setup``).
+
+        Raises:
+            ConfigError: the heads are not built yet (call after the first forward).
+        """
+        if not self.built:
+            raise ConfigError("unimodal heads are built on the first forward; make the optimizer after it")
+        return optimizer_factory(list(self.heads.parameters()), lr=lr, **overrides)
+
+    # -- state ----------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"layout": {m: list(v) for m, v in self._layout.items()}}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Build unbuilt heads from a saved layout (runs before the heads' weights are loaded)."""
+        if not isinstance(state, Mapping) or "layout" not in state:
+            raise ShapeError(f"unimodal heads extra state must be a mapping with 'layout', got {state!r}")
+        layout = {m: (str(v[0]), int(v[1])) for m, v in state["layout"].items()}
+        if not layout:
+            return
+        if set(layout) != set(self.modalities):
+            raise ShapeError(f"saved unimodal heads are for modalities {sorted(layout)}, expected {sorted(self.modalities)}")
+        if self.built:
+            if layout != self._layout:
+                raise ShapeError(f"saved unimodal heads have layout {layout}, these heads {self._layout}")
+            return
+        self._build(layout, self._device_anchor.device, torch.float32)
+
+    def extra_repr(self) -> str:
+        return (
+            f"task={self.task_name}, num_outputs={self.num_outputs}, hidden={self.hidden}, "
+            f"sequence_pool={self.sequence_pool}, detach={self.detach}, built={self.built}"
+        )
