@@ -109,6 +109,8 @@ class Balancer(nn.Module):
         tasks: subset of ``{"cls", "reg", "seg"}``.
         min_modalities / max_modalities: supported modality counts (``None`` = unbounded).
         paper: citation shown by ``mmbalance list``.
+        grad_edit_scope: model parts ("encoders", "fusion", "head") whose gradients the method
+            edits in ``on_after_backward``.
     """
 
     name: ClassVar[str] = "balancer"
@@ -118,6 +120,9 @@ class Balancer(nn.Module):
     min_modalities: ClassVar[int] = 2
     max_modalities: ClassVar[int | None] = None
     paper: ClassVar[str] = ""
+    # Parts of the model whose gradients ``on_after_backward`` may edit: any of "encoders",
+    # "fusion", "head". The registry-wide contract test checks that edits stay inside.
+    grad_edit_scope: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: Any = None) -> None:
         super().__init__()

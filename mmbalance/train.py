@@ -413,6 +413,7 @@ class FitResult:
     train_time_s: float = 0.0
     steps: int = 0
     best_state: dict[str, Any] | None = None
+    trainer: Trainer | None = None
 
 
 def _snapshot(module: nn.Module) -> dict[str, Tensor]:
@@ -497,6 +498,7 @@ def fit(
         train_time_s=train_time,
         steps=trainer.global_step,
         best_state=best_state,
+        trainer=trainer,
     )
 
 

@@ -1,0 +1,190 @@
+"""Cost measurement: step time and memory of a method against ``joint``, side by side.
+
+Contract (DESIGN "Performance contract"):
+
+* both trainers run in one process, on the same model weights and the same batches, steps strictly
+  alternating (joint, method, joint, method, ...) so that machine noise hits both alike;
+* each timed step is device-synchronised before and after; ``warmup`` steps are discarded; the
+  median and the inter-quartile range (IQR) of the remaining steps are reported in milliseconds;
+* memory: on CUDA, the peak allocated bytes during the method's steps (after
+  ``reset_peak_memory_stats``) minus joint's, measured in separate passes; on CPU, where no
+  allocator peak exists, the exact persistent bytes of what the method adds: its own parameters,
+  their gradients, its buffers and its optimizers' state (``persistent_state_bytes``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "StepTimes",
+    "persistent_state_bytes",
+    "optimizer_state_bytes",
+    "time_interleaved",
+    "summarize_ms",
+    "peak_memory_bytes",
+    "compare_cost",
+]
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Timed steps of one trainer (milliseconds, warm-up removed)."""
+
+    ms: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.ms)
+
+    @property
+    def iqr(self) -> float:
+        if len(self.ms) < 2:
+            return 0.0
+        q = statistics.quantiles(self.ms, n=4, method="inclusive")
+        return q[2] - q[0]
+
+
+def summarize_ms(samples: Sequence[float]) -> dict[str, float]:
+    st = StepTimes(tuple(samples))
+    return {"median": st.median, "iqr": st.iqr, "n": len(samples)}
+
+
+def _tensor_bytes(t: Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in an optimizer's per-parameter state (Adam moments, momentum)."""
+    total = 0
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, Tensor):
+                total += _tensor_bytes(v)
+    return total
+
+
+def persistent_state_bytes(module: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()) -> int:
+    """Exact bytes of a module's parameters, their gradients, its buffers, and optimizer state.
+
+    Shared tensors are counted once. For a balancer: ``persistent_state_bytes(b, b.auxiliary_optimizers())``.
+    """
+    seen: set[int] = set()
+    total = 0
+    for p in module.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += _tensor_bytes(p) + _tensor_bytes(p.grad)
+    for b in module.buffers():
+        if id(b) not in seen:
+            seen.add(id(b))
+            total += _tensor_bytes(b)
+    for opt in optimizers:
+        total += optimizer_state_bytes(opt)
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(
+    trainers: Mapping[str, Any],
+    batches: Sequence[Mapping[str, Tensor]],
+    *,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+    epoch: int = 0,
+) -> dict[str, StepTimes]:
+    """Alternate one ``train_step`` of each trainer per batch; return the timed steps of each.
+
+    ``trainers`` maps a name to an object with ``train_step(batch, epoch, step_in_epoch)`` (a
+    :class:`mmbalance.train.Trainer`). Batches are reused cyclically and must already be on the
+    device. Warm-up steps run in the same alternation and are discarded.
+    """
+    if not batches:
+        raise ValueError("batches must contain at least one batch")
+    samples: dict[str, list[float]] = {name: [] for name in trainers}
+    for i in range(warmup + steps):
+        batch = batches[i % len(batches)]
+        for name, trainer in trainers.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            trainer.train_step(batch, epoch, i % max(1, len(batches)))
+            _sync(device)
+            if i >= warmup:
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    for trainer in trainers.values():
+        flush = getattr(trainer, "flush_terms", None)
+        if flush is not None:
+            flush()
+    return {name: StepTimes(tuple(v)) for name, v in samples.items()}
+
+
+def peak_memory_bytes(
+    trainer: Any, batches: Sequence[Mapping[str, Tensor]], *, steps: int, device: torch.device
+) -> int | None:
+    """CUDA peak allocated bytes over ``steps`` training steps (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    for i in range(steps):
+        trainer.train_step(batches[i % len(batches)], 0, i)
+    _sync(device)
+    return int(torch.cuda.max_memory_allocated(device))
+
+
+def compare_cost(
+    method_trainer: Any,
+    joint_trainer: Any,
+    batches: Sequence[Mapping[str, Tensor]],
+    *,
+    steps: int,
+    warmup: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The ``cost`` fields of a result row: method vs joint on the same batches, interleaved.
+
+    Returns ``step_ms_median``, ``step_ms_iqr``, ``joint_step_ms_median``, ``joint_step_ms_iqr``,
+    ``step_time_ratio`` (ratio of medians), ``peak_mem_bytes`` and ``mem_overhead_bytes`` (see the
+    module docstring for CPU vs CUDA), ``timed_steps`` and ``memory_kind``.
+    """
+    times = time_interleaved(
+        {"joint": joint_trainer, "method": method_trainer}, batches, steps=steps, warmup=warmup, device=device
+    )
+    m, j = times["method"], times["joint"]
+    cost: dict[str, Any] = {
+        "step_ms_median": m.median,
+        "step_ms_iqr": m.iqr,
+        "joint_step_ms_median": j.median,
+        "joint_step_ms_iqr": j.iqr,
+        "step_time_ratio": m.median / j.median if j.median > 0 else float("nan"),
+        "timed_steps": len(m.ms),
+    }
+    if device.type == "cuda":
+        peak_j = peak_memory_bytes(joint_trainer, batches, steps=min(5, max(1, steps)), device=device)
+        peak_m = peak_memory_bytes(method_trainer, batches, steps=min(5, max(1, steps)), device=device)
+        cost.update(peak_mem_bytes=peak_m, mem_overhead_bytes=int(peak_m - peak_j), memory_kind="cuda_peak_allocated")
+    else:
+        b_m = method_trainer.balancer
+        b_j = joint_trainer.balancer
+        extra_m = persistent_state_bytes(b_m, b_m.auxiliary_optimizers())
+        extra_j = persistent_state_bytes(b_j, b_j.auxiliary_optimizers())
+        base = persistent_state_bytes(method_trainer.model, [method_trainer.optimizer])
+        cost.update(
+            peak_mem_bytes=base + extra_m,
+            mem_overhead_bytes=int(extra_m - extra_j),
+            memory_kind="cpu_persistent_state",
+        )
+    return cost
