@@ -50,7 +50,7 @@ def test_duplicate_name_raises_naming_both_modules():
 
 def test_unknown_name_suggests_close_match():
     reg, _ = _fresh()
-    with pytest.raises(RegistryError, match=r"did you mean 'my_method'"):
+    with pytest.raises(RegistryError, match=r"Did you mean 'my_method'"):
         reg.get("my_metod")
 
 
