@@ -7,7 +7,12 @@ per-sample Dice sums) and reads them with one host transfer in ``compute()``. Me
 
 from __future__ import annotations
 
-from mmbalance.metrics.cls import ClassificationMetrics, accuracy_from_confusion, confusion_matrix, f1_from_confusion
+from mmbalance.metrics.cls import (
+    ClassificationMetrics,
+    accuracy_from_confusion,
+    confusion_matrix,
+    f1_from_confusion,
+)
 from mmbalance.metrics.reg import RegressionMetrics, regression_metrics
 from mmbalance.metrics.seg import (
     REGIONS,

@@ -39,7 +39,9 @@ __all__ = ["RegressionMetrics", "regression_metrics"]
 
 def _flatten(prediction: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     if prediction.ndim not in (1, 2) or (prediction.ndim == 2 and prediction.shape[1] != 1):
-        raise ShapeError(f"regression prediction must have shape (B,) or (B, 1), got {tuple(prediction.shape)}")
+        raise ShapeError(
+            f"regression prediction must have shape (B,) or (B, 1), got {tuple(prediction.shape)}"
+        )
     batch = prediction.shape[0]
     if target.shape not in ((batch,), (batch, 1)):
         raise ShapeError(
