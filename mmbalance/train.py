@@ -4,8 +4,8 @@ One :class:`Trainer` runs every method; the order of the Balancer hooks is docum
 :mod:`mmbalance.balancer` and asserted by ``tests/test_hook_order.py``. The same
 :meth:`Trainer.train_step` is timed by :mod:`mmbalance.measure`, so measured cost is the loop's.
 
-Host synchronisation: none per step. Loss terms are written into a device buffer; every
-``finite_check_every`` steps and at each epoch end the buffer is read once, a non-finite term raises
+Host synchronisation: none per step. Detached loss terms are kept; every ``finite_check_every``
+steps and at each epoch end they are stacked and read once, a non-finite term raises
 :class:`~mmbalance.errors.NonFiniteLossError` naming the term, the step and the epoch, and the
 epoch means are accumulated. A NaN is therefore detected at most ``finite_check_every`` steps late;
 set it to 1 to stop on the very step (at the cost of one sync per step).
@@ -229,8 +229,7 @@ class Trainer:
         self.global_step = 0
         # deferred finiteness check: one row of term values per step, read every N steps
         self._term_names: tuple[str, ...] | None = None
-        self._term_buf: Tensor | None = None
-        self._buf_rows = 0
+        self._term_rows: list[list[Tensor]] = []
         self._buf_first_step = 0
         self._term_sums: dict[str, float] = {}
         self._term_counts: dict[str, int] = {}
@@ -269,25 +268,24 @@ class Trainer:
         self.global_step += 1
 
     def _record_terms(self, terms: Mapping[str, Tensor], epoch: int) -> None:
+        # Hot path: keep detached references only; stacking and the host read happen in flush_terms.
         names = tuple(terms)
         if names != self._term_names:
             self.flush_terms()
             self._term_names = names
-            self._term_buf = torch.empty(self.cfg.finite_check_every, len(names), device=self.device, dtype=torch.float32)
-        if self._buf_rows == 0:
+        if not self._term_rows:
             self._buf_first_step = self.global_step
             self._epoch = epoch
-        torch.stack([t.detach().float().reshape(()) for t in terms.values()], out=self._term_buf[self._buf_rows])
-        self._buf_rows += 1
-        if self._buf_rows == self.cfg.finite_check_every:
+        self._term_rows.append([t.detach() for t in terms.values()])
+        if len(self._term_rows) == self.cfg.finite_check_every:
             self.flush_terms()
 
     def flush_terms(self) -> None:
-        """Read the term buffer once: raise on a non-finite term, add to the epoch means."""
-        if self._buf_rows == 0 or self._term_buf is None or self._term_names is None:
+        """Read the recorded terms once: raise on a non-finite term, add to the epoch means."""
+        if not self._term_rows or self._term_names is None:
             return
-        rows = self._term_buf[: self._buf_rows].double().cpu()
-        self._buf_rows = 0
+        rows = torch.stack([torch.stack([t.float().reshape(()) for t in row]) for row in self._term_rows]).double().cpu()
+        self._term_rows = []
         finite = torch.isfinite(rows)
         if not bool(finite.all()):
             bad_row, bad_col = (~finite).nonzero()[0].tolist()

@@ -1,0 +1,94 @@
+"""``mmbalance bench``: report fields, and the regression gate failing on a slowed method."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import pytest
+
+from mmbalance.bench import add_arguments, compare, main, run_bench
+from mmbalance.errors import ConfigError
+from mmbalance.methods import METHODS
+from mmbalance.methods.joint import Joint
+
+
+def _args(tmp_path, *extra):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["--tasks", "synthetic_cls2", "--steps", "12", "--warmup", "2", "--quiet", *extra])
+
+
+@pytest.fixture
+def probe_method():
+    """A joint-equivalent method registered for the test, then made slower and heavier."""
+
+    @METHODS.register("probe_joint")
+    class ProbeJoint(Joint):
+        paper = "test probe"
+        delay_s = 0.0
+
+        def on_after_backward(self, ctx):
+            if self.delay_s:
+                time.sleep(self.delay_s)
+
+    yield ProbeJoint
+    METHODS.unregister("probe_joint")
+
+
+def test_report_fields_and_table(tmp_path, capsys, probe_method):
+    out = tmp_path / "bench.json"
+    assert main(_args(tmp_path, "--methods", "probe_joint", "--out", str(out))) == 0
+    report = json.loads(out.read_text())
+    (row,) = report["results"]
+    assert row["method"] == "probe_joint" and row["task"] == "synthetic_cls2"
+    assert row["mem_overhead_bytes"] == 0 and row["floor"] == pytest.approx(1.0)
+    assert 0.5 < row["ratio_vs_joint"] < 2.0
+    assert {"device", "torch", "threads", "git_commit"} <= set(report["env"])
+    assert "probe_joint" in capsys.readouterr().out
+
+
+def test_compare_fails_on_slowed_method_and_passes_unchanged(tmp_path, capsys, probe_method):
+    base = tmp_path / "base.json"
+    assert main(_args(tmp_path, "--methods", "probe_joint", "--out", str(base))) == 0
+    # Unchanged code: passes (a generous threshold absorbs the noise of a loaded 2-core machine).
+    same = tmp_path / "same.json"
+    assert main(_args(tmp_path, "--methods", "probe_joint", "--out", str(same), "--compare", str(base), "--threshold", "0.5")) == 0
+    # Slowed copy: a 20 ms sleep per step on a ~1 ms step fails even that threshold.
+    probe_method.delay_s = 0.02
+    slow = tmp_path / "slow.json"
+    rc = main(_args(tmp_path, "--methods", "probe_joint", "--out", str(slow), "--compare", str(base), "--threshold", "0.5"))
+    assert rc == 1
+    assert "probe_joint on synthetic_cls2: ratio_vs_joint" in capsys.readouterr().err
+
+
+def test_compare_flags_any_memory_growth():
+    base = {"results": [{"method": "m", "task": "t", "ratio_vs_joint": 1.0, "mem_overhead_bytes": 100}]}
+    head = {"results": [{"method": "m", "task": "t", "ratio_vs_joint": 1.0, "mem_overhead_bytes": 104}]}
+    assert compare(base, head) == ["m on t: mem_overhead_bytes 100 -> 104"]
+    assert compare(base, base) == []
+
+
+def test_compare_threshold_is_relative():
+    base = {"results": [{"method": "m", "task": "t", "ratio_vs_joint": 1.2, "mem_overhead_bytes": 0}]}
+    ok = {"results": [{"method": "m", "task": "t", "ratio_vs_joint": 1.31, "mem_overhead_bytes": 0}]}
+    bad = {"results": [{"method": "m", "task": "t", "ratio_vs_joint": 1.33, "mem_overhead_bytes": 0}]}
+    assert compare(base, ok, 0.10) == []
+    assert len(compare(base, bad, 0.10)) == 1
+
+
+def test_bad_compare_file(tmp_path):
+    with pytest.raises(ConfigError, match="--compare: no such file"):
+        main(_args(tmp_path, "--compare", str(tmp_path / "missing.json")))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="is not a mmbalance bench report"):
+        main(_args(tmp_path, "--compare", str(bad)))
+
+
+def test_unknown_method_in_bench():
+    from mmbalance.errors import RegistryError
+
+    with pytest.raises(RegistryError, match="unknown method"):
+        run_bench(["no_such_method"], ["synthetic_cls2"], steps=1, warmup=0, progress=False)
