@@ -266,18 +266,26 @@ class UnimodalHeads(nn.Module):
         return optimizer_factory(list(self.heads.parameters()), lr=lr, **overrides)
 
     # -- state ----------------------------------------------------------------------------------
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"layout": {m: list(v) for m, v in self._layout.items()}}
+    def get_extra_state(self) -> Tensor:
+        """The built layout as an int64 tensor ``(M, 2)`` of (kind code, input width) in modality
+        order; ``(0, 2)`` before the heads are built. A tensor, so state dicts stay tensor-only."""
+        rows = [[_KINDS.index(self._layout[m][0]), self._layout[m][1]] for m in self.modalities if m in self._layout]
+        return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
 
     def set_extra_state(self, state: Any) -> None:
         """Build unbuilt heads from a saved layout (runs before the heads' weights are loaded)."""
-        if not isinstance(state, Mapping) or "layout" not in state:
-            raise ShapeError(f"unimodal heads extra state must be a mapping with 'layout', got {state!r}")
-        layout = {m: (str(v[0]), int(v[1])) for m, v in state["layout"].items()}
-        if not layout:
+        if not isinstance(state, Tensor) or state.dim() != 2 or state.shape[1] != 2:
+            raise ShapeError(f"unimodal heads extra state must be an (M, 2) layout tensor, got {state!r}")
+        if state.shape[0] == 0:
             return
-        if set(layout) != set(self.modalities):
-            raise ShapeError(f"saved unimodal heads are for modalities {sorted(layout)}, expected {sorted(self.modalities)}")
+        if state.shape[0] != len(self.modalities):
+            raise ShapeError(
+                f"saved unimodal heads are for {state.shape[0]} modalities, expected {len(self.modalities)} {self.modalities}"
+            )
+        rows = state.tolist()
+        if any(not 0 <= code < len(_KINDS) for code, _ in rows):
+            raise ShapeError(f"saved unimodal heads layout has unknown kind codes: {rows}")
+        layout = {m: (_KINDS[code], int(width)) for m, (code, width) in zip(self.modalities, rows, strict=True)}
         if self.built:
             if layout != self._layout:
                 raise ShapeError(f"saved unimodal heads have layout {layout}, these heads {self._layout}")

@@ -83,6 +83,7 @@ def test_state_dict_round_trip_builds_fresh_heads():
     trained = UnimodalHeads(("vec", "seq", "map"), "cls", 3, hidden=4, seed=1)
     feats = _features()
     expected = trained(feats)
+    assert all(isinstance(v, torch.Tensor) for v in trained.state_dict().values())  # runner snapshots clone them
     fresh = UnimodalHeads(("vec", "seq", "map"), "cls", 3, hidden=4, seed=99)
     assert not fresh.built
     fresh.load_state_dict(trained.state_dict())
