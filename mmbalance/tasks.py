@@ -25,7 +25,7 @@ from torch import Tensor
 from mmbalance.errors import ConfigError, ShapeError
 from mmbalance.metrics.cls import ClassificationMetrics
 from mmbalance.metrics.reg import RegressionMetrics
-from mmbalance.metrics.seg import SegmentationMetrics, brats_region_dice, soft_dice_statistics
+from mmbalance.metrics.seg import SegmentationMetrics, brats_region_dice, label_map, soft_dice_statistics
 
 __all__ = [
     "Task",
@@ -272,13 +272,13 @@ class SegmentationTask(Task):
         return per_sample if reduction == "none" else per_sample.sum()
 
     def score(self, prediction: Tensor, target: Tensor) -> Tensor:
-        return brats_region_dice(prediction.argmax(dim=1), target).mean()
+        return brats_region_dice(label_map(prediction), target).mean()
 
     def metrics(self) -> SegmentationMetrics:
         return SegmentationMetrics()
 
     def predict_labels(self, prediction: Tensor) -> Tensor:
-        return prediction.argmax(dim=1)
+        return label_map(prediction)
 
 
 def make_task(name: str, num_outputs: int, **options: Any) -> Task:

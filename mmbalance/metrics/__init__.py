@@ -19,6 +19,7 @@ from mmbalance.metrics.seg import (
     SegmentationMetrics,
     brats_region_dice,
     brats_region_masks,
+    label_map,
     soft_dice_loss,
     soft_dice_statistics,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "regression_metrics",
     "brats_region_dice",
     "brats_region_masks",
+    "label_map",
     "soft_dice_loss",
     "soft_dice_statistics",
     "REGIONS",

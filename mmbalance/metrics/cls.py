@@ -1,7 +1,7 @@
 """Classification metrics: accuracy, macro F1 and weighted F1 from one confusion matrix.
 
 Why hand-written rather than three torchmetrics objects: all three numbers are functions of the
-``(C, C)`` confusion matrix, so one ``bincount`` per batch is the whole update (no per-step host
+``(C, C)`` confusion matrix, so one scatter-add per batch is the whole update (no per-step host
 sync, no per-step value validation, which in torchmetrics costs a ``torch.unique``). The formulas
 follow scikit-learn's defaults and are tested against ``sklearn.metrics`` and torchmetrics:
 
@@ -22,10 +22,21 @@ from mmbalance.errors import ConfigError, DataError, ShapeError
 
 __all__ = [
     "ClassificationMetrics",
+    "count_indices",
     "confusion_matrix",
     "accuracy_from_confusion",
     "f1_from_confusion",
 ]
+
+
+def count_indices(index: Tensor, size: int) -> Tensor:
+    """``(size,)`` int64 histogram of a 1-D int64 ``index`` with values in ``[0, size)``.
+
+    ``torch.bincount`` would do, but on CUDA it reads ``index.max()`` back to the host to size its
+    output; a 1-D ``scatter_add_`` into a fixed-size buffer needs no sync and is deterministic.
+    """
+    counts = torch.zeros(size, dtype=torch.long, device=index.device)
+    return counts.scatter_add_(0, index, torch.ones_like(index))
 
 
 def confusion_matrix(pred_labels: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
@@ -45,7 +56,7 @@ def confusion_matrix(pred_labels: Tensor, target: Tensor, num_classes: int) -> t
     valid = (target >= 0) & (target < num_classes)
     sentinel = num_classes * num_classes
     index = torch.where(valid, target * num_classes + pred_labels, torch.full_like(target, sentinel))
-    counts = torch.bincount(index, minlength=sentinel + 1)
+    counts = count_indices(index, sentinel + 1)
     return counts[:sentinel].view(num_classes, num_classes), (~valid).sum()
 
 

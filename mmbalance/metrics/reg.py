@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from mmbalance.errors import DataError, ShapeError
-from mmbalance.metrics.cls import accuracy_from_confusion, f1_from_confusion
+from mmbalance.metrics.cls import accuracy_from_confusion, count_indices, f1_from_confusion
 
 __all__ = ["RegressionMetrics", "regression_metrics"]
 
@@ -56,7 +56,7 @@ def _binary_confusion(pred_positive: Tensor, true_positive: Tensor, keep: Tensor
     index = true_positive.long() * 2 + pred_positive.long()
     if keep is not None:
         index = torch.where(keep, index, torch.full_like(index, 4))
-    return torch.bincount(index, minlength=5)[:4].view(2, 2)
+    return count_indices(index, 5)[:4].view(2, 2)
 
 
 class RegressionMetrics:

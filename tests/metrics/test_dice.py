@@ -12,6 +12,7 @@ from mmbalance.metrics.seg import (
     SegmentationMetrics,
     brats_region_dice,
     brats_region_masks,
+    label_map,
     soft_dice_loss,
 )
 
@@ -124,3 +125,9 @@ def test_errors() -> None:
         brats_region_dice(torch.zeros(1, 2, 2), torch.zeros(1, 2, 2), eps=-1.0)
     with pytest.raises(ConfigError, match="reduction"):
         soft_dice_loss(torch.zeros(1, 4, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long), reduction="avg")
+
+
+def test_label_map_equals_argmax_including_ties() -> None:
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(0, 3, (2, 4, 5, 5), generator=g).float()  # many ties
+    assert torch.equal(label_map(logits), logits.argmax(dim=1))
