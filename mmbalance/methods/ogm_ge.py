@@ -1,0 +1,225 @@
+"""``ogm_ge``: On-the-fly Gradient Modulation with Generalization Enhancement (Peng et al., CVPR 2022).
+
+Each step, per-modality confidence scores ``s_u = Σ_i p(y_i | x_i^u)`` give discrepancy ratios
+``ρ_u = mean_{v≠u} s_u / s_v``; the encoder gradient of every modality with ``ρ_u > 1`` is scaled by
+``k_u = 1 − tanh(α ρ_u)`` (Eq. 10), and GE adds Gaussian noise ``N(0, std(g)²)`` to every modulated
+encoder gradient, within the epochs ``[modulation_starts, modulation_ends]``.
+
+Port of ``GeWu-Lab/OGM-GE_CVPR2022:main.py`` (``train_epoch``). Deviations (details in
+``methods/ogm_ge.md``): unimodal predictions come from our own linear heads on detached encoder
+features instead of slices of a concat fusion head; by default every encoder parameter is modulated
+(``params="conv"`` restores the official 4-D-weights-only rule); more than two modalities use the
+authors' pairwise-average ratio (OGM-GE#16); regression/segmentation use ``s_u = Σ_i exp(−ℓ_i)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmbalance.balancer import Balancer, OptimizerFactory, StepContext
+from mmbalance.errors import ConfigError
+from mmbalance.methods import register_method
+from mmbalance.methods._heads import SEQUENCE_POOLS, UnimodalHeads, step_auxiliary
+from mmbalance.models.base import ModelOutput, MultimodalModel
+
+__all__ = ["OGMGE", "OGMGEConfig", "ogm_coefficients", "confidence_score", "pairwise_ratios", "gaussian_enhance_"]
+
+SCORES = ("confidence", "task")
+PARAM_RULES = ("all", "conv")
+
+
+@dataclass(frozen=True)
+class OGMGEConfig:
+    alpha: float = 0.1  # α, Eq. 10: k_u = 1 − tanh(α ρ_u) (README default; 0.8 for CREMA-D)
+    ge: bool = True  # GE: add N(0, std(g)²) to modulated gradients (--modulation OGM_GE; False = OGM)
+    modulation_starts: int = 0  # first epoch with modulation (0-based, inclusive; main.py default 0)
+    modulation_ends: int = 50  # last epoch with modulation (inclusive; main.py default 50)
+    params: str = "all"  # "all" encoder parameters, or "conv": only 4-D weights (official rule)
+    score: str = "confidence"  # s_u: "confidence" Σ p(y|x^u) (cls; Σ exp(−ℓ) for reg/seg) or "task" (task.score)
+    head_lr: float | None = None  # LR of the unimodal heads (None = the run's LR)
+    head_hidden: int | None = None  # None: linear heads, like the official split of a linear fusion head
+    sequence_pool: str = "mean"  # pooling of (B, L, d) features for the heads
+
+    def __post_init__(self) -> None:
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha!r}")
+        if not isinstance(self.modulation_starts, int) or self.modulation_starts < 0:
+            raise ValueError(f"modulation_starts must be an integer >= 0, got {self.modulation_starts!r}")
+        if not isinstance(self.modulation_ends, int) or self.modulation_ends < self.modulation_starts:
+            raise ValueError(
+                f"modulation_ends must be an integer >= modulation_starts ({self.modulation_starts}), "
+                f"got {self.modulation_ends!r}"
+            )
+        if self.params not in PARAM_RULES:
+            raise ValueError(f"params must be one of {PARAM_RULES}, got {self.params!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise ValueError(f"head_lr must be None or > 0, got {self.head_lr!r}")
+        if self.head_hidden is not None and (not isinstance(self.head_hidden, int) or self.head_hidden < 1):
+            raise ValueError(f"head_hidden must be None or an integer >= 1, got {self.head_hidden!r}")
+        if self.sequence_pool not in SEQUENCE_POOLS:
+            raise ValueError(f"sequence_pool must be one of {SEQUENCE_POOLS}, got {self.sequence_pool!r}")
+
+
+# -- the arithmetic, as pure functions (hand-checked in tests/methods/test_ogm_ge.py) ---------------
+def confidence_score(prediction: Tensor, target: Tensor, task: Any) -> Tensor:
+    """Σ over the batch of the probability of the target: ``Σ_i softmax(out)_i[y_i]`` for cls (the
+    official score), ``Σ_i exp(−ℓ_i)`` with the per-sample task loss otherwise (equal to the former
+    for unsmoothed cross-entropy). 0-d tensor, no host sync."""
+    if task.name == "cls":
+        log_p = F.log_softmax(prediction.float(), dim=1).gather(1, target.long().reshape(-1, 1))
+        return log_p.exp().sum()
+    return torch.exp(-task.loss(prediction.float(), target, reduction="none")).sum()
+
+
+def pairwise_ratios(scores: Tensor, eps: float = 1e-12) -> Tensor:
+    """``ρ_u = mean_{v≠u} s_u / s_v`` for ``scores`` of shape ``(M,)``; for M = 2 this is the
+    official ``ρ_v = s_v / s_a``, ``ρ_a = 1 / ρ_v``. Scores are clamped at ``eps`` (no 0/0)."""
+    s = scores.clamp_min(eps)
+    m = s.shape[0]
+    if m < 2:
+        raise ConfigError(f"OGM ratios need at least 2 modalities, got {m}")
+    ratio = s[:, None] / s[None, :]  # [u, v] = s_u / s_v
+    return (ratio.sum(dim=1) - 1.0) / (m - 1)  # drop the diagonal (s_u / s_u = 1)
+
+
+def ogm_coefficients(ratios: Tensor, alpha: float) -> Tensor:
+    """Eq. 10: ``k_u = 1 − tanh(α ρ_u)`` where ``ρ_u > 1``, else 1."""
+    return torch.where(ratios > 1, 1 - torch.tanh(alpha * ratios), torch.ones_like(ratios))
+
+
+def gaussian_enhance_(grads: list[Tensor], coefficient: Tensor, noise: bool = True) -> None:
+    """In place: ``g ← k·g + N(0, std(g)²)`` for every tensor (std of the unscaled gradient,
+    unbiased, + 1e-8 as ``main.py``; a one-element tensor has std 0). ``noise=False``: ``g ← k·g``.
+
+    Per-tensor statistics come from one concatenation and two segmented reductions, so the cost
+    does not grow with a Python loop of kernels over the parameters.
+    """
+    if not grads:
+        return
+    if noise:
+        sizes = [g.numel() for g in grads]
+        flat = torch.cat([g.reshape(-1) for g in grads]).float()
+        lengths = torch.tensor(sizes, device=flat.device)
+        counts = lengths.to(flat.dtype)
+        mean = torch.segment_reduce(flat, "sum", lengths=lengths) / counts
+        centred = flat - mean.repeat_interleave(lengths, output_size=flat.numel())
+        var = torch.segment_reduce(centred * centred, "sum", lengths=lengths) / (counts - 1).clamp_min(1)
+        std = var.sqrt() + 1e-8
+        draws = torch.randn_like(flat) * std.repeat_interleave(lengths, output_size=flat.numel())
+        chunks = [c.view(g.shape).to(g.dtype) for c, g in zip(draws.split(sizes), grads, strict=True)]
+        torch._foreach_mul_(grads, coefficient.to(grads[0].dtype))
+        torch._foreach_add_(grads, chunks)
+    else:
+        torch._foreach_mul_(grads, coefficient.to(grads[0].dtype))
+
+
+@register_method("ogm_ge")
+class OGMGE(Balancer):
+    """OGM-GE: slow the dominant modality's encoder by its confidence ratio, plus gradient noise."""
+
+    Config = OGMGEConfig
+    presets = {
+        "cremad": {"alpha": 0.8},  # README "Tips"
+        "vggsound": {"alpha": 0.1},  # README "Tips" and default modulation setting
+    }
+    tasks = frozenset({"cls", "reg", "seg"})
+    min_modalities = 2
+    max_modalities = None
+    paper = (
+        "Peng, Wei, Deng, Wang, Hu. Balanced Multimodal Learning via On-the-fly Gradient Modulation. "
+        "CVPR 2022 (GeWu-Lab/OGM-GE_CVPR2022)"
+    )
+    grad_edit_scope = frozenset({"encoders"})
+
+    def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
+        super().setup(model, task, optimizer_factory)
+        cfg: OGMGEConfig = self.config
+        self._optimizer_factory = optimizer_factory
+        self.heads = UnimodalHeads.for_task(
+            self.modalities, task, hidden=cfg.head_hidden, sequence_pool=cfg.sequence_pool, detach=True
+        )
+        self.head_optimizer: torch.optim.Optimizer | None = None
+        groups: dict[str, list[nn.Parameter]] = {}
+        for m in self.modalities:
+            params = model.modality_parameters(m)
+            if cfg.params == "conv":
+                params = [p for p in params if p.dim() == 4]
+                if not params:
+                    raise ConfigError(
+                        f"ogm_ge params='conv' modulates only 4-D conv weights, but modality {m!r}'s encoder has none; "
+                        "use params='all'"
+                    )
+            groups[m] = params
+        self._groups = groups
+        self._scores: Tensor | None = None
+        self._sum_coeff: Tensor | None = None
+        self._sum_ratio: Tensor | None = None
+        self._sum_score: Tensor | None = None
+        self._steps = 0
+
+    # -- training step ----------------------------------------------------------------------------
+    def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Any) -> dict[str, Tensor]:
+        target = batch["target"]
+        out_size = target.shape[-2:] if task.name == "seg" else None
+        unimodal = self.heads(output.features, out_size=out_size)
+        if self.head_optimizer is None:
+            self.head_optimizer = self.heads.make_optimizer(self._optimizer_factory, lr=self.config.head_lr)
+        with torch.no_grad():
+            if self.config.score == "confidence":
+                scores = [confidence_score(unimodal[m].detach(), target, task) for m in self.modalities]
+            else:
+                scores = [task.score(unimodal[m].detach().float(), target).float() for m in self.modalities]
+            self._scores = torch.stack(scores)
+        terms = {"task": task.loss(output.prediction, target)}
+        for m in self.modalities:
+            terms[f"head_{m}"] = task.loss(unimodal[m], target)
+        return terms
+
+    def on_after_backward(self, ctx: StepContext) -> None:
+        cfg: OGMGEConfig = self.config
+        if self._scores is None:
+            raise ConfigError("ogm_ge: on_after_backward ran before loss_terms computed the unimodal scores")
+        ratios = pairwise_ratios(self._scores)
+        coeffs = ogm_coefficients(ratios, cfg.alpha)
+        self._record(ratios, coeffs)
+        if not cfg.modulation_starts <= ctx.epoch <= cfg.modulation_ends:
+            return
+        for i, m in enumerate(self.modalities):
+            grads = [p.grad for p in self._groups[m] if p.grad is not None]
+            gaussian_enhance_(grads, coeffs[i], noise=cfg.ge)
+
+    def on_after_optimizer_step(self, ctx: StepContext) -> None:
+        if self.head_optimizer is not None:
+            step_auxiliary(ctx.scaler, self.head_optimizer)
+
+    # -- diagnostics --------------------------------------------------------------------------------
+    def _record(self, ratios: Tensor, coeffs: Tensor) -> None:
+        if self._sum_coeff is None:
+            self._sum_coeff = torch.zeros_like(coeffs)
+            self._sum_ratio = torch.zeros_like(ratios)
+            self._sum_score = torch.zeros_like(ratios)
+        self._sum_coeff += coeffs.detach()
+        self._sum_ratio += ratios.detach()
+        self._sum_score += self._scores
+        self._steps += 1
+
+    def diagnostics(self) -> dict[str, float]:
+        """Epoch means of k_u (coefficient), ρ_u (ratio) and s_u (score, batch sum)."""
+        if self._sum_coeff is None or self._steps == 0:
+            return {}
+        n = self._steps
+        k, r, s = (self._sum_coeff / n).tolist(), (self._sum_ratio / n).tolist(), (self._sum_score / n).tolist()
+        self._sum_coeff = self._sum_ratio = self._sum_score = None
+        self._steps = 0
+        out = {}
+        for i, m in enumerate(self.modalities):
+            out[f"coeff/{m}"], out[f"ratio/{m}"], out[f"score/{m}"] = k[i], r[i], s[i]
+        return out

@@ -1,0 +1,139 @@
+"""OGM-GE: Eq. 10 by hand, pairwise ratios, GE noise statistics, neutral setting == joint."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmbalance.errors import ConfigError
+from mmbalance.methods import METHODS
+from mmbalance.methods.joint import Joint
+from mmbalance.methods.ogm_ge import (
+    OGMGE,
+    OGMGEConfig,
+    confidence_score,
+    gaussian_enhance_,
+    ogm_coefficients,
+    pairwise_ratios,
+)
+from mmbalance.tasks import make_task
+from mmbalance.train import TrainConfig, Trainer
+
+from ..conftest import tiny_model, tiny_splits
+
+CPU = torch.device("cpu")
+
+
+def _trainer(balancer, seed=0, **cfg):
+    splits, _ = tiny_splits()
+    base = dict(batch_size=16, seed=seed, eval_modality_scores=False, cost_steps=0)
+    base.update(cfg)
+    torch.manual_seed(seed)
+    trainer = Trainer(tiny_model(seed=seed), balancer, make_task("cls", 3), TrainConfig(**base), CPU, steps_per_epoch=3)
+    data = splits["train"].tensors if hasattr(splits["train"], "tensors") else None
+    batches = [{k: v[i * 16:(i + 1) * 16] for k, v in data.items()} for i in range(3)]
+    return trainer, batches
+
+
+def test_eq10_two_modalities_by_hand():
+    # s_a = 20, s_v = 30 -> rho_v = 1.5 (visual dominant), rho_a = 2/3
+    ratios = pairwise_ratios(torch.tensor([20.0, 30.0]))
+    torch.testing.assert_close(ratios, torch.tensor([2 / 3, 1.5]))
+    k = ogm_coefficients(ratios, alpha=0.8)
+    # k_v = 1 - tanh(0.8 * 1.5) = 1 - tanh(1.2) = 1 - 0.8336546070 = 0.1663453930; k_a = 1
+    torch.testing.assert_close(k, torch.tensor([1.0, 0.1663453930]))
+
+
+def test_pairwise_ratios_three_modalities_by_hand():
+    # s = (1, 2, 4): rho_0 = (1/2 + 1/4)/2 = 0.375, rho_1 = (2 + 1/2)/2 = 1.25, rho_2 = (4 + 2)/2 = 3
+    ratios = pairwise_ratios(torch.tensor([1.0, 2.0, 4.0]))
+    torch.testing.assert_close(ratios, torch.tensor([0.375, 1.25, 3.0]))
+    k = ogm_coefficients(ratios, alpha=0.1)
+    torch.testing.assert_close(k, torch.tensor([1.0, 1 - math.tanh(0.125), 1 - math.tanh(0.3)]))
+    with pytest.raises(ConfigError, match="at least 2"):
+        pairwise_ratios(torch.tensor([1.0]))
+
+
+def test_confidence_score_is_the_summed_target_probability():
+    logits = torch.tensor([[0.0, math.log(3.0)], [math.log(4.0), 0.0]])  # softmax rows (.25,.75), (.8,.2)
+    target = torch.tensor([1, 1])
+    assert confidence_score(logits, target, make_task("cls", 2)).item() == pytest.approx(0.75 + 0.2)
+    # regression: sum of exp(-|pred - y|) with the L1 task loss
+    pred, y = torch.tensor([[0.5], [2.0]]), torch.tensor([0.0, 2.0])
+    assert confidence_score(pred, y, make_task("reg", 1)).item() == pytest.approx(math.exp(-0.5) + 1.0)
+
+
+def test_gaussian_enhancement_scales_and_adds_noise_with_each_tensors_std():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 250, generator=g) * 2.0 + 1.0  # std 2
+    b = torch.randn(100_000, generator=g) * 0.1  # std 0.1
+    one = torch.tensor([5.0])  # a single element: std 0
+    grads = [a.clone(), b.clone(), one.clone()]
+    torch.manual_seed(1)
+    gaussian_enhance_(grads, torch.tensor(0.5), noise=True)
+    noise_a, noise_b = grads[0] - 0.5 * a, grads[1] - 0.5 * b
+    assert noise_a.std().item() == pytest.approx(a.std().item(), rel=0.02)
+    assert noise_b.std().item() == pytest.approx(b.std().item(), rel=0.02)
+    assert abs(noise_a.mean().item()) < 0.02
+    assert grads[2].item() == pytest.approx(2.5, abs=1e-6)  # noise std 1e-8
+    plain = [a.clone()]
+    gaussian_enhance_(plain, torch.tensor(0.5), noise=False)
+    assert torch.equal(plain[0], a * 0.5)
+
+
+def _params(trainer):
+    return [p.detach().clone() for p in trainer.model.parameters()]
+
+
+def test_neutral_setting_alpha0_without_ge_reproduces_joint_exactly():
+    joint, batches = _trainer(Joint())
+    ogm, _ = _trainer(OGMGE(OGMGEConfig(alpha=0.0, ge=False)))
+    for i, b in enumerate(batches):
+        joint.train_step(b, 0, i)
+        ogm.train_step(b, 0, i)
+    for pj, po in zip(_params(joint), _params(ogm), strict=True):
+        assert torch.equal(pj, po)
+    assert ogm.balancer.heads.built
+
+
+def test_only_the_dominant_modality_is_scaled_and_only_inside_the_window():
+    bal = OGMGE(OGMGEConfig(alpha=0.5, ge=False, modulation_starts=1, modulation_ends=1))
+    trainer, batches = _trainer(bal)
+    captured = {}
+    original = bal.on_after_backward
+
+    def spy(ctx):
+        before = {m: [p.grad.clone() for p in bal._groups[m]] for m in bal.modalities}
+        original(ctx)
+        after = {m: [p.grad.clone() for p in bal._groups[m]] for m in bal.modalities}
+        captured[ctx.epoch] = (before, after, pairwise_ratios(bal._scores))
+
+    bal.on_after_backward = spy
+    trainer.train_step(batches[0], 0, 0)  # epoch 0: outside [1, 1]
+    trainer.train_step(batches[1], 1, 0)  # epoch 1: inside
+    before, after, _ = captured[0]
+    for m in bal.modalities:
+        assert all(torch.equal(x, y) for x, y in zip(before[m], after[m], strict=True))
+    before, after, ratios = captured[1]
+    k = ogm_coefficients(ratios, 0.5)
+    for i, m in enumerate(bal.modalities):
+        for x, y in zip(before[m], after[m], strict=True):
+            torch.testing.assert_close(y, x * k[i])
+    assert (k < 1).sum() <= 1  # with two modalities at most the dominant one is slowed
+    diag = bal.diagnostics()
+    assert set(diag) == {f"{kind}/{m}" for kind in ("coeff", "ratio", "score") for m in bal.modalities}
+
+
+def test_config_and_setup_errors():
+    with pytest.raises(ConfigError, match="alpha"):
+        METHODS.build("ogm_ge", None, alpha=-1.0)
+    with pytest.raises(ConfigError, match="modulation_ends"):
+        METHODS.build("ogm_ge", None, modulation_starts=5, modulation_ends=2)
+    with pytest.raises(ConfigError, match="params"):
+        METHODS.build("ogm_ge", None, params="linear")
+    with pytest.raises(ConfigError, match="unknown config key"):
+        METHODS.build("ogm_ge", None, rho=1.0)
+    with pytest.raises(ConfigError, match="4-D conv weights.*'a'"):
+        _trainer(OGMGE(OGMGEConfig(params="conv")))
