@@ -19,6 +19,7 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "joint",
     "unimodal",
     "ogm_ge",
+    "mrd",
 )
 
 
