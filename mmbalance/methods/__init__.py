@@ -18,6 +18,7 @@ __all__ = ["METHODS", "register_method", "BUILTIN_METHODS"]
 BUILTIN_METHODS: tuple[str, ...] = (
     "joint",
     "unimodal",
+    "cggm",
     "ogm_ge",
     "mrd",
 )
