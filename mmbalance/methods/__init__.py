@@ -21,6 +21,7 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "cggm",
     "ogm_ge",
     "mrd",
+    "pmr",
 )
 
 
