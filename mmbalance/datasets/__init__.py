@@ -9,7 +9,7 @@ from mmbalance.registry import Registry
 
 __all__ = ["DATASETS", "register_dataset", "DatasetSpec", "MultimodalDataset", "TensorDictDataset", "check_batch"]
 
-BUILTIN_DATASETS: tuple[str, ...] = ("synthetic",)
+BUILTIN_DATASETS: tuple[str, ...] = ("synthetic", "food101", "mosi", "iemocap", "brats2021")
 
 
 def _load_builtin_datasets() -> None:
