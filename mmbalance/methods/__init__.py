@@ -22,6 +22,7 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "ogm_ge",
     "mrd",
     "pmr",
+    "agm",
 )
 
 
