@@ -9,7 +9,7 @@ from mmbalance.registry import Registry
 
 __all__ = ["MODELS", "register_model", "MultimodalModel", "ModelOutput", "Head", "ModelBuilder", "BUILTIN_MODELS"]
 
-BUILTIN_MODELS: tuple[str, ...] = ("small",)
+BUILTIN_MODELS: tuple[str, ...] = ("small", "mult", "vit_bert", "deeplab")
 
 
 def _load_builtin_models() -> None:
