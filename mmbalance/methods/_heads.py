@@ -29,8 +29,9 @@ Heads that train with the main model on detached features use their own optimize
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,7 +40,14 @@ from torch import Tensor, nn
 
 from mmbalance.errors import ConfigError, ShapeError
 
-__all__ = ["UnimodalHeads", "feature_kind", "pool_features", "step_auxiliary", "SEQUENCE_POOLS"]
+__all__ = [
+    "UnimodalHeads",
+    "feature_kind",
+    "pool_features",
+    "step_auxiliary",
+    "build_with_generator",
+    "SEQUENCE_POOLS",
+]
 
 SEQUENCE_POOLS = ("mean", "first", "last")
 _KINDS = ("vector", "sequence", "map")
@@ -132,6 +140,17 @@ def _reset_with_generator(module: nn.Module, generator: torch.Generator) -> None
                     nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
 
 
+def build_with_generator(factory: Callable[[], nn.Module], generator: torch.Generator, device: Any, dtype: torch.dtype) -> nn.Module:
+    """``factory()`` built on the meta device, then materialised on ``device`` with PyTorch's default
+    Linear/Conv2d initialisation drawn from ``generator``: nothing is drawn from the global RNG, and
+    the initial weights do not depend on the device."""
+    with torch.device("meta"):
+        module = factory()
+    module = module.to_empty(device="cpu").to(dtype=dtype)
+    _reset_with_generator(module, generator)
+    return module.to(device=device)
+
+
 class UnimodalHeads(nn.Module):
     """One prediction head per modality on ``features[m]``, built lazily on the first forward.
 
@@ -205,15 +224,12 @@ class UnimodalHeads(nn.Module):
                 )
             # Built on the meta device (nn.Linear's own init would draw from the global RNG), then
             # materialised and initialised from the private generator.
-            with torch.device("meta"):
-                if self.task_name == "seg":
-                    head: nn.Module = _MapHead(in_dim, self.num_outputs, self.hidden)
-                else:
-                    head = _VectorHead(in_dim, self.num_outputs, self.hidden, self.sequence_pool)
-            head = head.to_empty(device="cpu").to(dtype=dtype)
+            if self.task_name == "seg":
+                factory = functools.partial(_MapHead, in_dim, self.num_outputs, self.hidden)
+            else:
+                factory = functools.partial(_VectorHead, in_dim, self.num_outputs, self.hidden, self.sequence_pool)
             generator = torch.Generator().manual_seed((self.seed + 7919 * (index + 1)) % (2**63))
-            _reset_with_generator(head, generator)
-            self.heads[m] = head.to(device=device)
+            self.heads[m] = build_with_generator(factory, generator, device, dtype)
         self._layout = {m: (layout[m][0], int(layout[m][1])) for m in self.modalities}
 
     def _layout_of(self, features: Mapping[str, Tensor]) -> dict[str, tuple[str, int]]:
