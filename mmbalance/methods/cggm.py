@@ -346,7 +346,8 @@ class CGGM(Balancer):
         overrides: dict[str, Any] = {}
         if cfg.cls_weight_decay is not None:
             overrides["weight_decay"] = cfg.cls_weight_decay
-        self.cls_optimizer = self._factory(list(self.heads.parameters()), lr=cfg.cls_lr, **overrides)
+        # foreach: one multi-tensor update for all head parameters (torch's CPU default loops in Python)
+        self.cls_optimizer = self._factory(list(self.heads.parameters()), lr=cfg.cls_lr, foreach=True, **overrides)
 
     def _first_step_checks(self, output: ModelOutput, scores: list[Tensor]) -> None:
         """Once: features per modality, each ε a floating 0-d score, the closed form's premise."""
@@ -439,27 +440,19 @@ class CGGM(Balancer):
                 stale = self._stale_gm
                 terms["gm"] = cfg.lam * stale if stale is not None else torch.zeros((), device=eps.device)
             w_fusion = model.out_layer.weight
+            # The clone is W_F at step t (the optimizer later updates W_F in place); the stack of the
+            # detached head weights is a copy too, so the stale graph holds step-t values only.
             wf = w_fusion.clone().flatten() if cfg.lam > 0 else w_fusion.detach().flatten()
-            cos = torch.stack([
-                F.cosine_similarity(self.heads[m].out_layer.weight.detach().clone().flatten(), wf, dim=0)
-                for m in self.modalities
-            ])
+            w_heads = torch.stack([self.heads[m].out_layer.weight.detach() for m in self.modalities]).flatten(1)
+            cos = F.cosine_similarity(w_heads, wf.unsqueeze(0), dim=1)
             gm_new = direction_loss(c_dir, cos)
             self._stale_gm = gm_new if cfg.lam > 0 else None
             gm_value = gm_new.detach()
             cos = cos.detach()
         elif cfg.direction == "paper":
             with torch.set_grad_enabled(cfg.lam > 0 and torch.is_grad_enabled()):
-                g_fusion = last_layer_gradient(
-                    output_gradient(task, output.prediction, target), _upcast(output.head_input),
-                    align_corners=self._align_corners,
-                ).flatten()
-                with torch.no_grad():
-                    g_heads = [
-                        last_layer_gradient(output_gradient(task, z.detach(), target), _upcast(h.detach()), align_corners=True).flatten()
-                        for z, h in zip(logits, hidden, strict=True)
-                    ]
-                cos = torch.stack([F.cosine_similarity(g_fusion, g, dim=0) for g in g_heads])
+                g_fusion = self._fusion_gradient(output, target)
+                cos = F.cosine_similarity(self._head_gradients(logits, hidden, target), g_fusion.unsqueeze(0), dim=1)
                 gm = direction_loss(c_dir, cos)
             if cfg.lam > 0:
                 terms["gm"] = cfg.lam * gm
@@ -478,17 +471,30 @@ class CGGM(Balancer):
         of the output-layer weight (Eq. 12's sim), computed without autograd; None if unavailable."""
         if not self._closed_form or output.head_input is None:
             return None
-        g_fusion = last_layer_gradient(
-            output_gradient(self.task, output.prediction.detach(), target), _upcast(output.head_input.detach()),
+        g_fusion = self._fusion_gradient(output, target)
+        return F.cosine_similarity(self._head_gradients(logits, hidden, target), g_fusion.unsqueeze(0), dim=1)
+
+    def _fusion_gradient(self, output: ModelOutput, target: Tensor) -> Tensor:
+        """Flattened ∂L_task/∂W_F in closed form; differentiable when grad mode is on (paper mode)."""
+        return last_layer_gradient(
+            output_gradient(self.task, output.prediction, target), _upcast(output.head_input),
             align_corners=self._align_corners,
         ).flatten()
-        return torch.stack([
-            F.cosine_similarity(
-                last_layer_gradient(output_gradient(self.task, z.detach(), target), _upcast(h.detach()), align_corners=True).flatten(),
-                g_fusion, dim=0,
-            )
-            for z, h in zip(logits, hidden, strict=True)
-        ])
+
+    @torch.no_grad()
+    def _head_gradients(self, logits: list[Tensor], hidden: list[Tensor], target: Tensor) -> Tensor:
+        """``(M, K)`` flattened closed-form ∂L_i/∂W_i of the heads (constants: L_gm never moves the
+        heads, as in the official code). For cls/reg the M heads are done in one batch: the
+        concatenated batch rescales every gradient by 1/M, which no cosine sees."""
+        if isinstance(self.task, SegmentationTask):
+            return torch.stack([
+                last_layer_gradient(output_gradient(self.task, z, target), _upcast(h), align_corners=True).flatten()
+                for z, h in zip(logits, hidden, strict=True)
+            ])
+        m, batch = len(logits), logits[0].shape[0]
+        g = output_gradient(self.task, torch.cat(logits), target.reshape(batch).repeat(m))
+        h = _upcast(torch.stack(hidden))  # (M, B, d)
+        return torch.bmm(g.reshape(m, batch, -1).transpose(1, 2).to(h.dtype), h).flatten(1)
 
     def on_after_backward(self, ctx: StepContext) -> None:
         """Record each encoder's gradient norm, then scale it by B_i (one fused kernel per group)."""
