@@ -23,6 +23,7 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "mrd",
     "pmr",
     "agm",
+    "greedy",
 )
 
 

@@ -1,0 +1,158 @@
+"""Greedy: conditional learning speed and d_BDR by hand, the curation state machine against a
+transcription of Bias_Mitigation_Strong, the MMTM gates, and state round trips."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from mmbalance.errors import ConfigError
+from mmbalance.methods import METHODS
+from mmbalance.methods.greedy import (
+    MMTM,
+    Greedy,
+    GreedyConfig,
+    bdr_difference,
+    conditional_learning_speed,
+    curation_update,
+)
+from mmbalance.tasks import make_task
+from mmbalance.train import TrainConfig, Trainer
+
+from ..conftest import tiny_model, tiny_splits
+
+CPU = torch.device("cpu")
+
+
+def test_conditional_learning_speed_and_bdr_by_hand():
+    params = [torch.tensor([1.0, 2.0]), torch.tensor([2.0])]  # Σ‖θ‖² = 5 + 4
+    grads = [torch.tensor([1.0, 1.0]), torch.tensor([3.0])]  # Σ‖g‖² = 2 + 9
+    assert conditional_learning_speed(grads, params).item() == pytest.approx(11 / 9)
+    # log10(1 / 10) - log10(10 / 1) = -2
+    assert bdr_difference(torch.tensor([1.0, 10.0]), torch.tensor([10.0, 1.0])).item() == pytest.approx(-2.0)
+
+
+class OfficialStrong:
+    """Transcription of Bias_Mitigation_Strong.on_backward_end (unlocked), d_BDR given per call."""
+
+    def __init__(self, epsilon, window):
+        self.epsilon, self.window = epsilon, window
+        self.curation_mode, self.caring_modality, self.curation_step = False, 0, 0
+
+    def step(self, d):
+        if not self.curation_mode:
+            if abs(d) > self.epsilon:
+                self.curation_mode = True
+                self.curation_step = 0
+                self.caring_modality = 1 if math.copysign(1, d) == -1 else 0
+            else:
+                self.curation_mode = False
+                self.caring_modality = 0
+        else:
+            self.curation_step += 1
+            if self.curation_step == self.window:
+                self.curation_mode = False
+
+
+def test_curation_state_machine_matches_the_official_callback():
+    rng = random.Random(0)
+    official = OfficialStrong(epsilon=0.01, window=3)
+    cur, car, stp = torch.tensor(False), torch.tensor(0), torch.tensor(0)
+    entered = 0
+    for _ in range(200):
+        d = rng.choice([0.005, -0.004, 0.02, -0.3, 0.0])
+        was = official.curation_mode
+        official.step(d)
+        cur, car, stp = curation_update(torch.tensor(d), cur, car, stp, 0.01, 3)
+        entered += int(official.curation_mode and not was)
+        assert (bool(cur), int(car)) == (official.curation_mode, official.caring_modality)
+    assert entered > 10
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [((3, 4), (3, 6)), ((3, 5, 4), (3, 2, 6)), ((3, 4, 2, 2), (3, 6, 3, 3)), ((3, 4), (3, 6, 2, 2))],
+)
+def test_mmtm_gates_each_feature_kind(shapes):
+    state = torch.get_rng_state()
+    mmtm = MMTM(ratio=4, seed=0)
+    feats = tuple(torch.randn(s) for s in shapes)
+    torch.set_rng_state(state)
+    out = mmtm(feats)
+    assert torch.equal(torch.get_rng_state(), state)  # built from a private generator
+    for f, o in zip(feats, out, strict=True):
+        assert o.shape == f.shape
+        gate = o / f
+        assert ((gate > 0) & (gate < 1)).all()
+    assert mmtm.core.fc_squeeze.out_features == int(2 * (4 + 6) / 4)
+
+
+def test_curation_replaces_the_cared_for_gate_by_its_running_average():
+    mmtm = MMTM(ratio=2, seed=0)
+    feats = (torch.randn(8, 4), torch.randn(8, 6))
+    means = []
+    for _ in range(3):
+        out = mmtm(feats)
+        means.append((out[0] / feats[0]).mean(0))
+    torch.testing.assert_close(mmtm.running_gate_0, torch.stack(means).mean(0))
+    assert mmtm.gate_steps.item() == 3
+    out = mmtm(feats, curation=torch.tensor(True), caring=torch.tensor(0))
+    expected_running = (3 * torch.stack(means).mean(0) + means[0]) / 4  # this step's gate enters first
+    torch.testing.assert_close(out[0], feats[0] * expected_running)
+    plain = mmtm(feats, curation=torch.tensor(False), caring=torch.tensor(0))
+    torch.testing.assert_close(out[1], plain[1])  # the other modality keeps its live gate
+    mmtm.eval()
+    steps = mmtm.gate_steps.item()
+    evaluated = mmtm(feats, curation=torch.tensor(True), caring=torch.tensor(0))
+    assert mmtm.gate_steps.item() == steps  # no running-average update at eval
+    torch.testing.assert_close(evaluated[1], plain[1])
+
+
+def _trainer(balancer, seed=0):
+    splits, _ = tiny_splits()
+    cfg = TrainConfig(batch_size=8, seed=seed, eval_modality_scores=False, cost_steps=0)
+    torch.manual_seed(seed)
+    trainer = Trainer(tiny_model(seed=seed), balancer, make_task("cls", 3), cfg, CPU, steps_per_epoch=6)
+    data = splits["train"].tensors
+    return trainer, [{k: v[i * 8:(i + 1) * 8] for k, v in data.items()} for i in range(6)]
+
+
+def test_training_accumulates_speeds_and_round_trips_state():
+    bal = Greedy(GreedyConfig(epsilon=0.0, window=2, start_epoch=1))
+    trainer, batches = _trainer(bal)
+    trainer.train_step(batches[0], 0, 0)  # locked: measure, never curate
+    assert not bool(bal.curation) and (bal.m_main > 0).all() and (bal.m_bypass > 0).all()
+    bal._epoch = 1  # unlocked; epsilon 0 -> the next measurement enters curation
+    trainer.train_step(batches[1], 1, 0)
+    assert bool(bal.curation)
+    frozen = bal.m_main.clone()
+    trainer.train_step(batches[2], 1, 1)  # in curation: no accumulation
+    assert torch.equal(bal.m_main, frozen)
+    trainer.train_step(batches[3], 1, 2)  # second curation step: leaves
+    assert not bool(bal.curation)
+    output = trainer.model(batches[4])
+    expected = trainer.model.fuse(dict(zip(("a", "b"), bal.mmtm((output.features["a"], output.features["b"])), strict=True)))
+    bal.eval()
+    torch.testing.assert_close(bal.predict(output), expected.prediction)
+    fresh = Greedy(GreedyConfig())
+    _trainer(fresh, seed=1)
+    fresh.load_state_dict(bal.state_dict())
+    for k, v in bal.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    assert set(bal.inference_state_dict()) == {f"mmtm.{k}" for k in bal.mmtm.state_dict()}
+
+
+def test_random_variant_and_errors():
+    bal = Greedy(GreedyConfig(variant="random", start_epoch=0))
+    trainer, batches = _trainer(bal)
+    for i, b in enumerate(batches):
+        trainer.train_step(b, 0, i)
+    assert float(bal.m_main.sum()) == 0.0  # the random variant measures nothing
+    assert not METHODS.get("greedy").supports(modalities=3)
+    with pytest.raises(ConfigError, match="variant"):
+        METHODS.build("greedy", None, variant="strong")
+    with pytest.raises(ConfigError, match="window"):
+        METHODS.build("greedy", None, window=0)
