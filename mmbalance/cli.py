@@ -1,0 +1,379 @@
+"""The ``mmbalance`` command: ``list``, ``run``, ``matrix``, ``table``, ``show``.
+
+Each subcommand is one ``_add_<name>(subparsers)`` function that defines its options and sets
+``func`` (``func(args) -> exit status``); adding a subcommand is one such function plus one entry
+in :data:`COMMANDS`. User errors (:class:`~mmbalance.errors.MMBalanceError`) print one line,
+``mmbalance: error: ...``, to stderr and exit with status 2, without a traceback; anything else is
+a bug and keeps its traceback. ``matrix`` exits with 1 when a run of this invocation failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import math
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+import mmbalance
+from mmbalance.datasets import DATASETS
+from mmbalance.errors import MMBalanceError, ResultError
+from mmbalance.matrix import load_spec, parse_set, parse_shard, run_matrix
+from mmbalance.methods import METHODS
+from mmbalance.models import MODELS
+from mmbalance.results import load_plan, load_rows, read_row, write_row
+from mmbalance.run import RunSpec, run_one
+from mmbalance.tables import FORMATS, LAYOUTS, SPLITS, render_tables
+
+__all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_OUT"]
+
+DEFAULT_OUT = "runs"  # where `run` writes rows and `show` looks for them; `matrix` adds the spec's stem
+EXIT_USER_ERROR = 2
+
+
+def _error_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _command_line(argv: Sequence[str]) -> str:
+    return shlex.join(["mmbalance", *argv])
+
+
+# -- list ------------------------------------------------------------------------------------------
+def _modality_range(cls: type) -> str:
+    lo = getattr(cls, "min_modalities", None)
+    if lo is None:
+        names = getattr(cls, "modality_names", ())
+        return f"{len(names)} ({', '.join(names)})" if names else "any"
+    hi = getattr(cls, "max_modalities", None)
+    return f"{lo}+" if hi is None else (str(lo) if hi == lo else f"{lo}-{hi}")
+
+
+def _tasks_text(cls: type) -> str:
+    tasks = getattr(cls, "tasks", None)
+    if tasks is None:
+        return str(getattr(cls, "task", "?"))
+    return ", ".join(sorted(tasks))
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    registries = {"methods": METHODS, "datasets": DATASETS, "models": MODELS}
+    kinds = [args.kind] if args.kind else list(registries)
+
+    sections = []
+    for kind in kinds:
+        registry = registries[kind]
+        caps: dict[str, Any] = {"task": args.task}
+        if kind != "models":
+            caps["modalities"] = args.modalities
+        lines = []
+        for name in registry.names(args.pattern, **caps):
+            cls = registry.get(name)
+            lines.append([name, _tasks_text(cls), _modality_range(cls), getattr(cls, "paper", "") or ""])
+        for name, error in sorted(registry.broken().items()):
+            if fnmatch.fnmatchcase(name, args.pattern):
+                lines.append([name, "BROKEN", "", f"plugin failed to import: {_error_line(error)}"])
+        header = ["name", "tasks", "modalities", "paper"]
+        body = tabulate(lines, headers=header, tablefmt="simple") if lines else "(none match)"
+        sections.append(f"{kind}:\n{body}")
+    print("\n\n".join(sections))
+    return 0
+
+
+def _add_list(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "list", help="list registered methods, datasets and models",
+        description="List registered methods, datasets and models (broken plugins are listed as BROKEN).",
+    )
+    p.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern on the name (default: *)")
+    p.add_argument("--task", choices=("cls", "reg", "seg"), help="only entries supporting this task")
+    p.add_argument("--modalities", type=_positive_int("--modalities"), metavar="N", help="only entries supporting N modalities")
+    p.add_argument("--kind", choices=("methods", "datasets", "models"), help="one registry only (default: all three)")
+    p.set_defaults(func=_cmd_list)
+
+
+# -- run -------------------------------------------------------------------------------------------
+def _positive_int(option: str, minimum: int = 1) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{option} must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _add_device(p: argparse.ArgumentParser, default: str | None) -> None:
+    p.add_argument("--device", default=default, metavar="auto|cpu|cuda[:N]",
+                   help="where to train (default: %(default)s)" if default else "where to train (default: the spec's, else auto)")
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, repeatable: epochs=3, method.rho=1.2, dataset.n_train=256 (values are TOML; bare words are strings)")
+
+
+def _print_metrics(row: dict[str, Any]) -> None:
+
+    val = row["metrics"]["val"]
+    test = row["metrics"]["test"]
+    names = [k for k in test if not k.startswith("score/")] + [k for k in test if k.startswith("score/")]
+    body = [[k, _fmt(val.get(k)), _fmt(test.get(k))] for k in names]
+    print(f"{row['label']} on {row['dataset']}, seed {row['seed']} (run {row['run_id']}), best epoch {row['metrics']['best_epoch']}")
+    print(tabulate(body, headers=["metric", "val", "test"], tablefmt="simple", disable_numparse=True))
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    spec = RunSpec(
+        method=args.method, dataset=args.dataset, model=args.model, preset=args.preset,
+        seed=args.seed, overrides=parse_set(args.sets), data_root=args.data_root,
+    )
+    row = run_one(spec, device=args.device, quiet=args.quiet, command=args.command_line)
+    path = write_row(args.out, row)
+    _print_metrics(row)
+    print(f"row written to {path}")
+    return 0
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="train and evaluate one method on one dataset",
+        description="Train METHOD on DATASET, select on validation, test once, measure cost against joint; "
+        "write the result row to OUT/<run_id>.json and print the metrics.",
+    )
+    p.add_argument("method", help="registered method name (see `mmbalance list --kind methods`)")
+    p.add_argument("dataset", help="registered dataset name (see `mmbalance list --kind datasets`)")
+    p.add_argument("--preset", help="training/method preset (default: the dataset's)")
+    _add_set(p)
+    _add_device(p, "auto")
+    p.add_argument("--seed", type=_positive_int("--seed", 0), help="random seed (default: the preset's)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="results folder (default: %(default)s)")
+    p.add_argument("--model", help="registered model builder (default: the dataset's)")
+    p.add_argument("--data-root", help="folder holding the dataset files (datasets that read files)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_run)
+
+
+# -- matrix ----------------------------------------------------------------------------------------
+def _print_tables(out: Path, *, fmt: str = "github", split: str = "test", layout: str = "default",
+                  metrics: Sequence[str] | None = None) -> None:
+
+    loaded = load_rows(out)
+    plan, plan_problems = load_plan(out)
+    for problem in (*loaded.problems, *plan_problems):
+        print(f"mmbalance: warning: skipped {problem}", file=sys.stderr)
+    if not loaded.rows and not plan:
+        raise ResultError(
+            f"no result rows in {str(out)!r}"
+            + (f" ({len(loaded.problems)} unreadable file(s) skipped)" if loaded.problems else "")
+        )
+    sys.stdout.write(render_tables(loaded.rows, plan=plan, fmt=fmt, split=split, layout=layout, metrics=metrics))
+    sys.stdout.flush()
+
+
+def _cmd_matrix(args: argparse.Namespace) -> int:
+    shard = parse_shard(args.shard)
+    sets = parse_set(args.sets)
+    spec = load_spec(args.spec)
+    out = Path(args.out) if args.out else Path(DEFAULT_OUT) / Path(args.spec).stem
+    report = run_matrix(spec, out, shard=shard, set_overrides=sets, data_root=args.data_root,
+                        device=args.device, quiet=args.quiet)
+    print(report.summary(), file=sys.stderr)
+    if not args.no_tables:
+        _print_tables(out)
+    return 1 if report.failed else 0
+
+
+def _add_matrix(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "matrix", help="run (or resume) a methods x datasets x seeds matrix",
+        description="Run the matrix of a TOML spec (format: `python -c 'import mmbalance.matrix; "
+        "help(mmbalance.matrix)'` or matrices/README.md), one JSON row per run in OUT; re-running "
+        "skips finished runs and retries failed ones. Prints the metric and cost tables at the end.",
+    )
+    p.add_argument("spec", help="matrix spec (TOML), e.g. matrices/default.toml")
+    p.add_argument("--out", help=f"results folder (default: {DEFAULT_OUT}/<spec name>)")
+    p.add_argument("--shard", metavar="K/N", help="run only shard K of N (1-based, every N-th run from the K-th)")
+    _add_set(p)
+    p.add_argument("--data-root", help="folder holding the dataset files (overrides the spec's data_root)")
+    _add_device(p, None)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--no-tables", action="store_true", help="do not print the tables at the end")
+    p.set_defaults(func=_cmd_matrix)
+
+
+# -- table -----------------------------------------------------------------------------------------
+def _cmd_table(args: argparse.Namespace) -> int:
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics is not None else None
+    _print_tables(Path(args.dir), fmt=args.format, split=args.split, layout=args.layout, metrics=metrics)
+    return 0
+
+
+def _add_table(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "table", help="render the metric and cost tables of a results folder",
+        description="Render the metric table (mean ± std (n) over seeds; - unsupported, x failed, ... missing) "
+        "and the cost table of the rows in DIR. Unreadable files are reported on stderr and skipped.",
+    )
+    p.add_argument("dir", help="results folder (as written by `mmbalance matrix` or `mmbalance run`)")
+    p.add_argument("--format", choices=FORMATS, default="github", help="output format (default: %(default)s)")
+    p.add_argument("--split", choices=SPLITS, default="test", help="which metrics (default: %(default)s)")
+    p.add_argument("--layout", choices=LAYOUTS, default="default",
+                   help="default: one table, dataset x metric columns; paper: one table per dataset with the paper's columns")
+    p.add_argument("--metrics", metavar="M1,M2", help="metric columns instead of the per-task defaults (e.g. acc,f1_macro,mae)")
+    p.set_defaults(func=_cmd_table)
+
+
+# -- show ------------------------------------------------------------------------------------------
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def _find_row_file(target: str, out: Path) -> Path:
+    path = Path(target)
+    if path.is_file():
+        return path
+    if not out.is_dir():
+        raise ResultError(f"{target!r} is not a file, and the results folder {str(out)!r} (--out) does not exist")
+    matches = sorted(p for p in out.rglob(f"{target}*.json") if not p.name.startswith(".") and p.parent.name != "_matrix")
+    if not matches:
+        raise ResultError(f"no result file or run id {target!r} under {str(out)!r} (--out); expected a path or a run id (prefix)")
+    distinct = {p.stem for p in matches}
+    if len(distinct) > 1:
+        shown = ", ".join(sorted(distinct)[:8])
+        raise ResultError(f"run id prefix {target!r} is ambiguous under {str(out)!r}: {shown}")
+    return matches[0]
+
+
+def _flat(prefix: str, value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        out: list[tuple[str, Any]] = []
+        for k, v in value.items():
+            out += _flat(f"{prefix}.{k}" if prefix else str(k), v)
+        return out
+    return [(prefix, value)]
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    row = read_row(_find_row_file(args.target, Path(args.out)))
+    d = row.data
+    lines = [
+        f"run {row.run_id}: {row.label} on {row.dataset} ({row.task}), seed {row.seed}: {row.status.upper()}",
+        f"command: {row.command}",
+        "env: " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.env.items()),
+    ]
+    if row.status == "unsupported":
+        lines.append(f"reason: {d.get('reason', '')}")
+    if row.status == "failed" and row.error:
+        lines += [f"error: {row.error.get('type')}: {row.error.get('message')}", str(row.error.get("traceback", "")).rstrip()]
+    if row.config:
+        lines += ["", "config:", tabulate([(k, repr(v) if v is None or isinstance(v, str) else v) for k, v in _flat("", row.config)],
+                                         tablefmt="plain", disable_numparse=True)]
+    if row.status == "ok":
+        val, test = row.metrics["val"], row.metrics["test"]
+        names = list(dict.fromkeys([*test, *val]))
+        lines += ["", f"metrics (best epoch {row.metrics['best_epoch']}):",
+                  tabulate([[k, _fmt(val.get(k)), _fmt(test.get(k))] for k in names],
+                           headers=["metric", "val", "test"], tablefmt="simple", disable_numparse=True)]
+        if row.cost:
+            lines += ["", "cost:", tabulate([[k, _fmt(v)] for k, v in row.cost.items()], tablefmt="plain", disable_numparse=True)]
+    if row.history:
+        hist = []
+        keys: list[str] = []
+        for record in row.history:
+            flat = dict(_flat("", {k: v for k, v in record.items() if k not in ("epoch",)}))
+            hist.append((record.get("epoch"), flat))
+            keys += [k for k in flat if k not in keys]
+        body = [[epoch, *(_fmt(flat.get(k)) for k in keys)] for epoch, flat in hist]
+        lines += ["", "history:", tabulate(body, headers=["epoch", *keys], tablefmt="simple", disable_numparse=True)]
+    print("\n".join(lines))
+    return 0
+
+
+def _add_show(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "show", help="summarise one result row",
+        description="Print one result row: status, command, environment, config, metrics, cost and per-epoch history.",
+    )
+    p.add_argument("target", metavar="RUN_ID_OR_FILE", help="a row file, or a run id (or a unique prefix) under --out")
+    p.add_argument("--out", default=DEFAULT_OUT, help="folder searched (recursively) for run ids (default: %(default)s)")
+    p.set_defaults(func=_cmd_show)
+
+
+# -- plot ------------------------------------------------------------------------------------------
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    def run(args: argparse.Namespace) -> int:
+        from mmbalance.plotting import plot_run  # matplotlib only when plotting
+
+        try:
+            row_file = _find_row_file(args.target, Path(args.dir))
+        except ResultError as exc:
+            raise ResultError(str(exc).replace("(--out)", "(--dir)")) from exc
+        print(f"plot written to {plot_run(row_file, args.out)}")
+        return 0
+
+    p = sub.add_parser(
+        "plot", help="draw a run's per-epoch balancer diagnostics (PNG)",
+        description="Draw the per-epoch diagnostics in a result row's history (CGGM: ε_i, B_i, cos_i, gradient "
+        "norms and cosines, L_gm) and the per-modality validation scores, one panel each.",
+    )
+    p.add_argument("target", metavar="RUN", help="a row file, or a run id (or a unique prefix) under --dir")
+    p.add_argument("--out", help="PNG path (default: the row file's path with .png)")
+    p.add_argument("--dir", default=DEFAULT_OUT, help="folder searched (recursively) for run ids (default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+# -- entry point -----------------------------------------------------------------------------------
+# One line per subcommand: the function adding its parser.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_list,
+    _add_run,
+    _add_matrix,
+    _add_table,
+    _add_show,
+    _add_plot,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mmbalance`` argument parser with every subcommand of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="mmbalance",
+        description="Multimodal imbalance: balancing methods behind one interface, and a resumable benchmark.",
+    )
+    parser.add_argument("--version", action="version", version=f"mmbalance {mmbalance.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0 ok, 1 failed runs, 2 user error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.command_line = _command_line(argv)
+    try:
+        return int(args.func(args))
+    except MMBalanceError as exc:
+        print(f"mmbalance: error: {_error_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("mmbalance: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
