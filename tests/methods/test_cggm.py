@@ -506,3 +506,18 @@ def test_one_modality_is_unsupported():
     model = tiny_model(dims=(("a", 4),))
     with pytest.raises(UnsupportedError, match="2 modalities"):
         CGGM().setup(model, make_task("cls", 3), None)
+
+
+def test_observer_mode_trains_exactly_like_joint():
+    # magnitude off, no direction term, no head dropout: the heads only observe (Fig. 2 setting)
+    from mmbalance.methods.joint import Joint
+
+    trainer, batches = make_trainer(magnitude=False, direction=None, head_dropout=0.0)
+    torch.manual_seed(0)
+    joint = Trainer(tiny_model(seed=0), Joint(), make_task("cls", 3), TrainConfig(batch_size=16, seed=0), CPU)
+    for i, batch in enumerate(batches * 2):
+        trainer.train_step(batch, 0, i)
+        joint.train_step(batch, 0, i)
+    for a, b in zip(trainer.model.parameters(), joint.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert trainer.balancer.diagnostics()["grad_norm/a"] > 0
