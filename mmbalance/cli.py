@@ -44,6 +44,19 @@ def _command_line(argv: Sequence[str]) -> str:
     return shlex.join(["mmbalance", *argv])
 
 
+def _int_at_least(option: str, minimum: int = 1) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{option} must be an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{option} must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 # -- list ------------------------------------------------------------------------------------------
 def _modality_range(cls: type) -> str:
     lo = getattr(cls, "min_modalities", None)
@@ -92,23 +105,12 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern on the name (default: *)")
     p.add_argument("--task", choices=("cls", "reg", "seg"), help="only entries supporting this task")
-    p.add_argument("--modalities", type=_positive_int("--modalities"), metavar="N", help="only entries supporting N modalities")
+    p.add_argument("--modalities", type=_int_at_least("--modalities"), metavar="N", help="only entries supporting N modalities")
     p.add_argument("--kind", choices=("methods", "datasets", "models"), help="one registry only (default: all three)")
     p.set_defaults(func=_cmd_list)
 
 
 # -- run -------------------------------------------------------------------------------------------
-def _positive_int(option: str, minimum: int = 1) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{option} must be an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{option} must be an integer >= {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def _add_device(p: argparse.ArgumentParser, default: str | None) -> None:
@@ -122,7 +124,6 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 
 
 def _print_metrics(row: dict[str, Any]) -> None:
-
     val = row["metrics"]["val"]
     test = row["metrics"]["test"]
     names = [k for k in test if not k.startswith("score/")] + [k for k in test if k.startswith("score/")]
@@ -154,7 +155,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", help="training/method preset (default: the dataset's)")
     _add_set(p)
     _add_device(p, "auto")
-    p.add_argument("--seed", type=_positive_int("--seed", 0), help="random seed (default: the preset's)")
+    p.add_argument("--seed", type=_int_at_least("--seed", 0), help="random seed (default: the preset's)")
     p.add_argument("--out", default=DEFAULT_OUT, help="results folder (default: %(default)s)")
     p.add_argument("--model", help="registered model builder (default: the dataset's)")
     p.add_argument("--data-root", help="folder holding the dataset files (datasets that read files)")
