@@ -65,6 +65,7 @@ __all__ = [
     "eval_slice_choice",
     "nifti_splits",
     "write_h5_case",
+    "convert_case",
     "convert_nifti_to_h5",
 ]
 
@@ -239,26 +240,46 @@ def write_h5_case(path: Path, image: np.ndarray, label: np.ndarray, *, normalize
     tmp.replace(path)
 
 
+def convert_case(src: Path, dst: Path, case: str, split: str, normalize: bool) -> Path:
+    """Convert one NIfTI case to ``dst/<split folder>/<case>.h5``; returns the written path."""
+    image, label = load_nifti_case(src, case)
+    assert image is not None
+    if normalize:
+        image = zscore_nonzero(image)
+    path = dst / H5_SPLITS[split] / f"{case}.h5"
+    write_h5_case(path, image, label, normalized=normalize)
+    return path
+
+
 def convert_nifti_to_h5(
-    src: Path, dst: Path, config: BraTS2021Config | None = None, *, progress: bool = False
+    src: Path, dst: Path, config: BraTS2021Config | None = None, *, workers: int = 1, progress: bool = False
 ) -> dict[str, list[str]]:
     """Convert a NIfTI release folder into the h5 layout (``dst/{train,valid,test}/<case>.h5``).
 
     The split follows ``config`` (carve or ``split_file``), so the h5 layout holds the same cases in
     the same splits as reading the NIfTI folder directly. Volumes are z-scored (non-zero voxels)
-    when ``config.normalize`` and marked so; labels are stored with 4 remapped to 3.
+    when ``config.normalize`` and marked so; labels are stored with 4 remapped to 3. ``workers`` > 1
+    converts cases in parallel processes.
     """
+    src, dst = Path(src), Path(dst)
     config = config or BraTS2021Config(root=str(src), subdir="")
     splits = nifti_splits(src, config)
-    for split, cases in splits.items():
-        for i, case in enumerate(cases):
-            image, label = load_nifti_case(src, case)
-            assert image is not None
-            if config.normalize:
-                image = zscore_nonzero(image)
-            write_h5_case(dst / H5_SPLITS[split] / f"{case}.h5", image, label, normalized=config.normalize)
+    jobs = [(split, case) for split, cases in splits.items() for case in cases]
+    if workers <= 1:
+        for i, (split, case) in enumerate(jobs):
+            convert_case(src, dst, case, split, config.normalize)
             if progress:
-                print(f"{split}: {i + 1}/{len(cases)} {case}", flush=True)
+                print(f"{i + 1}/{len(jobs)} {split} {case}", flush=True)
+        return splits
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(convert_case, src, dst, case, split, config.normalize): (split, case) for split, case in jobs}
+        for i, future in enumerate(as_completed(futures)):
+            future.result()  # re-raises a worker's DataError / ShapeError
+            if progress:
+                split, case = futures[future]
+                print(f"{i + 1}/{len(jobs)} {split} {case}", flush=True)
     return splits
 
 

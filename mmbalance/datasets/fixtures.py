@@ -23,6 +23,7 @@ Everything is drawn from ``seed`` and written deterministically.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import pickle
@@ -34,7 +35,7 @@ import numpy as np
 
 from mmbalance.errors import ConfigError
 
-__all__ = ["write_fixtures", "FIXTURE_NAMES", "BRATS_FIXTURE_SHAPE"]
+__all__ = ["write_fixtures", "add_fixtures_command", "FIXTURE_NAMES", "BRATS_FIXTURE_SHAPE"]
 
 FIXTURE_NAMES = ("food101", "food101_cggm", "mosi", "mosei", "iemocap", "brats2021", "brats2021_h5")
 BRATS_FIXTURE_SHAPE = (48, 48, 16)  # H, W, D of the fixture volumes
@@ -88,6 +89,28 @@ def write_fixtures(root: str | Path, seed: int = 0, names: Sequence[str] | None 
         convert_nifti_to_h5(out["brats2021"], root / "brats2021_h5", BraTS2021Config(root=str(out["brats2021"]), subdir=""))
         out["brats2021_h5"] = root / "brats2021_h5"
     return {n: out[n] for n in FIXTURE_NAMES if n in out}
+
+
+def add_fixtures_command(sub: argparse._SubParsersAction) -> None:
+    """The ``mmbalance fixtures DIR`` subcommand (registered in ``mmbalance.cli.COMMANDS``)."""
+
+    def run(args: argparse.Namespace) -> int:
+        paths = write_fixtures(args.dir, seed=args.seed, names=args.only)
+        for name, path in paths.items():
+            print(f"{name:14s} {path}")
+        print(f"use: mmbalance run joint mosi --data-root {args.dir}  (BraTS: --set crop_size=32)")
+        return 0
+
+    p = sub.add_parser(
+        "fixtures",
+        help="write tiny copies of the paper datasets in their on-disk formats",
+        description="Write tiny copies of UPMC Food-101, CMU-MOSI/MOSEI, IEMOCAP and BraTS 2021 in their real "
+        "on-disk formats under DIR (one folder per dataset), for trying the pipeline without the data.",
+    )
+    p.add_argument("dir", metavar="DIR", help="output folder (pass it as --data-root)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random contents (default: %(default)s)")
+    p.add_argument("--only", nargs="+", metavar="NAME", choices=FIXTURE_NAMES, help="write only these fixtures")
+    p.set_defaults(func=run)
 
 
 # -- Food-101 ------------------------------------------------------------------------------------

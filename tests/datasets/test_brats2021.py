@@ -13,7 +13,7 @@ import torch
 
 from mmbalance.datasets import DATASETS
 from mmbalance.datasets.base import check_batch
-from mmbalance.datasets.brats2021 import MODALITIES, eval_slice_choice, zscore_nonzero
+from mmbalance.datasets.brats2021 import MODALITIES, eval_slice_choice, tumour_slices, zscore_nonzero
 from mmbalance.datasets.fixtures import BRATS_FIXTURE_SHAPE, write_fixtures
 from mmbalance.errors import ConfigError, DataError, ShapeError
 
@@ -234,3 +234,36 @@ def test_h5_without_prepare_metadata(tmp_path, root):
     assert ds.eval_pairs == ref.eval_pairs
     a, b = ds.split("val")[0], ref.split("val")[0]
     assert torch.allclose(a["flair"], b["flair"], atol=1e-4)  # z-scoring a z-scored volume is a no-op
+
+
+def _prepare_main():
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "datasets" / "brats2021" / "prepare.py"
+    return runpy.run_path(str(script), run_name="prepare")["main"]
+
+
+def test_prepare_script_converts_with_the_loader_split(tmp_path, root, capsys):
+    main = _prepare_main()
+    assert main([str(root / "brats2021"), str(tmp_path / "out"), "--split-seed", "1"]) == 0
+    assert "wrote 7 train, 1 val, 2 test cases" in capsys.readouterr().out
+    nifti = _build(root, split_seed=1)
+    h5 = _build(tmp_path, subdir="out")
+    assert h5.cases == nifti.cases
+    with h5py.File(tmp_path / "out" / "valid" / f"{h5.cases['val'][0]}.h5") as fh:
+        assert fh.attrs["mmbalance_normalization"] == "zscore_nonzero"
+        assert fh["image"].chunks == (4, 48, 48, 1)
+        assert np.array_equal(fh["tumour_slices"][()], tumour_slices(fh["label"][()]))
+    assert main([str(root / "brats2021"), str(tmp_path / "bad"), "--val-fraction", "0"]) == 2
+    assert "val_fraction must be in (0, 1)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_parallel_conversion_matches_sequential(tmp_path, root):
+    main = _prepare_main()
+    assert main([str(root / "brats2021"), str(tmp_path / "seq")]) == 0
+    assert main([str(root / "brats2021"), str(tmp_path / "par"), "--workers", "2"]) == 0
+    for path in (tmp_path / "seq").glob("*/*.h5"):
+        with h5py.File(path) as a, h5py.File(tmp_path / "par" / path.parent.name / path.name) as b:
+            assert np.array_equal(a["image"][()], b["image"][()]) and np.array_equal(a["label"][()], b["label"][()])

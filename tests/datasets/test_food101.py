@@ -208,3 +208,19 @@ def test_read_token_cache_reorders_by_key(root):
     ids = read_token_cache(folder, "public", "test", records, 50)
     rev = read_token_cache(folder, "public", "test", records[::-1], 50)
     assert np.array_equal(ids[::-1], rev)
+
+
+def test_prepare_script_writes_the_token_cache(copy, capsys):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "datasets" / "food101" / "prepare.py"
+    main = runpy.run_path(str(script), run_name="prepare")["main"]
+    folder = copy / "food101"
+    for split in ("train", "test"):
+        token_cache_path(folder, "public", split).unlink()
+    assert main([str(folder), "--tokenizer", str(folder / "bert_tokenizer")]) == 0
+    assert "bert_tokens_public_test.npz" in capsys.readouterr().out
+    assert _build(copy).spec.notes["tokens_from"] == "prepare.py token cache"
+    assert main([str(folder), "--tokenizer", str(folder / "nope")]) == 2
+    assert "is not a folder" in capsys.readouterr().err
