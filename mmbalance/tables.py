@@ -18,7 +18,8 @@ matrix``), exactly the plan's cells; without one, every (label, dataset) pair se
 Cost table: step-time ratio (method's median step / joint's, measured side by side) and memory
 overhead in MiB (2**20 bytes), with the device(s) in the caption.
 
-``layout="paper"`` renders one table per dataset with the paper's columns: UPMC Food-101 (Acc, F1),
+``layout="paper"`` renders one table per dataset, listing the methods that dataset has (planned
+or with rows), with the paper's columns: UPMC Food-101 (Acc, F1),
 CMU-MOSI / MOSEI (Acc-2, Acc-7, F1, MAE, Corr), IEMOCAP (Acc, F1), BraTS 2021 (WT, TC, ET, Avg).
 F1 is the weighted F1 (the CGGM code's ``average='weighted'``); MOSI's Acc-2 / F1 are the "has0"
 variants (every sample, as the CGGM code's accuracy counts zero labels). Other datasets get their
@@ -156,9 +157,12 @@ def _mark(cell: _Cell) -> str:
 
 # -- formatting ------------------------------------------------------------------------------------
 def _arrow(metric: str, fmt: str) -> str:
-    if metric not in METRIC_HIGHER_IS_BETTER:
+    if metric.startswith("score/"):  # per-modality task score: higher is better by contract
+        up = True
+    elif metric in METRIC_HIGHER_IS_BETTER:
+        up = METRIC_HIGHER_IS_BETTER[metric]
+    else:
         return ""
-    up = METRIC_HIGHER_IS_BETTER[metric]
     if fmt == "latex":
         return r" $\uparrow$" if up else r" $\downarrow$"
     return " ↑" if up else " ↓"
@@ -240,10 +244,14 @@ def _validate_metrics(metrics: Sequence[str] | None, rows: Sequence[ResultRow], 
 
 # -- tables ----------------------------------------------------------------------------------------
 def _metric_body(
-    grid: _Grid, stats: Mapping[tuple[str, str, str], Stat], columns: Sequence[tuple[str, str]], fmt: str
+    grid: _Grid,
+    stats: Mapping[tuple[str, str, str], Stat],
+    columns: Sequence[tuple[str, str]],
+    fmt: str,
+    labels: Sequence[str] | None = None,
 ) -> list[list[str]]:
     body = []
-    for lb in grid.labels:
+    for lb in grid.labels if labels is None else labels:
         line = [lb]
         for dataset, metric in columns:
             cell = grid.cell(lb, dataset)
@@ -305,7 +313,8 @@ def metric_table(
             title = d
             named = tuple((m, m) for m in _columns_for(d, grid.tasks.get(d), metrics, _present_metrics(grid, d, split)))
         header = ["method", *(f"{name}{_arrow(m, fmt)}" for name, m in named)]
-        body = _metric_body(grid, stats, [(d, m) for _, m in named], fmt)
+        labels = [lb for lb in grid.labels if (lb, d) in grid.cells]  # only the methods this dataset has
+        body = _metric_body(grid, stats, [(d, m) for _, m in named], fmt, labels)
         parts.append(_tabulate(header, body, fmt, _metric_caption(split, title)))
     return "\n\n".join(parts)
 
