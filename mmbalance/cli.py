@@ -22,6 +22,7 @@ from tabulate import tabulate
 
 import mmbalance
 from mmbalance.datasets import DATASETS
+from mmbalance.datasets.fixtures import add_fixtures_command
 from mmbalance.errors import MMBalanceError, ResultError
 from mmbalance.matrix import load_spec, parse_set, parse_shard, run_matrix
 from mmbalance.methods import METHODS
@@ -345,6 +346,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_table,
     _add_show,
     _add_plot,
+    add_fixtures_command,
 ]
 
 
