@@ -250,9 +250,12 @@ def read_row(path: str | os.PathLike[str]) -> ResultRow:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        truncated = exc.pos >= len(text.rstrip())
+        stripped = text.rstrip()
+        # A cut-off file ends inside a value: the parser fails at the end, inside an unterminated
+        # string, or the text lacks the closing bracket of a complete document.
+        truncated = exc.pos >= len(stripped) or exc.msg.startswith("Unterminated string") or not stripped.endswith(("}", "]"))
         what = "truncated JSON" if truncated else "invalid JSON"
-        raise ResultError(f"{path}: {what} ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
+        raise ResultError(f"{path}: {what} ({exc.msg}: line {exc.lineno} column {exc.colno})") from exc
     try:
         row = ResultRow.from_dict(data)
     except ResultError as exc:
