@@ -17,6 +17,7 @@ import copy
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
@@ -122,7 +123,17 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     torch.manual_seed(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        _set_deterministic(True)
+
+
+def _set_deterministic(mode: bool) -> None:
+    """``torch.use_deterministic_algorithms(mode, warn_only=True)`` without its import of
+    ``torch._inductor.config`` (about 5 s on a 2-core machine, paid by every run process) unless
+    inductor is already loaded; mmbalance does not compile, so only the ATen flag matters."""
+    if "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(mode, warn_only=True)
+    else:
+        torch._C._set_deterministic_algorithms(mode, warn_only=True)
 
 
 def make_optimizer_factory(cfg: TrainConfig) -> Callable[..., torch.optim.Optimizer]:
