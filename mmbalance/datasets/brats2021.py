@@ -29,8 +29,9 @@ CGGM code does the same at evaluation, which makes its numbers change from run t
 validation and test use a FIXED set: for every case, ``eval_slices_per_case`` distinct tumour slices
 drawn by a generator seeded with ``(eval_seed, crc32(case id))`` (independent of the run seed and
 of the case order), or every tumour slice with ``eval_slices_per_case=0``. Slices without tumour
-are never evaluated, as in the CGGM code; a region can still be absent from a slice (e.g. no ET),
-and the Dice convention for that case is the seg metric's (``mmbalance.metrics.seg``). Random draws
+are never evaluated, as in the CGGM code; a region can still be absent from a slice (e.g. no ET):
+the seg metric (``mmbalance.metrics.seg``, CGGM convention) then scores 1 for an empty prediction
+and about 0 otherwise, and averages per slice; ``spec.notes["dice"]`` records this with each row. Random draws
 use torch's global RNG (seeded by the runner, re-seeded in DataLoader workers).
 """
 
@@ -51,6 +52,7 @@ from mmbalance.datasets import register_dataset
 from mmbalance.datasets.base import DatasetSpec, MultimodalDataset
 from mmbalance.datasets.splits import carve_split, check_fraction, data_dir, require_file
 from mmbalance.errors import ConfigError, DataError, ShapeError
+from mmbalance.metrics.seg import SegmentationMetrics
 
 __all__ = [
     "BraTS2021",
@@ -500,8 +502,11 @@ class BraTS2021(MultimodalDataset):
                 "eval_items": {s: len(p) for s, p in self.eval_pairs.items()},
                 "crop": f"centre {c}x{c}",
                 "normalize": "z-score per volume and modality over non-zero voxels" if config.normalize else "none",
-                "dice": "computed on the fixed eval slices by the seg task's metric suite (mmbalance.metrics.seg), "
-                "which states its empty-ground-truth and averaging convention",
+                "dice": (
+                    f"per slice and region (ET, TC, WT) on hard label maps, smoothed with eps={SegmentationMetrics().eps:g} "
+                    "(a region absent from both prediction and ground truth scores 1), averaged over the fixed "
+                    "eval slices; CGGM convention, mmbalance.metrics.seg"
+                ),
             },
         )
 

@@ -81,3 +81,12 @@ def test_deterministic_and_subsets_match(written, tmp_path):
 def test_unknown_fixture_name(tmp_path):
     with pytest.raises(ConfigError, match="unknown fixture 'cremad'"):
         write_fixtures(tmp_path, names=["cremad"])
+
+
+def test_cli_fixtures_subcommand(tmp_path, capsys):
+    from mmbalance.cli import main
+
+    assert main(["fixtures", str(tmp_path), "--only", "mosi", "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"mosi           {tmp_path / 'mosi'}" in out and "--data-root" in out
+    assert (tmp_path / "mosi" / "mosi_data.pkl").is_file() and not (tmp_path / "iemocap").exists()
