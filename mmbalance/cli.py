@@ -337,6 +337,18 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# -- bench -----------------------------------------------------------------------------------------
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from mmbalance import bench
+
+    p = sub.add_parser(
+        "bench", help="step-time ratio and memory overhead of every method vs joint; regression gate",
+        description=(bench.__doc__ or "").split("\n\n")[0],
+    )
+    bench.add_arguments(p)
+    p.set_defaults(func=bench.main)
+
+
 # -- entry point -----------------------------------------------------------------------------------
 # One line per subcommand: the function adding its parser.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -347,6 +359,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_show,
     _add_plot,
     add_fixtures_command,
+    _add_bench,
 ]
 
 
