@@ -24,6 +24,7 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "pmr",
     "agm",
     "greedy",
+    "mmpareto",
 )
 
 
