@@ -30,6 +30,7 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "agm",
     "greedy",
     "mmpareto",
+    "qmf",
 )
 
 
