@@ -280,7 +280,13 @@ def run_one(
     train_cfg = resolved.train_config()
     dataset, task, model, balancer = build_run(resolved)
     splits = {s: dataset.split(s) for s in ("train", "val", "test")}
-    result = fit(model, balancer, splits, dataset.spec, task, train_cfg, dev, quiet=quiet)
+    data_spec = dataset.spec
+    # A model builder may transform the data once before training (vit_bert's frozen-feature cache).
+    prepare = getattr(MODELS.build(resolved.model, None, **resolved.config["model"]), "prepare_splits", None)
+    if prepare is not None:
+        dataset_key = canonical_json({"dataset": resolved.dataset, "config": resolved.config["dataset"]})
+        splits, data_spec = prepare(splits, data_spec, dev, dataset_key=dataset_key)
+    result = fit(model, balancer, splits, data_spec, task, train_cfg, dev, quiet=quiet)
 
     cost: dict[str, Any] = {}
     if train_cfg.cost_steps > 0:
@@ -302,7 +308,7 @@ def run_one(
         "modalities": list(resolved.modalities),
         "seed": resolved.seed,
         "config": resolved.config,
-        "data_notes": dict(dataset.spec.notes),
+        "data_notes": dict(data_spec.notes),
         "metrics": {"val": result.val, "test": result.test, "best_epoch": result.best_epoch},
         "history": [_jsonable_record(h) for h in result.history],
         "cost": cost,

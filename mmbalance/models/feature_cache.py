@@ -8,8 +8,9 @@ they can be computed once and only the small trainable part trained per step (``
 
 Contract:
 
-* **No train-time augmentation.** The cache stores one view per sample. A split whose dataset (or
-  a wrapped ``.dataset``) has a truthy ``augment`` attribute is refused with a ConfigError: build
+* **No train-time augmentation.** The cache stores one view per sample. A dataset whose spec
+  records ``notes["augment"]`` true (the ``food101`` loader does), or a split whose dataset (or a
+  wrapped ``.dataset``) has a truthy ``augment`` attribute, is refused with a ConfigError: build
   the dataset with ``augment=false``. This differs from the official Food-101 training, which
   augments (flip, colour jitter, grayscale, blur) and re-extracts every step.
 * **Storage dtype.** Features are stored as ``float16`` by default (``float32`` on request): ViT
@@ -24,6 +25,9 @@ Contract:
   ``meta.json`` exists: it is written in a temporary folder that is renamed into place last, so an
   interrupted extraction is redone, never half-read.
 * **Order.** Cached split ``i`` is the dataset's item ``i`` (extraction never shuffles).
+* **RNG.** Extraction leaves the global RNG untouched (a private loader generator; the extractors
+  are built from their own seed), so a run that extracts and a run that reuses a persisted cache
+  train identically.
 """
 
 from __future__ import annotations
@@ -119,6 +123,10 @@ def _loader(dataset: Dataset, batch_size: int) -> DataLoader:
         shuffle=False,
         drop_last=False,
         collate_fn=identity_collate if batched else None,
+        # A private generator: iterating a DataLoader draws its base seed from the global RNG
+        # otherwise, and a run that extracts would then train with other dropout masks than a
+        # run that reuses a cache.
+        generator=torch.Generator(),
     )
 
 
@@ -293,6 +301,11 @@ def cache_splits(
     if cache_dir is not None and not dataset_key:
         raise ConfigError(
             "cache_dir needs a dataset_key identifying the data (e.g. the dataset config as JSON), got none"
+        )
+    if spec.notes.get("augment"):
+        raise ConfigError(
+            "cache_features=true stores one view per sample, but the dataset records augment=True "
+            "(spec.notes['augment']); build the dataset with augment=false"
         )
     for split, ds in splits.items():
         _check_no_augmentation(ds, split)

@@ -290,6 +290,11 @@ class FrozenTokenEncoder(MulTEncoder):
     def forward(self, x: Tensor) -> Tensor:
         if self.backbone is not None:
             x = self.backbone(x)
+        elif x.dim() != 3 or not x.is_floating_point():
+            raise ShapeError(
+                f"modality {self.modality!r}: with cache_features=true the model takes cached token features "
+                f"(B, L, {self.in_dim}) from VitBertBuilder.prepare_splits, got {tuple(x.shape)} {x.dtype}"
+            )
         return super().forward(x)
 
 

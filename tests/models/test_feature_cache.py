@@ -112,6 +112,9 @@ def test_augmenting_split_is_refused():
     splits = dict(_splits(), train=FoodLike(6, augment=True))
     with pytest.raises(ConfigError, match="augment=false"):
         builder.prepare_splits(splits, SPEC)
+    recorded = DatasetSpec("cls", dict(SPEC.modalities), 5, notes={"augment": True})  # as the food101 loader
+    with pytest.raises(ConfigError, match=r"notes\['augment'\]"):
+        builder.prepare_splits(_splits(), recorded)
 
 
 def test_without_cache_features_prepare_is_identity():
@@ -175,3 +178,26 @@ def test_training_runs_on_cached_splits():
     cfg = TrainConfig(epochs=2, batch_size=4, cost_steps=0, deterministic=False)
     result = fit(model, Joint(), cached, spec, make_task("cls", 5), cfg, torch.device("cpu"))
     assert result.steps == 6 and 0.0 <= result.test["acc"] <= 1.0
+
+
+def test_run_one_with_cache_features_on_food101_fixture(tmp_path):
+    """``mmbalance run`` path: run.py calls ``prepare_splits``; a persisted cache is reused."""
+    from mmbalance.datasets.fixtures import write_fixtures
+    from mmbalance.run import RunSpec, run_one
+
+    write_fixtures(tmp_path / "data", names=["food101"])
+    small = {f"model.{k}": v for k, v in SMALL.items() if k != "image_size"}
+    overrides = dict(small, epochs=1, max_train_batches=2, batch_size=4, cost_steps=0)
+    cached = dict(overrides, **{"model.cache_features": True, "model.cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(ConfigError, match="augment=false"):
+        run_one(RunSpec("joint", "food101", data_root=str(tmp_path / "data"), overrides=cached), device="cpu")
+    cached["dataset.augment"] = False
+    rows = [
+        run_one(RunSpec("joint", "food101", data_root=str(tmp_path / "data"), overrides=cached), device="cpu")
+        for _ in range(2)
+    ]
+    assert rows[0]["status"] == "ok" and rows[0]["metrics"]["test"] == rows[1]["metrics"]["test"]
+    note = rows[0]["data_notes"]["feature_cache"]
+    assert (
+        note["augmentation"] == "off" and (tmp_path / "cache" / note["key"] / "train" / "meta.json").is_file()
+    )
