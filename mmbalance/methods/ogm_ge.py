@@ -95,30 +95,39 @@ def ogm_coefficients(ratios: Tensor, alpha: float) -> Tensor:
     return torch.where(ratios > 1, 1 - torch.tanh(alpha * ratios), torch.ones_like(ratios))
 
 
-def gaussian_enhance_(grads: list[Tensor], coefficient: Tensor, noise: bool = True) -> None:
+def gaussian_enhance_(
+    grads: list[Tensor], coefficients: Tensor, noise: bool = True, lengths: Tensor | None = None
+) -> None:
     """In place: ``g ← k·g + N(0, std(g)²)`` for every tensor (std of the unscaled gradient,
     unbiased, + 1e-8 as ``main.py``; a one-element tensor has std 0). ``noise=False``: ``g ← k·g``.
 
-    Per-tensor statistics come from one concatenation and two segmented reductions, so the cost
-    does not grow with a Python loop of kernels over the parameters.
+    ``coefficients`` is 0-d (one k for every tensor) or ``(len(grads),)`` (one k per tensor), so
+    all modalities are enhanced in one go. Per-tensor statistics come from one concatenation and
+    segmented reductions: a fixed number of kernels however many parameters there are.
+    ``lengths`` (the tensors' sizes, int64 on their device) may be passed to avoid a
+    host-to-device copy per call.
     """
     if not grads:
         return
-    if noise:
-        sizes = [g.numel() for g in grads]
-        flat = torch.cat([g.reshape(-1) for g in grads]).float()
+    per_tensor = coefficients.reshape(-1).expand(len(grads)) if coefficients.dim() == 0 else coefficients
+    if per_tensor.shape != (len(grads),):
+        raise ConfigError(f"coefficients must be 0-d or have shape ({len(grads)},), got {tuple(coefficients.shape)}")
+    if not noise:
+        torch._foreach_mul_(grads, list(per_tensor.to(grads[0].dtype).unbind()))
+        return
+    sizes = [g.numel() for g in grads]
+    flat = torch.cat([g.reshape(-1) for g in grads]).float()
+    n = flat.numel()
+    if lengths is None:
         lengths = torch.tensor(sizes, device=flat.device)
-        counts = lengths.to(flat.dtype)
-        mean = torch.segment_reduce(flat, "sum", lengths=lengths) / counts
-        centred = flat - mean.repeat_interleave(lengths, output_size=flat.numel())
-        var = torch.segment_reduce(centred * centred, "sum", lengths=lengths) / (counts - 1).clamp_min(1)
-        std = var.sqrt() + 1e-8
-        draws = torch.randn_like(flat) * std.repeat_interleave(lengths, output_size=flat.numel())
-        chunks = [c.view(g.shape).to(g.dtype) for c, g in zip(draws.split(sizes), grads, strict=True)]
-        torch._foreach_mul_(grads, coefficient.to(grads[0].dtype))
-        torch._foreach_add_(grads, chunks)
-    else:
-        torch._foreach_mul_(grads, coefficient.to(grads[0].dtype))
+    counts = lengths.to(flat.dtype)
+    mean = torch.segment_reduce(flat, "sum", lengths=lengths) / counts
+    centred = flat - mean.repeat_interleave(lengths, output_size=n)
+    var = torch.segment_reduce(centred * centred, "sum", lengths=lengths) / (counts - 1).clamp_min(1)
+    std = var.sqrt() + 1e-8
+    scaled = flat * per_tensor.to(flat.dtype).repeat_interleave(lengths, output_size=n)
+    enhanced = torch.addcmul(scaled, torch.randn_like(flat), std.repeat_interleave(lengths, output_size=n))
+    torch._foreach_copy_(grads, [c.view(g.shape) for c, g in zip(enhanced.split(sizes), grads, strict=True)])
 
 
 @register_method("ogm_ge")
@@ -159,6 +168,7 @@ class OGMGE(Balancer):
                     )
             groups[m] = params
         self._groups = groups
+        self._lengths: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
         self._scores: Tensor | None = None
         self._sum_coeff: Tensor | None = None
         self._sum_ratio: Tensor | None = None
@@ -172,15 +182,20 @@ class OGMGE(Balancer):
         unimodal = self.heads(output.features, out_size=out_size)
         if self.head_optimizer is None:
             self.head_optimizer = self.heads.make_optimizer(self._optimizer_factory, lr=self.config.head_lr)
-        with torch.no_grad():
-            if self.config.score == "confidence":
-                scores = [confidence_score(unimodal[m].detach(), target, task) for m in self.modalities]
-            else:
-                scores = [task.score(unimodal[m].detach().float(), target).float() for m in self.modalities]
-            self._scores = torch.stack(scores)
         terms = {"task": task.loss(output.prediction, target)}
+        scores = []
         for m in self.modalities:
-            terms[f"head_{m}"] = task.loss(unimodal[m], target)
+            # one per-sample loss serves the head's training term and the reg/seg confidence
+            per_sample = task.loss(unimodal[m], target, reduction="none")
+            terms[f"head_{m}"] = per_sample.mean()
+            with torch.no_grad():
+                if self.config.score == "task":
+                    scores.append(task.score(unimodal[m].detach().float(), target).float())
+                elif task.name == "cls":
+                    scores.append(confidence_score(unimodal[m].detach(), target, task))
+                else:
+                    scores.append(torch.exp(-per_sample.detach().float()).sum())
+        self._scores = torch.stack(scores)
         return terms
 
     def on_after_backward(self, ctx: StepContext) -> None:
@@ -192,9 +207,20 @@ class OGMGE(Balancer):
         self._record(ratios, coeffs)
         if not cfg.modulation_starts <= ctx.epoch <= cfg.modulation_ends:
             return
-        for i, m in enumerate(self.modalities):
-            grads = [p.grad for p in self._groups[m] if p.grad is not None]
-            gaussian_enhance_(grads, coeffs[i], noise=cfg.ge)
+        grads: list[Tensor] = []
+        counts: list[int] = []
+        for m in self.modalities:
+            present = [p.grad for p in self._groups[m] if p.grad is not None]
+            grads += present
+            counts.append(len(present))
+        if not grads:
+            return
+        key = (grads[0].device, tuple(g.numel() for g in grads), tuple(counts))
+        if key not in self._lengths:  # sizes and modality index of the present gradients, on their device
+            index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+            self._lengths[key] = (torch.tensor(key[1], device=key[0]), index.to(key[0]))
+        lengths, index = self._lengths[key]
+        gaussian_enhance_(grads, coeffs[index], noise=cfg.ge, lengths=lengths)
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         if self.head_optimizer is not None:

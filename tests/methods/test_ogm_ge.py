@@ -83,6 +83,18 @@ def test_gaussian_enhancement_scales_and_adds_noise_with_each_tensors_std():
     assert torch.equal(plain[0], a * 0.5)
 
 
+def test_gaussian_enhancement_with_one_coefficient_per_tensor():
+    grads = [torch.ones(3, 2), torch.ones(4)]
+    gaussian_enhance_(grads, torch.tensor([0.25, 2.0]), noise=False)
+    assert torch.equal(grads[0], torch.full((3, 2), 0.25)) and torch.equal(grads[1], torch.full((4,), 2.0))
+    const = [torch.full((50,), 3.0), torch.full((7,), -1.0)]  # std 0: noise 1e-8 only
+    gaussian_enhance_(const, torch.tensor([0.5, 1.0]), noise=True)
+    torch.testing.assert_close(const[0], torch.full((50,), 1.5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(const[1], torch.full((7,), -1.0), atol=1e-6, rtol=0)
+    with pytest.raises(ConfigError, match="coefficients"):
+        gaussian_enhance_([torch.ones(2)], torch.tensor([1.0, 2.0]))
+
+
 def _params(trainer):
     return [p.detach().clone() for p in trainer.model.parameters()]
 
