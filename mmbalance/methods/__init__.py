@@ -31,6 +31,7 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "greedy",
     "mmpareto",
     "qmf",
+    "mla",
 )
 
 
