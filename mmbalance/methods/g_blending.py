@@ -52,7 +52,7 @@ ESTIMATORS = ("delta", "final")
 class GBlendingConfig:
     mode: str = "online"  # online: re-estimate every super_epoch; offline: once at epoch 0; fixed: use `weights`
     super_epoch: int = 10  # n, epochs between re-estimations (BalanceBenchmark super_epoch; MultiBench gb_epoch 20)
-    estimate_epochs: int | None = None  # N, epochs each candidate copy trains to measure G and O; None = super_epoch
+    estimate_epochs: int | None = None  # N, epochs each candidate copy trains; None = the super-epoch, cut at the run's end
     estimator: str = "delta"  # delta: paper, w ∝ ΔG/ΔO²; final: MultiBench delta=False, w ∝ L^V_{n+N}/O_{n+N}²
     min_overfit: float = 1e-4  # floor on |O| (MultiBench's clamp), keeps w finite when O ≈ 0
     estimate_batches: int | None = None  # cap on batches per estimation epoch and loss pass (None = whole splits)
@@ -210,7 +210,7 @@ class GBlending(Balancer):
         Returns the weights in use afterwards (the previous ones if the estimate is degenerate).
         """
         cfg = self.config
-        epochs = cfg.estimate_epochs or cfg.super_epoch
+        epochs = cfg.estimate_epochs or max(1, min(cfg.super_epoch, ctx.num_epochs - ctx.epoch))
         losses: list[tuple[float, float, float, float]] = []
         with isolated_rng(ctx.device):
             train_eval = stage_loader(ctx.train_loader, shuffle=False, seed=stage_seed(ctx.epoch))
