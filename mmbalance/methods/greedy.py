@@ -289,6 +289,7 @@ class Greedy(Balancer):
         shared = list(core.fc_squeeze.parameters())
         return [list(core.fc_excite[i].parameters()) + shared for i in range(2)]
 
+    @torch.no_grad()
     def on_after_backward(self, ctx: StepContext) -> None:
         """Read (never edit) gradients: update M_main / M_bypass and the curation state for the next
         step (``Bias_Mitigation_Strong.on_backward_end``), or draw the random variant's mode."""

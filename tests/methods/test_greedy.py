@@ -125,6 +125,7 @@ def test_training_accumulates_speeds_and_round_trips_state():
     trainer, batches = _trainer(bal)
     trainer.train_step(batches[0], 0, 0)  # locked: measure, never curate
     assert not bool(bal.curation) and (bal.m_main > 0).all() and (bal.m_bypass > 0).all()
+    assert not any(b.requires_grad for b in bal.buffers())  # no autograd graph carried across steps
     bal._epoch = 1  # unlocked; epsilon 0 -> the next measurement enters curation
     trainer.train_step(batches[1], 1, 0)
     assert bool(bal.curation)
