@@ -32,6 +32,7 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "mmpareto",
     "qmf",
     "mla",
+    "reconboost",
 )
 
 
