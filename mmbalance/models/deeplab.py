@@ -5,37 +5,41 @@ Official code: ``zrguo/CGGM`` ``models/segmodel.py:DeepLabMultiInput`` (built wi
 
 Architecture (4 modalities flair, t1ce, t1, t2; input ``(B, 1, 160, 160)`` each)::
 
-    encoders[m] = timm ResNet (1 input channel, output stride 16; layer4 multi-grid (1, 2, 4))
-                  -> layer4 (B, 2048, H/16, W/16) -> ASPP (torchvision; rates 2, 4, 6) -> features[m]
-                  (B, 256, H/16, W/16); layer1 (B, 256, H/4, W/4) -> extras["<m>.low"]
-    fusion      = DeepLabv3+ decoder front: concatenated low-level features (M x 256) -> 1x1 conv
-                  -> 48, BN, ReLU; concatenated ASPP features (M x 256) bilinearly upsampled to H/4;
-                  concatenation -> 3x3 conv -> 256                                    (B, 256, H/4, W/4)
-    head.body   = BN, ReLU, Dropout(0.5), 3x3 conv 256, BN, ReLU, Dropout(0.1)
-    head.out_layer = Conv2d(256, C, 1)   (the official ``decoder.last_conv.7``)
-    prediction  = bilinear upsampling of the H/4 logits to the input size (align_corners=True)
+    encoders[m] = timm ResNet (1 input channel, output stride 16; layer4 multi-grid (1, 2, 4));
+                  ASPP (torchvision; rates 2, 4, 6) on layer4 -> (B, 256, H/16, W/16), bilinearly
+                  upsampled to the layer1 size and concatenated with layer1
+                  -> features[m] (B, 256 + 256, H/4, W/4); extras["<m>.low"] = layer1
+    fusion      = DeepLabv3+ decoder front: the layer1 parts of all modalities (M x 256) -> 1x1 conv
+                  -> 48, BN, ReLU; concatenated with the ASPP parts (M x 256) -> 3x3 conv -> 256
+                                                                            (B, 256, H/4, W/4)
+    head.body   = BN, ReLU, Dropout(0.5), 3x3 conv 256, BN, ReLU, Dropout(0.1), bilinear
+                  upsampling to the input size (align_corners=True)        (B, 256, H, W)
+    head.out_layer = Conv2d(256, C, 1)   (the official ``decoder.last_conv.7``)  -> (B, C, H, W)
 
-``prediction`` is the upsampled ``out_layer`` output, so ``head_input`` is at 1/4 resolution
-(``(B, 256, H/4, W/4)``), as in the official model (upsampling a 1x1 conv's output equals the 1x1
-conv of the upsampled input; upsampling the 4-channel logits is the cheap order).
+This is the official computation rearranged so that the model keeps the library's contract
+(``prediction == head(fusion(features))[0]``, ``fusion`` reads ``features`` only):
 
-Masked modalities. ``fuse`` receives the low-level features through ``extras`` (``"<m>.low"``).
-A modality whose ASPP feature map is entirely zero for a sample (what ``drop``, unimodal training
-and per-modality evaluation do) also gets its low-level feature zeroed for that sample, as the
-official ``DeepLabMultiInput`` zeros both when an input is missing. This is a per-sample test on
-the device (no host sync).
+* the official decoder upsamples the concatenated ASPP outputs to the layer1 size; bilinear
+  upsampling is per channel, so upsampling each modality's ASPP output in its encoder is the same;
+* the official model upsamples the 4-channel logits after the final 1x1 conv; upsampling its
+  256-channel input instead gives the same logits (a 1x1 conv and bilinear interpolation, whose
+  weights sum to 1, commute) and makes ``head_input`` the full-resolution input of ``out_layer``
+  (what per-pixel direction methods need), at the cost of a ``(B, 256, H, W)`` activation;
+* a modality whose features are zeroed (``drop``, unimodal rows, per-modality evaluation) loses
+  both its ASPP and its low-level part, as the official ``DeepLabMultiInput`` zeros both when an
+  input is missing.
 
-Differences from the official code:
+Other differences from the official code:
 
 * backbone from timm (``features_only``, ``output_stride=16``, ``zero_init_last=False``);
   layer4's 3x3 convolutions get the official multi-grid dilations ``2 * (1, 2, 4)`` (timm alone
-  would use 1, 2, 2); parameter shapes are identical to the official ResNet-101;
+  would use 1, 2, 2); parameter shapes, and the parameter count, equal the official model's;
 * ASPP is torchvision's ``ASPP`` (1x1 branch, three atrous 3x3 branches, image pooling, 1x1
-  projection, Dropout 0.5 — the official structure); its pooling branch upsamples with
-  ``align_corners=False`` (a 1x1 map: identical);
+  projection, Dropout 0.5: the official structure); its pooling branch upsamples with
+  ``align_corners=False`` (from a 1x1 map: identical);
 * initialisation as the official ``_init_weight`` (Kaiming-normal convolutions, BN 1/0) for ASPP,
   decoder and head; timm's for the ResNet (Kaiming-normal fan-out, as the official ResNet);
-* the output size is the input size of the spec; any other input size is a ShapeError.
+* the input size is fixed by the spec; any other input size is a ShapeError.
 """
 
 from __future__ import annotations
@@ -50,9 +54,9 @@ from torch import Tensor, nn
 
 from mmbalance.errors import ConfigError, ShapeError, UnsupportedError
 from mmbalance.models import register_model
-from mmbalance.models.base import Head, ModelBuilder, ModelOutput, MultimodalModel
+from mmbalance.models.base import Head, ModelBuilder, MultimodalModel
 
-__all__ = ["DeepLabConfig", "DeepLabBuilder", "DeepLabEncoder", "DeepLabFusion", "DeepLabModel", "BACKBONES"]
+__all__ = ["DeepLabConfig", "DeepLabBuilder", "DeepLabEncoder", "DeepLabFusion", "BACKBONES"]
 
 BACKBONES = ("resnet101", "resnet50", "resnet18")
 
@@ -84,9 +88,11 @@ def _set_stage_dilations(stage: nn.Sequential, dilations: Sequence[int]) -> None
 
 
 class DeepLabEncoder(nn.Module):
-    """One modality: ResNet (1 channel) -> (ASPP(layer4), {"low": layer1}).
+    """One modality: ResNet (1 channel), ASPP on layer4 upsampled to the layer1 size, then
+    ``cat(aspp, layer1)``: returns ``(features (B, aspp_channels + low_channels, h, w), {"low": layer1})``.
 
-    Input ``(B, 1, H, W)`` or ``(B, H, W)`` floats with ``(H, W)`` = the spec's size.
+    Input ``(B, 1, H, W)`` or ``(B, H, W)`` floats with ``(H, W)`` = the spec's size; ``(h, w)`` is
+    the layer1 (1/4) resolution.
     """
 
     def __init__(self, modality: str, size: tuple[int, int], config: DeepLabConfig) -> None:
@@ -117,6 +123,7 @@ class DeepLabEncoder(nn.Module):
             _set_stage_dilations(self.backbone.layer3, [2] * len(self.backbone.layer3))
         low_channels, high_channels = self.backbone.feature_info.channels()
         self.low_channels = int(low_channels)
+        self.aspp_channels = int(config.aspp_channels)
         self.aspp = ASPP(int(high_channels), list(config.aspp_rates), config.aspp_channels)
         _init_official(self.aspp)
 
@@ -129,62 +136,38 @@ class DeepLabEncoder(nn.Module):
                 f"(B, {self.size[0]}, {self.size[1]}) images, got {tuple(x.shape)}"
             )
         low, high = self.backbone(x)
-        return self.aspp(high), {"low": low}
+        aspp = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=True)
+        return torch.cat([aspp, low], dim=1), {"low": low}
 
 
 class DeepLabFusion(nn.Module):
-    """DeepLabv3+ decoder front over M modalities: ``(features, low) -> (B, decoder_channels, h, w)``
-    at the low-level resolution ``(h, w)``."""
+    """DeepLabv3+ decoder front over M modalities: features ``(B, A + L, h, w)`` each (ASPP part
+    ``A = aspp_channels`` first, layer1 part ``L``) -> ``(B, decoder_channels, h, w)``."""
 
     def __init__(
         self, order: Sequence[str], aspp_channels: int, low_channels: int, config: DeepLabConfig
     ) -> None:
         super().__init__()
         self.order = tuple(order)
+        self.aspp_channels, self.low_channels = aspp_channels, low_channels
         m = len(self.order)
         reduced = config.low_level_channels
         self.low_conv = nn.Conv2d(m * low_channels, reduced, 1, bias=False)  # official decoder.conv1
         self.low_bn = nn.BatchNorm2d(reduced)
-        self.merge = nn.Conv2d(
-            m * aspp_channels + reduced, config.decoder_channels, 3, padding=1, bias=False
-        )  # condconv1
+        self.merge = nn.Conv2d(m * aspp_channels + reduced, config.decoder_channels, 3, padding=1, bias=False)
         _init_official(self)
 
-    def forward(self, features: Mapping[str, Tensor], low: Mapping[str, Tensor]) -> Tensor:
-        gated = []
+    def forward(self, features: Mapping[str, Tensor]) -> Tensor:
+        width = self.aspp_channels + self.low_channels
         for m in self.order:
-            present = features[m].flatten(1).ne(0).any(dim=1)  # (B,) a dropped modality is all zeros
-            gated.append(low[m] * present.view(-1, 1, 1, 1).to(low[m].dtype))
-        low_all = F.relu(self.low_bn(self.low_conv(torch.cat(gated, dim=1))))
-        high = torch.cat([features[m] for m in self.order], dim=1)
-        high = F.interpolate(high, size=low_all.shape[-2:], mode="bilinear", align_corners=True)
-        return self.merge(torch.cat([high, low_all], dim=1))
-
-
-class DeepLabModel(MultimodalModel):
-    """MultimodalModel whose fusion also reads the encoders' low-level features (``extras``) and
-    whose prediction is the head output upsampled to ``output_size``."""
-
-    def __init__(
-        self, encoders, fusion: DeepLabFusion, head: Head, modalities, output_size: tuple[int, int]
-    ) -> None:
-        super().__init__(encoders, fusion, head, modalities=modalities)
-        self.output_size = output_size
-
-    def fuse(self, features: Mapping[str, Tensor], extras: dict[str, Any] | None = None) -> ModelOutput:
-        extras = dict(extras or {})
-        low = {}
-        for m in self.modalities:
-            key = f"{m}.low"
-            if key not in extras:
+            if features[m].dim() != 4 or features[m].shape[1] != width:
                 raise ShapeError(
-                    f"deeplab fuse needs the low-level feature extras[{key!r}]; got keys {sorted(extras)}"
+                    f"deeplab fusion: features[{m!r}] must be (B, {width}, h, w), got {tuple(features[m].shape)}"
                 )
-            low[m] = extras[key]
-        fused = self.fusion({m: features[m] for m in self.modalities}, low)
-        logits, head_input = self.head(fused)
-        prediction = F.interpolate(logits, size=self.output_size, mode="bilinear", align_corners=True)
-        return ModelOutput(prediction, dict(features), head_input, extras)
+        high = [features[m][:, : self.aspp_channels] for m in self.order]
+        low = torch.cat([features[m][:, self.aspp_channels :] for m in self.order], dim=1)
+        low = F.relu(self.low_bn(self.low_conv(low)))
+        return self.merge(torch.cat([*high, low], dim=1))  # official order: upsampled ASPP, then low
 
 
 @dataclass(frozen=True)
@@ -261,7 +244,8 @@ class DeepLabBuilder(ModelBuilder):
             nn.BatchNorm2d(c.decoder_channels),
             nn.ReLU(),
             nn.Dropout(0.1),
+            nn.Upsample(size=size, mode="bilinear", align_corners=True),  # official: after out_layer
         )
         head = Head(body, nn.Conv2d(c.decoder_channels, int(spec.num_outputs), 1))
         _init_official(head)
-        return DeepLabModel(encoders, fusion, head, spec.modality_names, size)
+        return MultimodalModel(encoders, fusion, head, modalities=spec.modality_names)

@@ -44,44 +44,50 @@ def test_reduced_forward_backward_shapes(small_model):
     model.zero_grad()
     out = model(_batch())
     assert out.prediction.shape == (2, 4, 64, 64)
-    assert out.head_input.shape == (2, 256, 16, 16)  # 1/4 resolution: upsampling follows out_layer
+    assert out.head_input.shape == (2, 256, 64, 64)  # full resolution: out_layer is the last op
     for m in MODS:
-        assert out.features[m].shape == (2, 256, 4, 4)  # ASPP at output stride 16
-        assert out.extras[f"{m}.low"].shape == (2, 64, 16, 16)  # resnet18 layer1
+        assert out.features[m].shape == (2, 256 + 64, 16, 16)  # upsampled ASPP + resnet18 layer1
+        assert torch.equal(out.extras[f"{m}.low"], out.features[m][:, 256:])
     assert isinstance(model.out_layer, torch.nn.Conv2d) and model.out_layer.kernel_size == (1, 1)
     out.prediction.square().mean().backward()
     _check_groups(model)
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_drop_zeroes_low_level_features_too(small_model):
+def test_prediction_is_head_of_fusion_of_features(small_model):
+    # the contract methods rely on (copies of fusion + head, masked passes)
+    model = small_model.eval()
+    with torch.no_grad():
+        out = model(_batch())
+        again, hidden = model.head(model.fusion(out.features))
+    assert torch.equal(again, out.prediction) and torch.equal(hidden, out.head_input)
+
+
+def test_upsampling_before_out_layer_equals_official_order(small_model):
+    # official: logits = out_layer(h) at 1/4 resolution, then bilinear upsampling to the input size
+    model = small_model.eval()
+    body = model.head.body
+    with torch.no_grad():
+        fused = model.fusion(model.encode(_batch())[0])
+        low_res = body[:-1](fused)
+        official = torch.nn.functional.interpolate(
+            model.out_layer(low_res), size=(64, 64), mode="bilinear", align_corners=True
+        )
+        ours = model.out_layer(body(fused))
+    assert torch.allclose(ours, official, atol=1e-4 * official.abs().max().item())
+
+
+def test_dropped_modality_has_no_influence(small_model):
+    # drop zeroes the modality's ASPP and low-level parts (official: missing input -> both zero)
     model = small_model.eval()
     batch = _batch()
+    other = dict(batch, t1=torch.randn(2, 1, 64, 64))
     with torch.no_grad():
-        features, extras = model.encode(batch)
-        dropped = model(batch, drop=("t1",)).prediction
-        manual = dict(features, t1=torch.zeros_like(features["t1"]))
-        manual_extras = dict(extras, **{"t1.low": torch.zeros_like(extras["t1.low"])})
-        expected = model.fuse(manual, manual_extras).prediction
+        a = model(batch, drop=("t1",)).prediction
+        b = model(other, drop=("t1",)).prediction
         full = model(batch).prediction
-    assert torch.allclose(dropped, expected, atol=1e-5)
-    assert not torch.allclose(dropped, full, atol=1e-3)
-
-
-def test_per_sample_gating(small_model):
-    model = small_model.eval()
-    with torch.no_grad():
-        features, extras = model.encode(_batch())
-        masked = dict(features, flair=features["flair"].clone())
-        masked["flair"][1] = 0  # sample 1 lacks flair; sample 0 keeps it
-        mixed = model.fuse(masked, extras).prediction
-        none = model.fuse(
-            dict(features, flair=torch.zeros_like(features["flair"])),
-            dict(extras, **{"flair.low": torch.zeros_like(extras["flair.low"])}),
-        ).prediction
-        full = model.fuse(features, extras).prediction
-    assert torch.allclose(mixed[1], none[1], atol=1e-5)
-    assert torch.allclose(mixed[0], full[0], atol=1e-5)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, full, atol=1e-3)
 
 
 def test_multi_grid_dilations_like_official():
@@ -101,9 +107,9 @@ def test_bad_inputs_raise_clear_errors(small_model):
     batch = _batch(size=48)
     with pytest.raises(ShapeError, match=r"'flair'.*\(B, 1, 64, 64\)"):
         small_model(batch)
-    features, extras = small_model.encode(_batch())
-    with pytest.raises(ShapeError, match="t2.low"):
-        small_model.fuse(features, {k: v for k, v in extras.items() if k != "t2.low"})
+    features, _ = small_model.encode(_batch())
+    with pytest.raises(ShapeError, match=r"features\['t2'\] must be \(B, 320, h, w\)"):
+        small_model.fusion(dict(features, t2=features["t2"][:, :256]))
     with pytest.raises(ConfigError, match="single-channel"):
         MODELS.build("deeplab", None, **SMALL)(_spec(shape=(4, 64, 64)))
     with pytest.raises(UnsupportedError, match="seg"):
@@ -123,8 +129,9 @@ def test_full_size_forward_backward():
     assert sum(p.numel() for p in model.parameters()) == 235_226_980
     out = model(_batch(160))
     assert out.prediction.shape == (2, 4, 160, 160)
-    assert out.features["flair"].shape == (2, 256, 10, 10)
+    assert out.features["flair"].shape == (2, 256 + 256, 40, 40)
     assert out.extras["flair.low"].shape == (2, 256, 40, 40)
+    assert out.head_input.shape == (2, 256, 160, 160)
     out.prediction.mean().backward()
     _check_groups(model)
     assert all(p.grad is not None for p in model.parameters())
