@@ -39,6 +39,7 @@ __all__ = ["RunSpec", "ResolvedRun", "resolve_run", "run_one", "ROW_FIELDS", "en
 
 ROW_FIELDS = ("run_id", "status", "method", "dataset", "task", "seed", "config", "metrics", "history", "cost", "env", "command")
 SECTIONS = ("method", "train", "dataset", "model")
+MACHINE_PATH_FIELDS = frozenset({"root", "cache_dir"})  # left out of the run id
 
 
 @dataclass(frozen=True)
@@ -201,10 +202,11 @@ def resolve_run(spec: RunSpec) -> ResolvedRun:
         "method": spec.method,
         "dataset": spec.dataset,
         "model": model_name,
-        "config": {k: v for k, v in config.items()},
+        # Where data and caches live on this machine is not what the run is.
+        "config": {
+            section: {k: v for k, v in values.items() if k not in MACHINE_PATH_FIELDS} for section, values in config.items()
+        },
     }
-    # The dataset root is where the data lives on this machine, not what the run is.
-    identity["config"] = {**config, "dataset": {k: v for k, v in config["dataset"].items() if k != "root"}}
     run_id = hashlib.sha256(canonical_json(identity).encode()).hexdigest()[:12]
     label = spec.method
     if "modality" in config["method"] and config["method"]["modality"]:

@@ -425,8 +425,22 @@ class FitResult:
     trainer: Trainer | None = None
 
 
+def _frozen_names(module: nn.Module) -> set[str]:
+    return {name for name, p in module.named_parameters() if not p.requires_grad}
+
+
 def _snapshot(module: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    """Copy of the state that training can change: frozen parameters (e.g. the 195 M-parameter
+    ViT/BERT extractors of Food-101) never change, so they are not copied at every best epoch."""
+    frozen = _frozen_names(module)
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if k not in frozen}
+
+
+def _restore(module: nn.Module, snapshot: Mapping[str, Tensor]) -> None:
+    missing, unexpected = module.load_state_dict(snapshot, strict=False)
+    not_frozen = set(missing) - _frozen_names(module)
+    if not_frozen or unexpected:
+        raise RuntimeError(f"best-state restore mismatch: missing {sorted(not_frozen)}, unexpected {sorted(unexpected)}")
 
 
 def fit(
@@ -495,8 +509,8 @@ def fit(
     progress.close()
     train_time = time.perf_counter() - t_start
     assert best_state is not None and best_val is not None
-    trainer.model.load_state_dict(best_state["model"])
-    balancer.load_state_dict(best_state["balancer"])
+    _restore(trainer.model, best_state["model"])
+    _restore(balancer, best_state["balancer"])
     test_loader = make_loader(splits["test"], cfg, device, train=False)
     test = evaluate(trainer.model, balancer, test_loader, task, device, cfg, modality_scores=cfg.eval_modality_scores)
     return FitResult(
