@@ -159,7 +159,7 @@ class MLA(Balancer):
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         saved = state_dict.get(prefix + "projector")
-        if isinstance(saved, Tensor) and saved.shape != self.projector.shape and self.projector.numel() == 0:
+        if isinstance(saved, Tensor) and saved.shape != self.projector.shape:  # lazily sized: follow the saved size
             self.projector = torch.zeros_like(saved, device=self.projector.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._updates = int(self.head_updates)

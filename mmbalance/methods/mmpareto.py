@@ -60,9 +60,8 @@ def min_norm_two(v1v1: Tensor, v1v2: Tensor, v2v2: Tensor) -> Tensor:
     (``MinNormSolver._min_norm_element_from2``): 0.999 if ``<x1,x2> ≥ ‖x1‖²``, 0.001 if
     ``<x1,x2> ≥ ‖x2‖²``, else ``(‖x2‖² − <x1,x2>) / ‖x1 − x2‖²``. Tensors, no host sync."""
     denom = v1v1 + v2v2 - 2 * v1v2
-    inner = (v2v2 - v1v2) / torch.where(denom > 0, denom, torch.ones_like(denom))
-    c = torch.where(v1v2 >= v2v2, torch.full_like(inner, 0.001), inner)
-    return torch.where(v1v2 >= v1v1, torch.full_like(inner, 0.999), c)
+    inner = (v2v2 - v1v2) / torch.where(denom > 0, denom, 1.0)
+    return torch.where(v1v2 >= v1v1, 0.999, torch.where(v1v2 >= v2v2, 0.001, inner))
 
 
 def pareto_weights(g_mm: Tensor, g_m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -70,25 +69,28 @@ def pareto_weights(g_mm: Tensor, g_m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ``cos(g_mm, g_m) > 0`` (official ``this_cos > 0``), else the min-norm weights ``(c, 1 − c)``."""
     v1v1, v1v2, v2v2 = g_mm.dot(g_mm), g_mm.dot(g_m), g_m.dot(g_m)
     cos = v1v2 / (v1v1.sqrt() * v2v2.sqrt()).clamp_min(1e-8)  # F.cosine_similarity's eps
-    c = torch.where(cos > 0, torch.full_like(v1v2, 0.5), min_norm_two(v1v1, v1v2, v2v2))
+    c = torch.where(cos > 0, 0.5, min_norm_two(v1v1, v1v2, v2v2))
     return c, 1 - c, cos
 
 
-def pareto_combine(g_mm: Tensor, g_m: Tensor, sizes: list[int], gamma: float) -> tuple[Tensor, Tensor, Tensor]:
+def pareto_combine(
+    g_mm: Tensor, g_m: Tensor, sizes: list[int] | Tensor, gamma: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """The MMPareto encoder gradient for flat ``g_mm``, ``g_m`` (concatenations of the encoder's
-    parameter gradients, tensor lengths ``sizes``). Returns ``(new, α_mm, cos)`` with, per tensor k,
+    parameter gradients, tensor lengths ``sizes``: a list, or an int64 tensor on the gradients'
+    device to avoid a host-to-device copy). Returns ``(new, α_mm, cos)`` with, per tensor k,
     ``new_k = γ · max(1, ‖g_mm,k + g_m,k‖ / ‖ĝ_k‖) · ĝ_k`` and ``ĝ = 2 (α_mm g_mm + α_m g_m)``.
 
     Where ``‖ĝ_k‖ = 0`` the factor is 1 (the official code divides by zero and writes NaN).
     """
     a_mm, a_m, cos = pareto_weights(g_mm, g_m)
     combined = 2 * (a_mm * g_mm + a_m * g_m)
-    lengths = torch.tensor(sizes, device=g_mm.device)
+    lengths = sizes if isinstance(sizes, Tensor) else torch.tensor(sizes, device=g_mm.device)
     summed = g_mm + g_m
     norm_sum = torch.segment_reduce(summed * summed, "sum", lengths=lengths).sqrt()
     norm_new = torch.segment_reduce(combined * combined, "sum", lengths=lengths).sqrt()
-    ratio = norm_sum / torch.where(norm_new > 0, norm_new, torch.ones_like(norm_new))
-    factor = torch.where((norm_new > 0) & (ratio > 1), ratio, torch.ones_like(ratio)) * gamma
+    ratio = norm_sum / torch.where(norm_new > 0, norm_new, 1.0)
+    factor = torch.where((norm_new > 0) & (ratio > 1), ratio, 1.0) * gamma
     new = combined * factor.repeat_interleave(lengths, output_size=combined.numel())
     return new, a_mm, cos
 
@@ -119,6 +121,7 @@ class MMPareto(Balancer):
         self._encoder_params = {m: model.modality_parameters(m) for m in self.modalities}
         self._shared_params = list(model.shared_parameters())
         self._pending: list[tuple[str, list[nn.Parameter], Tensor, Tensor, list[int]]] = []
+        self._lengths: dict[tuple[tuple[int, ...], torch.device], Tensor] = {}  # tensor sizes on the device, built once
         self._inv_scale: Tensor | None = None
         self._sums: Tensor | None = None  # per modality: Σ cos, Σ [cos ≤ 0], Σ α_mm
         self._steps = 0
@@ -187,7 +190,10 @@ class MMPareto(Balancer):
             raise ConfigError("mmpareto: on_after_backward ran without the per-loss gradients of backward()")
         rows: dict[str, Tensor] = {}
         for m, params, flat_mm, flat_m, sizes in self._pending:
-            new, a_mm, cos = pareto_combine(flat_mm, flat_m, sizes, self.config.gamma)
+            key = (tuple(sizes), flat_mm.device)
+            if key not in self._lengths:
+                self._lengths[key] = torch.tensor(sizes, device=flat_mm.device)
+            new, a_mm, cos = pareto_combine(flat_mm, flat_m, self._lengths[key], self.config.gamma)
             if self._inv_scale is not None:
                 new = new * self._inv_scale
             grads = [p.grad for p in params]

@@ -157,7 +157,7 @@ class QMF(Balancer):
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         key = prefix + "loss_history"
         saved = state_dict.get(key)
-        if isinstance(saved, Tensor) and saved.shape != self.loss_history.shape and self.loss_history.numel() == 0:
+        if isinstance(saved, Tensor) and saved.shape != self.loss_history.shape:  # lazily sized: follow the saved size
             self.loss_history = torch.zeros_like(saved, device=self.loss_history.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -12,7 +12,14 @@ from mmbalance.balancer import EpochContext
 from mmbalance.datasets.base import TensorDictDataset
 from mmbalance.errors import ConfigError, DataError
 from mmbalance.methods import METHODS
-from mmbalance.methods.qmf import QMF, QMFConfig, energy_confidence, normalize_history, quality_fusion, ranking_loss
+from mmbalance.methods.qmf import (
+    QMF,
+    QMFConfig,
+    energy_confidence,
+    normalize_history,
+    quality_fusion,
+    ranking_loss,
+)
 from mmbalance.tasks import make_task
 from mmbalance.train import TrainConfig, Trainer, make_loader
 
@@ -28,6 +35,7 @@ def test_energy_confidence_and_fusion_by_hand():
     wa, wb = energy_confidence(fa), energy_confidence(fb)
     assert wa.shape == (1, 1)
     assert wa.item() == pytest.approx(0.1 * math.log(4.0))
+    assert wb.item() == pytest.approx(wa.item())  # same energy, different certainty: QMF weighs energy
     # a sharper, larger-energy prediction gets the larger weight: (0, 10) -> 0.1 * logsumexp = 1.0000454
     assert energy_confidence(T([[0.0, 10.0]])).item() == pytest.approx(0.1 * math.log(1 + math.exp(10.0)))
     fused = quality_fusion({"a": fa, "b": fb}, {"a": T([[0.5]]), "b": T([[2.0]])})
