@@ -562,4 +562,4 @@ class CGGM(Balancer):
         if self.config.direction != "official" or self.config.lam == 0 or self._stale_gm is None:
             return 0
         w = self.__dict__["_model"].out_layer.weight
-        return (len(self.modalities) + 1) * w.numel() * 4
+        return (len(self.modalities) + 1) * w.numel() * w.element_size()
