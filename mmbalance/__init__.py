@@ -34,7 +34,7 @@ __all__ = [
 
 
 def run(*args, **kwargs):
-    """Train and evaluate one run; see :func:`mmbalance.run.run_one`."""
-    from mmbalance.run import run_one
+    """Train and evaluate one run; see :func:`mmbalance.runner.run_one`."""
+    from mmbalance.runner import run_one
 
     return run_one(*args, **kwargs)

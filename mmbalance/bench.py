@@ -246,7 +246,7 @@ def run_bench(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Benchmark every (method, task) pair; returns ``{"env": ..., "results": [...], "skipped": [...]}``."""
-    from mmbalance.run import environment
+    from mmbalance.runner import environment
 
     dev = resolve_device(device)
     if steps < 1 or warmup < 0:

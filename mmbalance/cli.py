@@ -28,7 +28,7 @@ from mmbalance.matrix import load_spec, parse_set, parse_shard, run_matrix
 from mmbalance.methods import METHODS
 from mmbalance.models import MODELS
 from mmbalance.results import load_plan, load_rows, read_row, write_row
-from mmbalance.run import RunSpec, run_one
+from mmbalance.runner import RunSpec, run_one
 from mmbalance.tables import FORMATS, LAYOUTS, SPLITS, render_tables
 
 __all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_OUT"]

@@ -10,7 +10,7 @@ Spec format (TOML, read with the standard library's ``tomllib``)::
     device   = "auto"        # optional: auto | cpu | cuda[:N]; ``--device`` wins
     data_root = "/data"      # optional; sets the dataset's ``root``; ``--data-root`` wins
 
-    [overrides]              # every run; keys as in ``--set`` (see mmbalance.run)
+    [overrides]              # every run; keys as in ``--set`` (see mmbalance.runner)
     epochs = 3
     "dataset.n_train" = 512  # a prefixed key, quoted ...
     model.hidden = 32        # ... or a TOML dotted key / sub-table: flattened to "model.hidden"
@@ -60,7 +60,7 @@ from mmbalance.errors import ConfigError, RegistryError, ResultError, Unsupporte
 from mmbalance.methods import METHODS
 from mmbalance.registry import config_fields
 from mmbalance.results import PLAN_DIR, read_row, write_json_atomic, write_row
-from mmbalance.run import ResolvedRun, RunSpec, environment, resolve_run, run_one
+from mmbalance.runner import ResolvedRun, RunSpec, environment, resolve_run, run_one
 from mmbalance.train import resolve_device
 
 __all__ = [
@@ -520,7 +520,7 @@ def run_matrix(
     """Run (or resume) the matrix's runs of ``shard`` into ``out``; one progress line per run.
 
     ``run_fn(spec, device=..., quiet=..., command=...)`` trains one run (default
-    :func:`mmbalance.run.run_one`). ``KeyboardInterrupt`` stops the matrix without recording the
+    :func:`mmbalance.runner.run_one`). ``KeyboardInterrupt`` stops the matrix without recording the
     interrupted run; any other exception is recorded as a ``failed`` row.
 
     Raises:

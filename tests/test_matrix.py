@@ -25,7 +25,7 @@ from mmbalance.matrix import (
 )
 from mmbalance.methods import METHODS, register_method
 from mmbalance.results import PLAN_DIR, load_plan, load_rows
-from mmbalance.run import resolve_run
+from mmbalance.runner import resolve_run
 from mmbalance.tables import metric_table
 
 ROOT = Path(__file__).resolve().parents[1]

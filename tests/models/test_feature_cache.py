@@ -183,7 +183,7 @@ def test_training_runs_on_cached_splits():
 def test_run_one_with_cache_features_on_food101_fixture(tmp_path):
     """``mmbalance run`` path: run.py calls ``prepare_splits``; a persisted cache is reused."""
     from mmbalance.datasets.fixtures import write_fixtures
-    from mmbalance.run import RunSpec, run_one
+    from mmbalance.runner import RunSpec, run_one
 
     write_fixtures(tmp_path / "data", names=["food101"])
     small = {f"model.{k}": v for k, v in SMALL.items() if k != "image_size"}
