@@ -25,6 +25,7 @@ backward (the code runs a second ``backward()`` on the heads only, with the same
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,7 @@ class CGGMConfig:
     head_layers: int = 2  # head depth: transformer layers (official `cls_layers`), MLP / conv blocks
     head_heads: int | None = None  # attention heads of sequence heads; None = largest divisor <= 5 of d
     head_dropout: float = 0.1  # dropout inside the heads (official: 0.1-0.2 by dataset)
+    grad_cos_every: int = 8  # steps between samples of the closed-form grad_cos diagnostic; 0 = off
 
     def __post_init__(self) -> None:
         direction = self.direction
@@ -101,6 +103,8 @@ class CGGMConfig:
             raise ValueError(f"head_heads must be None or an integer >= 1, got {self.head_heads!r}")
         if not (0 <= self.head_dropout < 1):
             raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout!r}")
+        if not (isinstance(self.grad_cos_every, int) and self.grad_cos_every >= 0):
+            raise ValueError(f"grad_cos_every must be an integer >= 0, got {self.grad_cos_every!r}")
 
 
 # -- the formulas (pure functions, hand-tested) ---------------------------------------------------
@@ -280,6 +284,9 @@ class CGGM(Balancer):
         self._step_stats: Tensor | None = None
         self._grad_norms: Tensor | None = None
         self._diag_steps = 0
+        self._grad_cos_steps = 0
+        self._step = 0  # training steps seen (host counter, for the grad_cos sampling)
+        self._grad_cos_value: Tensor | None = None  # this step's grad_cos sample, if any
         self._checked = False
         self._align_corners: bool | None = None
         self._closed_form = False
@@ -323,8 +330,9 @@ class CGGM(Balancer):
             output_gradient(task, torch.zeros(1, 1), torch.zeros(1))  # raises UnsupportedError
         m = len(model.modalities)
         self.register_buffer("eps_prev", torch.zeros(m))  # ε^{t-1}; ε^0 = 0, kept across epochs
-        # per-epoch sums: ε, B, cos, grad cos (M each), L_gm, small-Σ flag, negative-B flag
-        self.register_buffer("_acc", torch.zeros(4 * m + 3), persistent=False)
+        # per-epoch sums: ε, B, cos (M each), L_gm, small-Σ flag, negative-B flag; grad cos (sampled)
+        self.register_buffer("_acc", torch.zeros(3 * m + 3), persistent=False)
+        self.register_buffer("_acc_grad_cos", torch.zeros(m), persistent=False)
         self.register_buffer("_acc_grad_norm", torch.zeros(m), persistent=False)
         self.register_buffer("_b_min", torch.full((m,), math.inf), persistent=False)
         self.register_buffer("_b_max", torch.full((m,), -math.inf), persistent=False)
@@ -391,7 +399,12 @@ class CGGM(Balancer):
                 "direction='paper' needs prediction == model.out_layer(head_input) (optionally bilinearly "
                 f"upsampled); this model's prediction {tuple(output.prediction.shape)} does not match"
             )
-        self._closed_form = False  # no clean closed form: the grad-cos diagnostic is left out
+        warnings.warn(
+            "cggm: model prediction != model.out_layer(head_input) (optionally bilinearly upsampled); "
+            "the grad_cos diagnostic is left out",
+            stacklevel=2,
+        )
+        self._closed_form = False
         return None
 
     # -- the step -------------------------------------------------------------------------------------
@@ -430,7 +443,10 @@ class CGGM(Balancer):
             b = coeff * cfg.rho
             self._B = b
             c_dir = b if cfg.rho_in_direction else coeff
-            grad_cos = self._grad_cos(output, target, logits, hidden) if cfg.direction != "paper" else None
+            every = cfg.grad_cos_every
+            sample = cfg.direction != "paper" and every > 0 and self._step % every == 0
+            grad_cos = self._grad_cos(output, target, logits, hidden) if sample else None
+            self._step += 1
 
         gm_value = torch.zeros((), device=eps.device)
         cos = torch.zeros_like(eps)
@@ -459,11 +475,10 @@ class CGGM(Balancer):
             gm_value, cos = gm.detach(), cos.detach()
             grad_cos = cos
         with torch.no_grad():
-            if grad_cos is None:
-                grad_cos = torch.full_like(eps, math.nan)
             small = ((delta.sum()).abs() < 1.0 / target.shape[0]).float()
             negative = (raw < 0).any().float()
-            self._step_stats = torch.cat([eps, b, cos, grad_cos, gm_value.reshape(1), small.reshape(1), negative.reshape(1)])
+            self._step_stats = torch.cat([eps, b, cos, gm_value.reshape(1), small.reshape(1), negative.reshape(1)])
+            self._grad_cos_value = grad_cos
         return terms
 
     def _grad_cos(self, output: ModelOutput, target: Tensor, logits: list[Tensor], hidden: list[Tensor]) -> Tensor | None:
@@ -515,6 +530,9 @@ class CGGM(Balancer):
         self.cls_optimizer.zero_grad(set_to_none=True)
         if self._step_stats is not None:
             self._acc += self._step_stats
+            if self._grad_cos_value is not None:
+                self._acc_grad_cos += self._grad_cos_value
+                self._grad_cos_steps += 1
             if self._grad_norms is not None:
                 self._acc_grad_norm += self._grad_norms
             torch.minimum(self._b_min, self._B, out=self._b_min)
@@ -523,37 +541,41 @@ class CGGM(Balancer):
 
     # -- reporting ------------------------------------------------------------------------------------
     def diagnostics(self) -> dict[str, float]:
-        """Epoch means (over training steps) of ε_i, B_i, cos_i, grad_cos_i, the encoder gradient
-        norms before modulation, L_gm; B_i's min/max; the fractions of steps with |Σ Δε| < 1/batch
-        and with a negative raw coefficient. One host sync; resets the accumulators."""
+        """Epoch means (over training steps) of ε_i, B_i, cos_i, the encoder gradient norms before
+        modulation, L_gm; grad_cos_i (mean over its sampled steps: every ``grad_cos_every``-th step,
+        every step in paper mode); B_i's min/max; the fractions of steps with |Σ Δε| < 1/batch and
+        with a negative raw coefficient. One host sync; resets the accumulators."""
         if self._diag_steps == 0:
             return {}
         m = len(self.modalities)
         n = self._diag_steps
-        values = torch.cat([self._acc / n, self._acc_grad_norm / n, self._b_min, self._b_max]).tolist()
+        k = max(1, self._grad_cos_steps)
+        values = torch.cat([self._acc / n, self._acc_grad_cos / k, self._acc_grad_norm / n, self._b_min, self._b_max]).tolist()
         out: dict[str, float] = {}
-        names = ("eps", "B", "cos", "grad_cos")
-        for k, name in enumerate(names):
+        for j, name in enumerate(("eps", "B", "cos")):
             for i, mod in enumerate(self.modalities):
-                out[f"{name}/{mod}"] = values[k * m + i]
-        base = 4 * m
+                out[f"{name}/{mod}"] = values[j * m + i]
+        base = 3 * m
         out["L_gm"] = values[base]
         out["frac_small_sum"] = values[base + 1]
         out["frac_negative_B"] = values[base + 2]
         for i, mod in enumerate(self.modalities):
-            out[f"grad_norm/{mod}"] = values[base + 3 + i]
-            out[f"B_min/{mod}"] = values[base + 3 + m + i]
-            out[f"B_max/{mod}"] = values[base + 3 + 2 * m + i]
+            if self._grad_cos_steps:
+                out[f"grad_cos/{mod}"] = values[base + 3 + i]
+            out[f"grad_norm/{mod}"] = values[base + 3 + m + i]
+            out[f"B_min/{mod}"] = values[base + 3 + 2 * m + i]
+            out[f"B_max/{mod}"] = values[base + 3 + 3 * m + i]
         if self.config.direction is None:
             for mod in self.modalities:
                 del out[f"cos/{mod}"]
             del out["L_gm"]
-        out = {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
         self._acc.zero_()
+        self._acc_grad_cos.zero_()
         self._acc_grad_norm.zero_()
         self._b_min.fill_(math.inf)
         self._b_max.fill_(-math.inf)
         self._diag_steps = 0
+        self._grad_cos_steps = 0
         return out
 
     def retained_bytes(self) -> int:

@@ -523,3 +523,21 @@ def test_observer_mode_trains_exactly_like_joint():
     for a, b in zip(trainer.model.parameters(), joint.model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert trainer.balancer.diagnostics()["grad_norm/a"] > 0
+
+
+@pytest.mark.parametrize("every, calls", [(3, 3), (1, 7), (0, 0)])
+def test_grad_cos_diagnostic_is_sampled(every, calls):
+    trainer, batches = make_trainer(direction="official", grad_cos_every=every)
+    b = trainer.balancer
+    original, seen = b._grad_cos, []
+
+    def counting(*a, **k):
+        seen.append(1)
+        return original(*a, **k)
+
+    b._grad_cos = counting
+    for i in range(7):
+        trainer.train_step(batches[i % 2], 0, i)
+    d = b.diagnostics()
+    assert len(seen) == calls
+    assert ("grad_cos/a" in d) == (calls > 0)
