@@ -370,6 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Multimodal imbalance: balancing methods behind one interface, and a resumable benchmark.",
     )
     parser.add_argument("--version", action="version", version=f"mmbalance {mmbalance.__version__}")
+    parser.add_argument(
+        "--threads", type=_int_at_least("--threads"), default=None,
+        help="CPU threads for torch (default: torch's choice). 1 is steadier on a shared machine: two "
+        "processes that each want every core slow each other's small steps down by orders of magnitude",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
         add(sub)
@@ -381,6 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.command_line = _command_line(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))
     except MMBalanceError as exc:
