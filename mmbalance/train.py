@@ -365,8 +365,10 @@ def evaluate(
     modality_scores: bool = True,
 ) -> dict[str, float]:
     """Metric suite of ``balancer.predict`` over the whole loader, plus the mean loss and, with
-    ``modality_scores``, ``score/<m>``: the task score when every other modality's features are
-    zeroed (encoders run once per batch). One host sync at the end."""
+    ``modality_scores``, ``score/<m>``: the task score of the method's own test-time predictor
+    (``balancer.predict``) when every other modality's encoder output is zeroed (encoders run once
+    per batch). For late-fusion methods (QMF, MLA, UME, ReconBoost) that is their own heads' fusion,
+    not the model's unused fusion head. One host sync at the end."""
     model.eval()
     balancer.eval()
     suite = task.metrics()
@@ -385,7 +387,7 @@ def evaluate(
             if modality_scores and len(model.modalities) > 1:
                 for m in model.modalities:
                     only = {k: (f if k == m else torch.zeros_like(f)) for k, f in features.items()}
-                    pred_m = model.fuse(only, extras).prediction.float()
+                    pred_m = balancer.predict(model.fuse(only, extras)).float()
                     score_sums[m] += task.score(pred_m, batch["target"]).double() * bsz
         n += bsz
     if n == 0:
