@@ -22,7 +22,7 @@ zeroes them itself, through ``ctx.scaler`` so that AMP loss scaling stays consis
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -229,7 +229,3 @@ def sum_terms(terms: Mapping[str, Tensor]) -> Tensor:
         total = total + v
     return total
 
-
-def parameter_groups(model: MultimodalModel, modalities: Iterable[str]) -> dict[str, list[nn.Parameter]]:
-    """``{m: model.modality_parameters(m)}``; raises if any group is empty (no silent no-op)."""
-    return {m: model.modality_parameters(m) for m in modalities}

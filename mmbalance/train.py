@@ -13,7 +13,6 @@ set it to 1 to stop on the very step (at the cost of one sync per step).
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
@@ -526,7 +525,3 @@ def fit(
         trainer=trainer,
     )
 
-
-def clone_for_timing(model: MultimodalModel) -> MultimodalModel:
-    """An independent copy of ``model`` with the same initial weights."""
-    return copy.deepcopy(model)
