@@ -21,7 +21,6 @@ zeroes them itself, through ``ctx.scaler`` so that AMP loss scaling stays consis
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -83,8 +82,9 @@ class EpochContext:
     """What epoch-level hooks see.
 
     ``train_loader`` and ``val_loader`` are the only data a method may use for statistics
-    (G-Blending, MSLR, MSES, PMR prototypes); test data never reaches a balancer.
-    ``fit_steps`` counts extra training steps a multi-stage method runs, for the cost record.
+    (G-Blending, MSLR, MSES, PMR prototypes); test data never reaches a balancer. A multi-stage
+    method counts the training steps it runs outside the main loop in ``self._extra_steps``
+    (reported by :meth:`Balancer.extra_steps` in the cost record).
     """
 
     model: MultimodalModel
@@ -129,6 +129,20 @@ class Balancer(nn.Module):
         self.config = config if config is not None else self.Config()
         self.modalities: tuple[str, ...] = ()
         self.task: Task | None = None
+        self.__dict__["_model_ref"] = None
+
+    @property
+    def model(self) -> MultimodalModel:
+        """The model being trained (set by :meth:`setup`): a reference, not a submodule, so it stays
+        out of the balancer's ``state_dict``, parameters and memory count.
+
+        Raises:
+            ConfigError: before ``setup``.
+        """
+        model = self.__dict__.get("_model_ref")
+        if model is None:
+            raise ConfigError(f"method {self.name!r}: the model is known only after setup()")
+        return model
 
     # -- capabilities -------------------------------------------------------------------------
     @classmethod
@@ -203,8 +217,53 @@ class Balancer(nn.Module):
 
     # -- helpers for subclasses -----------------------------------------------------------------
     def auxiliary_optimizers(self) -> list[torch.optim.Optimizer]:
-        """Own optimizers, counted in the memory overhead. Default: attributes named ``*optimizer``."""
-        return [v for v in vars(self).values() if isinstance(v, torch.optim.Optimizer)]
+        """Own optimizers, counted in the memory overhead and saved in the training state: every
+        optimizer attribute of the balancer and of its submodules (``UnimodalHeads.optimizer``), in a
+        fixed order (attributes, then submodules in registration order), each once."""
+        found: list[torch.optim.Optimizer] = []
+        for module in self.modules():
+            for value in vars(module).values():
+                if isinstance(value, torch.optim.Optimizer) and all(value is not o for o in found):
+                    found.append(value)
+        return found
+
+    def host_state(self) -> dict[str, Any]:
+        """Training state kept outside tensors (Python counters, lists), for checkpoints; default
+        none. A method that keeps such state across epochs returns it here as JSON-able values and
+        restores it in :meth:`load_host_state`."""
+        return {}
+
+    def load_host_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`host_state` returned."""
+        if state:
+            raise ConfigError(f"method {self.name!r} keeps no host state, got keys {sorted(state)}")
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything a resumed run needs: ``state_dict`` (heads, buffers), every own optimizer's
+        state (:meth:`auxiliary_optimizers`) and :meth:`host_state`."""
+        return {
+            "module": self.state_dict(),
+            "optimizers": [o.state_dict() for o in self.auxiliary_optimizers()],
+            "host": self.host_state(),
+        }
+
+    def load_training_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`training_state` into a balancer after ``setup`` (lazily built heads are
+        built from the saved layout first, then their optimizers are loaded).
+
+        Raises:
+            ConfigError: the number of saved optimizers differs from this balancer's.
+        """
+        self.load_state_dict(state["module"])
+        optimizers = self.auxiliary_optimizers()
+        saved = list(state["optimizers"])
+        if len(saved) != len(optimizers):
+            raise ConfigError(
+                f"method {self.name!r}: saved state has {len(saved)} optimizers, this balancer has {len(optimizers)}"
+            )
+        for optimizer, optimizer_state in zip(optimizers, saved, strict=True):
+            optimizer.load_state_dict(optimizer_state)
+        self.load_host_state(state.get("host", {}))
 
     def inference_state_dict(self) -> dict[str, Tensor]:
         """State needed at test time (e.g. UME's unimodal heads); default none, so training-only
@@ -214,9 +273,6 @@ class Balancer(nn.Module):
     def extra_steps(self) -> int:
         """Training steps run outside the main loop (teachers, stages); recorded in the cost."""
         return getattr(self, "_extra_steps", 0)
-
-    def describe_config(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {}
 
 
 def sum_terms(terms: Mapping[str, Tensor]) -> Tensor:

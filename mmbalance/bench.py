@@ -41,7 +41,14 @@ from mmbalance.methods import METHODS
 from mmbalance.models import MODELS
 from mmbalance.registry import config_fields
 from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, Trainer, batch_to_device, make_loader, resolve_device, seed_everything
+from mmbalance.train import (
+    TrainConfig,
+    Trainer,
+    batch_to_device,
+    make_loader,
+    resolve_device,
+    seed_everything,
+)
 
 __all__ = ["BenchCase", "PAPER_CASES", "build_pair", "bench_pair", "run_bench", "compare", "main", "add_arguments"]
 

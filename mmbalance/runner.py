@@ -33,7 +33,15 @@ from mmbalance.models import MODELS
 from mmbalance.presets import TRAIN_PRESETS
 from mmbalance.registry import config_fields, resolve_dataclass
 from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, Trainer, batch_to_device, fit, make_loader, resolve_device, seed_everything
+from mmbalance.train import (
+    TrainConfig,
+    Trainer,
+    batch_to_device,
+    fit,
+    make_loader,
+    resolve_device,
+    seed_everything,
+)
 
 __all__ = ["RunSpec", "ResolvedRun", "resolve_run", "run_one", "ROW_FIELDS", "environment", "split_overrides"]
 

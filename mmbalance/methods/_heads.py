@@ -22,9 +22,11 @@ method whose heads do not touch the model (detached features) leaves the model's
 trajectory bit-identical to ``joint``. The built layout is saved in the state dict (extra state), so
 loading a trained state dict into fresh, unbuilt heads builds them first.
 
-Heads that train with the main model on detached features use their own optimizer
-(:meth:`UnimodalHeads.make_optimizer` once :attr:`UnimodalHeads.built`, stepped by
-:func:`step_auxiliary`); with ``detach=False`` their loss also reaches the encoders.
+The heads own their optimizer: given an ``optimizer_factory`` (the run's optimizer type, from
+``Balancer.setup``), they create it when they are built and step it with :meth:`UnimodalHeads.step`
+(through the run's GradScaler) from the method's ``on_after_optimizer_step``. With ``detach=True``
+the heads read detached features, so their loss never reaches the encoders; with ``detach=False``
+it does. Their loss terms are named ``unimodal/<modality>`` (:data:`HEAD_TERM`) in every method.
 """
 
 from __future__ import annotations
@@ -44,13 +46,20 @@ __all__ = [
     "UnimodalHeads",
     "feature_kind",
     "pool_features",
-    "step_auxiliary",
     "build_with_generator",
+    "head_term",
     "SEQUENCE_POOLS",
+    "HEAD_TERM",
 ]
 
 SEQUENCE_POOLS = ("mean", "first", "last")
 _KINDS = ("vector", "sequence", "map")
+HEAD_TERM = "unimodal/{}"  # the loss term of modality m's head, in every method
+
+
+def head_term(modality: str) -> str:
+    """``unimodal/<modality>``: the name of a unimodal head's loss term."""
+    return HEAD_TERM.format(modality)
 
 
 def feature_kind(feature: Tensor, modality: str = "?") -> str:
@@ -82,13 +91,6 @@ def pool_features(feature: Tensor, sequence_pool: str = "mean") -> Tensor:
             return feature[:, -1]
         raise ConfigError(f"sequence_pool must be one of {SEQUENCE_POOLS}, got {sequence_pool!r}")
     return feature.mean(dim=(2, 3))
-
-
-def step_auxiliary(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
-    """Step an auxiliary optimizer through the run's GradScaler (unscales, skips inf steps), then
-    zero it. Call from ``on_after_optimizer_step``."""
-    scaler.step(optimizer)
-    optimizer.zero_grad(set_to_none=True)
 
 
 class _VectorHead(nn.Module):
@@ -163,6 +165,11 @@ class UnimodalHeads(nn.Module):
         detach: read detached features (heads learn, encoders do not see the head loss).
         seed: seed of the private init generator; default ``torch.initial_seed()`` (the run's seed,
             read without consuming the global RNG).
+        optimizer_factory: the run's optimizer factory (``Balancer.setup``'s argument); when given,
+            the heads create their optimizer when they are built. ``None``: no optimizer (heads
+            trained by the main optimizer or not at all).
+        lr: the heads' learning rate (``None`` = the run's).
+        optimizer_options: further keyword arguments of the factory (``weight_decay``, ``foreach``).
 
     ``forward(features, out_size=None) -> {m: prediction}``; ``out_size`` (the target's ``(H, W)``)
     is required for segmentation.
@@ -178,6 +185,9 @@ class UnimodalHeads(nn.Module):
         sequence_pool: str = "mean",
         detach: bool = True,
         seed: int | None = None,
+        optimizer_factory: Callable[..., torch.optim.Optimizer] | None = None,
+        lr: float | None = None,
+        optimizer_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not modalities:
@@ -199,6 +209,9 @@ class UnimodalHeads(nn.Module):
         self.seed = int(torch.initial_seed() if seed is None else seed) % (2**63)
         self.heads = nn.ModuleDict()
         self._layout: dict[str, tuple[str, int]] = {}  # m -> (feature kind, input width)
+        self._optimizer_factory = optimizer_factory
+        self._optimizer_args = {"lr": lr, **dict(optimizer_options or {})}
+        self.optimizer: torch.optim.Optimizer | None = None
         # Follows .to(device); heads built from a state dict are created on its device.
         self.register_buffer("_device_anchor", torch.empty(0), persistent=False)
 
@@ -231,6 +244,8 @@ class UnimodalHeads(nn.Module):
             generator = torch.Generator().manual_seed((self.seed + 7919 * (index + 1)) % (2**63))
             self.heads[m] = build_with_generator(factory, generator, device, dtype)
         self._layout = {m: (layout[m][0], int(layout[m][1])) for m in self.modalities}
+        if self._optimizer_factory is not None:
+            self.optimizer = self._optimizer_factory(list(self.heads.parameters()), **self._optimizer_args)
 
     def _layout_of(self, features: Mapping[str, Tensor]) -> dict[str, tuple[str, int]]:
         layout = {}
@@ -267,19 +282,29 @@ class UnimodalHeads(nn.Module):
             out[m] = self.heads[m](f, size)
         return out
 
-    def losses(self, predictions: Mapping[str, Tensor], target: Tensor, task: Any) -> dict[str, Tensor]:
-        """``{m: task.loss(predictions[m], target)}`` (mean-reduced)."""
-        return {m: task.loss(predictions[m], target) for m in self.modalities}
+    def loss_terms(self, predictions: Mapping[str, Tensor], target: Tensor, task: Any) -> dict[str, Tensor]:
+        """``{"unimodal/<m>": task.loss(predictions[m], target)}`` (mean-reduced), in modality order."""
+        return {head_term(m): task.loss(predictions[m], target) for m in self.modalities}
 
     def make_optimizer(self, optimizer_factory: Any, lr: float | None = None, **overrides: Any) -> torch.optim.Optimizer:
-        """An optimizer of the run's type over the heads (``optimizer_factory`` from ``setup``).
-
-        Raises:
-            ConfigError: the heads are not built yet (call after the first forward).
-        """
+        """Transitional: methods not yet on :class:`~mmbalance.methods._headed.HeadedBalancer` build
+        the heads' optimizer themselves. Removed once every method passes ``optimizer_factory``."""
         if not self.built:
             raise ConfigError("unimodal heads are built on the first forward; make the optimizer after it")
         return optimizer_factory(list(self.heads.parameters()), lr=lr, **overrides)
+
+    # -- own optimizer --------------------------------------------------------------------------
+    def step(self, scaler: torch.amp.GradScaler) -> None:
+        """Step and zero the heads' optimizer through the run's GradScaler (unscales, skips inf
+        steps); nothing before the heads are built or without an optimizer factory."""
+        if self.optimizer is not None:
+            scaler.step(self.optimizer)
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The heads' own optimizer, once built (counted in the method's memory and saved in its
+        training state)."""
+        return [self.optimizer] if self.optimizer is not None else []
 
     # -- state ----------------------------------------------------------------------------------
     def get_extra_state(self) -> Tensor:

@@ -27,7 +27,8 @@ from torch import Tensor
 from mmbalance.balancer import Balancer, EpochContext, OptimizerFactory, StepContext
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
-from mmbalance.methods._heads import UnimodalHeads, step_auxiliary
+from mmbalance.methods._grads import step_auxiliary
+from mmbalance.methods._heads import UnimodalHeads
 from mmbalance.methods._stages import (
     encode_modality,
     eval_mode,

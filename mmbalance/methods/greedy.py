@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from mmbalance.balancer import Balancer, OptimizerFactory, StepContext
 from mmbalance.errors import ConfigError, ShapeError
 from mmbalance.methods import register_method
-from mmbalance.methods._heads import build_with_generator, feature_kind, step_auxiliary
+from mmbalance.methods._grads import step_auxiliary
+from mmbalance.methods._heads import build_with_generator, feature_kind
 from mmbalance.models.base import ModelOutput, MultimodalModel
 
 __all__ = ["Greedy", "GreedyConfig", "MMTM", "conditional_learning_speed", "bdr_difference", "curation_update"]

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from mmbalance.balancer import Balancer, EpochContext, OptimizerFactory, StepContext
 from mmbalance.errors import ConfigError, UnsupportedError
 from mmbalance.methods import register_method
-from mmbalance.methods._heads import UnimodalHeads, step_auxiliary
+from mmbalance.methods._grads import step_auxiliary
+from mmbalance.methods._heads import UnimodalHeads
 from mmbalance.methods._stages import isolated_rng, target_size, unimodal_validation
 from mmbalance.models.base import ModelOutput, MultimodalModel
 from mmbalance.tasks import Task

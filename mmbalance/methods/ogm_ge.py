@@ -22,10 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmbalance.balancer import Balancer, OptimizerFactory, StepContext
+from mmbalance.balancer import OptimizerFactory, StepContext
+from mmbalance.config import need
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
-from mmbalance.methods._heads import SEQUENCE_POOLS, UnimodalHeads, step_auxiliary
+from mmbalance.methods._config import HeadConfig, ModulationWindow
+from mmbalance.methods._epoch_means import EpochMeans
+from mmbalance.methods._grads import present_grads
+from mmbalance.methods._headed import HeadedBalancer
+from mmbalance.methods._heads import head_term
 from mmbalance.models.base import ModelOutput, MultimodalModel
 
 __all__ = ["OGMGE", "OGMGEConfig", "ogm_coefficients", "confidence_score", "pairwise_ratios", "gaussian_enhance_"]
@@ -35,7 +40,7 @@ PARAM_RULES = ("all", "conv")
 
 
 @dataclass(frozen=True)
-class OGMGEConfig:
+class OGMGEConfig(HeadConfig, ModulationWindow):
     alpha: float = 0.1  # α, Eq. 10: k_u = 1 − tanh(α ρ_u) (README default; 0.8 for CREMA-D)
     ge: bool = True  # GE: add N(0, std(g)²) to modulated gradients (--modulation OGM_GE; False = OGM)
     modulation_starts: int = 0  # first epoch with modulation (0-based, inclusive; main.py default 0)
@@ -46,26 +51,10 @@ class OGMGEConfig:
     head_hidden: int | None = None  # None: linear heads, like the official split of a linear fusion head
     sequence_pool: str = "mean"  # pooling of (B, L, d) features for the heads
 
-    def __post_init__(self) -> None:
-        if not self.alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha!r}")
-        if not isinstance(self.modulation_starts, int) or self.modulation_starts < 0:
-            raise ValueError(f"modulation_starts must be an integer >= 0, got {self.modulation_starts!r}")
-        if not isinstance(self.modulation_ends, int) or self.modulation_ends < self.modulation_starts:
-            raise ValueError(
-                f"modulation_ends must be an integer >= modulation_starts ({self.modulation_starts}), "
-                f"got {self.modulation_ends!r}"
-            )
-        if self.params not in PARAM_RULES:
-            raise ValueError(f"params must be one of {PARAM_RULES}, got {self.params!r}")
-        if self.score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
-        if self.head_lr is not None and not self.head_lr > 0:
-            raise ValueError(f"head_lr must be None or > 0, got {self.head_lr!r}")
-        if self.head_hidden is not None and (not isinstance(self.head_hidden, int) or self.head_hidden < 1):
-            raise ValueError(f"head_hidden must be None or an integer >= 1, got {self.head_hidden!r}")
-        if self.sequence_pool not in SEQUENCE_POOLS:
-            raise ValueError(f"sequence_pool must be one of {SEQUENCE_POOLS}, got {self.sequence_pool!r}")
+    def check(self) -> None:
+        need(self, self.alpha >= 0, "alpha", ">= 0")
+        need(self, self.params in PARAM_RULES, "params", f"one of {PARAM_RULES}")
+        need(self, self.score in SCORES, "score", f"one of {SCORES}")
 
 
 # -- the arithmetic, as pure functions (hand-checked in tests/methods/test_ogm_ge.py) ---------------
@@ -131,7 +120,7 @@ def gaussian_enhance_(
 
 
 @register_method("ogm_ge")
-class OGMGE(Balancer):
+class OGMGE(HeadedBalancer):
     """OGM-GE: slow the dominant modality's encoder by its confidence ratio, plus gradient noise."""
 
     Config = OGMGEConfig
@@ -139,9 +128,6 @@ class OGMGE(Balancer):
         "cremad": {"alpha": 0.8},  # README "Tips"
         "vggsound": {"alpha": 0.1},  # README "Tips" and default modulation setting
     }
-    tasks = frozenset({"cls", "reg", "seg"})
-    min_modalities = 2
-    max_modalities = None
     paper = (
         "Peng, Wei, Deng, Wang, Hu. Balanced Multimodal Learning via On-the-fly Gradient Modulation. "
         "CVPR 2022 (GeWu-Lab/OGM-GE_CVPR2022)"
@@ -151,11 +137,6 @@ class OGMGE(Balancer):
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
         cfg: OGMGEConfig = self.config
-        self._optimizer_factory = optimizer_factory
-        self.heads = UnimodalHeads.for_task(
-            self.modalities, task, hidden=cfg.head_hidden, sequence_pool=cfg.sequence_pool, detach=True
-        )
-        self.head_optimizer: torch.optim.Optimizer | None = None
         groups: dict[str, list[nn.Parameter]] = {}
         for m in self.modalities:
             params = model.modality_parameters(m)
@@ -170,24 +151,19 @@ class OGMGE(Balancer):
         self._groups = groups
         self._lengths: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
         self._scores: Tensor | None = None
-        self._sum_coeff: Tensor | None = None
-        self._sum_ratio: Tensor | None = None
-        self._sum_score: Tensor | None = None
-        self._steps = 0
+        self._means = EpochMeans(self.modalities)
 
     # -- training step ----------------------------------------------------------------------------
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Any) -> dict[str, Tensor]:
         target = batch["target"]
         out_size = target.shape[-2:] if task.name == "seg" else None
         unimodal = self.heads(output.features, out_size=out_size)
-        if self.head_optimizer is None:
-            self.head_optimizer = self.heads.make_optimizer(self._optimizer_factory, lr=self.config.head_lr)
         terms = {"task": task.loss(output.prediction, target)}
         scores = []
         for m in self.modalities:
             # one per-sample loss serves the head's training term and the reg/seg confidence
             per_sample = task.loss(unimodal[m], target, reduction="none")
-            terms[f"head_{m}"] = per_sample.mean()
+            terms[head_term(m)] = per_sample.mean()
             with torch.no_grad():
                 if self.config.score == "task":
                     scores.append(task.score(unimodal[m].detach().float(), target).float())
@@ -204,13 +180,13 @@ class OGMGE(Balancer):
             raise ConfigError("ogm_ge: on_after_backward ran before loss_terms computed the unimodal scores")
         ratios = pairwise_ratios(self._scores)
         coeffs = ogm_coefficients(ratios, cfg.alpha)
-        self._record(ratios, coeffs)
-        if not cfg.modulation_starts <= ctx.epoch <= cfg.modulation_ends:
+        self._means.update(coeff=coeffs, ratio=ratios, score=self._scores)
+        if not cfg.modulates(ctx.epoch):
             return
         grads: list[Tensor] = []
         counts: list[int] = []
         for m in self.modalities:
-            present = [p.grad for p in self._groups[m] if p.grad is not None]
+            present = present_grads(self._groups[m])
             grads += present
             counts.append(len(present))
         if not grads:
@@ -222,30 +198,6 @@ class OGMGE(Balancer):
         lengths, index = self._lengths[key]
         gaussian_enhance_(grads, coeffs[index], noise=cfg.ge, lengths=lengths)
 
-    def on_after_optimizer_step(self, ctx: StepContext) -> None:
-        if self.head_optimizer is not None:
-            step_auxiliary(ctx.scaler, self.head_optimizer)
-
-    # -- diagnostics --------------------------------------------------------------------------------
-    def _record(self, ratios: Tensor, coeffs: Tensor) -> None:
-        if self._sum_coeff is None:
-            self._sum_coeff = torch.zeros_like(coeffs)
-            self._sum_ratio = torch.zeros_like(ratios)
-            self._sum_score = torch.zeros_like(ratios)
-        self._sum_coeff += coeffs.detach()
-        self._sum_ratio += ratios.detach()
-        self._sum_score += self._scores
-        self._steps += 1
-
     def diagnostics(self) -> dict[str, float]:
-        """Epoch means of k_u (coefficient), ρ_u (ratio) and s_u (score, batch sum)."""
-        if self._sum_coeff is None or self._steps == 0:
-            return {}
-        n = self._steps
-        k, r, s = (self._sum_coeff / n).tolist(), (self._sum_ratio / n).tolist(), (self._sum_score / n).tolist()
-        self._sum_coeff = self._sum_ratio = self._sum_score = None
-        self._steps = 0
-        out = {}
-        for i, m in enumerate(self.modalities):
-            out[f"coeff/{m}"], out[f"ratio/{m}"], out[f"score/{m}"] = k[i], r[i], s[i]
-        return out
+        """Epoch means of k_u (``coeff/<m>``), ρ_u (``ratio/<m>``) and s_u (``score/<m>``, batch sum)."""
+        return self._means.pop()

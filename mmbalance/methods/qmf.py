@@ -30,7 +30,8 @@ from torch import Tensor
 from mmbalance.balancer import Balancer, EpochContext, OptimizerFactory, StepContext
 from mmbalance.errors import ConfigError, DataError, ShapeError
 from mmbalance.methods import register_method
-from mmbalance.methods._heads import SEQUENCE_POOLS, UnimodalHeads, step_auxiliary
+from mmbalance.methods._grads import step_auxiliary
+from mmbalance.methods._heads import SEQUENCE_POOLS, UnimodalHeads
 from mmbalance.methods._stages import target_size
 from mmbalance.models.base import ModelOutput, MultimodalModel
 from mmbalance.tasks import Task

@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from mmbalance.balancer import Balancer, EpochContext, OptimizerFactory, StepContext
 from mmbalance.errors import ConfigError, ShapeError
 from mmbalance.methods import register_method
-from mmbalance.methods._heads import SEQUENCE_POOLS, UnimodalHeads, feature_kind, step_auxiliary
+from mmbalance.methods._grads import step_auxiliary
+from mmbalance.methods._heads import SEQUENCE_POOLS, UnimodalHeads, feature_kind
 from mmbalance.methods._stages import (
     encode_modality,
     eval_mode,

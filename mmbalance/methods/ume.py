@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from mmbalance.balancer import Balancer, OptimizerFactory, StepContext
 from mmbalance.errors import ShapeError, UnsupportedError
 from mmbalance.methods import register_method
-from mmbalance.methods._heads import UnimodalHeads, step_auxiliary
+from mmbalance.methods._grads import step_auxiliary
+from mmbalance.methods._heads import UnimodalHeads
 from mmbalance.methods._stages import target_size
 from mmbalance.models.base import ModelOutput, MultimodalModel
 from mmbalance.tasks import Task

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mmbalance.errors import ConfigError, ShapeError
-from mmbalance.methods._heads import UnimodalHeads, feature_kind, pool_features, step_auxiliary
+from mmbalance.methods._grads import step_auxiliary
+from mmbalance.methods._heads import UnimodalHeads, feature_kind, pool_features
 
 B = 3
 

@@ -1,0 +1,130 @@
+"""Config dataclasses: one typed validation for every field, wherever the value comes from.
+
+Every Config (training, method, dataset, model) is a frozen dataclass that subclasses
+:class:`ConfigBase`. Its ``__post_init__`` first checks each field's value against the field's
+declared type (:func:`check_types`), then calls the config's own :meth:`ConfigBase.check` for
+ranges. So ``--set lr=true``, ``lr = "abc"`` in a TOML spec and ``TrainConfig(lr="abc")`` in Python
+all fail the same way, with the field, the value and the expected type.
+
+Supported annotations: ``bool``, ``int``, ``float`` (an int is accepted), ``str``, ``X | None``,
+``Literal[...]``, ``tuple[X, ...]`` / ``list[X]`` (a list or tuple of X), ``dict[str, X]`` /
+``Mapping[str, X]``, ``Any``. ``bool`` is never accepted for ``int`` or ``float``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, Union
+
+__all__ = ["ConfigBase", "check_types", "type_name", "need", "finite"]
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def type_name(annotation: Any) -> str:
+    """Readable name of an annotation: ``an integer``, ``a number or None``, ``one of ('a', 'b')``."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return "any value"
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        inner = " or ".join(type_name(a) for a in args)
+        return f"{inner} or None" if len(args) < len(typing.get_args(annotation)) else inner
+    if origin is Literal:
+        return f"one of {typing.get_args(annotation)!r}"
+    if origin in (tuple, list):
+        args = typing.get_args(annotation)
+        return f"a list of {type_name(args[0]) if args else 'values'}"
+    if origin in (dict, Mapping, typing.Mapping) or annotation in (dict, Mapping):
+        args = typing.get_args(annotation)
+        return f"a table of {type_name(args[1]) if len(args) == 2 else 'values'}"
+    return {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        type(None): "None",
+    }.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    if annotation is Any:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(annotation))
+    if origin is Literal:
+        return any(value == choice and type(value) is type(choice) for choice in typing.get_args(annotation))
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        return isinstance(value, list | tuple) and all(_matches(v, args[0]) for v in value) if args else isinstance(
+            value, list | tuple
+        )
+    if origin in (dict, Mapping, typing.Mapping) or annotation in (dict, Mapping):
+        args = typing.get_args(annotation)
+        if not isinstance(value, Mapping):
+            return False
+        return not args or all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    if annotation is type(None) or annotation is None:
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True  # an annotation this checker does not know (a Protocol, a callable): left to check()
+
+
+def check_types(config: Any) -> None:
+    """Check every field of a Config dataclass instance against its declared type.
+
+    Raises:
+        ValueError: naming the first field whose value does not match, the value and the expected type.
+    """
+    hints = _hints(type(config))
+    for f in dataclasses.fields(config):
+        annotation = hints.get(f.name, Any)
+        value = getattr(config, f.name)
+        if not _matches(value, annotation):
+            raise ValueError(f"{f.name} must be {type_name(annotation)}, got {value!r} ({type(value).__name__})")
+
+
+def need(config: Any, ok: bool, field_name: str, expected: str) -> None:
+    """Range check helper for :meth:`ConfigBase.check`: raise naming the field, value and expectation."""
+    if not ok:
+        raise ValueError(f"{field_name} must be {expected}, got {getattr(config, field_name)!r}")
+
+
+def finite(value: Any) -> bool:
+    """Whether ``value`` is a finite number (NaN and infinities are not)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class ConfigBase:
+    """Base of every Config dataclass: typed validation of every field, then :meth:`check`.
+
+    Mixins (``HeadConfig``, ``ModulationWindow``) extend ``__post_init__`` cooperatively: each calls
+    ``super().__post_init__()`` first, so types are always checked before any range rule runs.
+    """
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        self.check()
+
+    def check(self) -> None:
+        """Range rules of the config's own fields; raise ``ValueError`` naming the field."""
