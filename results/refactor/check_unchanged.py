@@ -18,12 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from mmbalance.matrix import load_spec, plan_matrix
-from mmbalance.runner import run_one
-
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # check the checkout this script is in, whatever is installed
+
+import torch  # noqa: E402
+
+from mmbalance.matrix import load_spec, plan_matrix  # noqa: E402
+from mmbalance.runner import run_one  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
