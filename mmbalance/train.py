@@ -3,6 +3,8 @@
 One :class:`Trainer` runs every method; the order of the Balancer hooks is documented in
 :mod:`mmbalance.balancer` and asserted by ``tests/test_hook_order.py``. The same
 :meth:`Trainer.train_step` is timed by :mod:`mmbalance.measure`, so measured cost is the loop's.
+:func:`fit` adds validation, best-state selection and the final test (:mod:`mmbalance.evaluation`);
+devices, seeding and loaders live in :mod:`mmbalance.runtime`. Both are re-exported here.
 
 Host synchronisation: none per step. Detached loss terms are kept; every ``finite_check_every``
 steps and at each epoch end they are stacked and read once, a non-finite term raises
@@ -14,34 +16,35 @@ set it to 1 to stop on the very step (at the cost of one sync per step).
 from __future__ import annotations
 
 import math
-import os
-import random
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mmbalance.balancer import Balancer, EpochContext, StepContext
-from mmbalance.datasets.base import DatasetSpec, TensorDictDataset, check_batch, identity_collate
+from mmbalance.datasets.base import DatasetSpec, check_batch
 from mmbalance.errors import ConfigError, NonFiniteLossError
+from mmbalance.evaluation import evaluate, is_better, restore, snapshot
 from mmbalance.models.base import MultimodalModel
-from mmbalance.tasks import METRIC_HIGHER_IS_BETTER, Task
+from mmbalance.runtime import autocast, batch_to_device, make_loader, resolve_device, seed_everything
+from mmbalance.tasks import Task
 
 __all__ = [
     "TrainConfig",
     "Trainer",
     "FitResult",
     "fit",
-    "evaluate",
     "make_optimizer_factory",
+    "cosine_lr_lambda",
+    # re-exported from mmbalance.evaluation and mmbalance.runtime
+    "evaluate",
+    "is_better",
     "make_loader",
+    "batch_to_device",
     "resolve_device",
     "seed_everything",
 ]
@@ -101,40 +104,7 @@ class TrainConfig:
         need(self.cost_warmup >= 0, "cost_warmup", ">= 0")
 
 
-# -- environment ---------------------------------------------------------------------------------
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU. Raises ConfigError for CUDA without a GPU."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but torch.cuda.is_available() is False")
-    return torch.device(device)
-
-
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed Python, NumPy and torch; on request make torch's kernels deterministic (warn only)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        _set_deterministic(True)
-
-
-def _set_deterministic(mode: bool) -> None:
-    """``torch.use_deterministic_algorithms(mode, warn_only=True)`` without its import of
-    ``torch._inductor.config`` (about 5 s on a 2-core machine, paid by every run process) unless
-    inductor is already loaded; mmbalance does not compile, so only the ATen flag matters."""
-    if "torch._inductor.config" in sys.modules:
-        torch.use_deterministic_algorithms(mode, warn_only=True)
-    else:
-        torch._C._set_deterministic_algorithms(mode, warn_only=True)
-
-
+# -- optimizer and schedule ------------------------------------------------------------------------
 def make_optimizer_factory(cfg: TrainConfig) -> Callable[..., torch.optim.Optimizer]:
     """``factory(params, lr=None, **overrides)`` building the run's optimizer type.
 
@@ -151,40 +121,11 @@ def make_optimizer_factory(cfg: TrainConfig) -> Callable[..., torch.optim.Optimi
         if kind == "adamw":
             return torch.optim.AdamW(params, lr=lr, weight_decay=wd, **overrides)
         if kind == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=overrides.pop("momentum", cfg.momentum), weight_decay=wd, **overrides)
+            momentum = overrides.pop("momentum", cfg.momentum)
+            return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd, **overrides)
         raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {kind!r}")
 
     return factory
-
-
-def make_loader(dataset: Dataset, cfg: TrainConfig, device: torch.device, *, train: bool) -> DataLoader:
-    """DataLoader: shuffled with a seeded generator for training; never drops the last batch."""
-    generator = torch.Generator().manual_seed(cfg.seed) if train else None
-    batched = isinstance(dataset, TensorDictDataset) or hasattr(dataset, "__getitems__")
-    kwargs: dict[str, Any] = {}
-    if cfg.num_workers > 0:
-        kwargs.update(num_workers=cfg.num_workers, persistent_workers=True)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=train,
-        generator=generator,
-        drop_last=False,
-        collate_fn=identity_collate if batched else None,
-        pin_memory=device.type == "cuda",
-        **kwargs,
-    )
-
-
-def batch_to_device(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    non_blocking = device.type == "cuda"
-    return {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items()}
-
-
-def _autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.amp == "none" or device.type != "cuda":
-        return nullcontext()
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16 if cfg.amp == "bf16" else torch.float16)
 
 
 def cosine_lr_lambda(cfg: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -234,7 +175,9 @@ class Trainer:
                 self.optimizer, mode="min", patience=cfg.plateau_patience, factor=cfg.plateau_factor
             )
         elif cfg.scheduler == "cosine":
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_lr_lambda(cfg, self.steps_per_epoch))
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, cosine_lr_lambda(cfg, self.steps_per_epoch)
+            )
         self.clip_params = [p for p in model.parameters() if p.requires_grad]
         self.global_step = 0
         # deferred finiteness check: one row of term values per step, read every N steps
@@ -248,7 +191,7 @@ class Trainer:
     # The hot path. No .item(), no host reads.
     def train_step(self, batch: Mapping[str, Tensor], epoch: int, step_in_epoch: int) -> None:
         model, balancer, opt, scaler = self.model, self.balancer, self.optimizer, self.scaler
-        with _autocast(self.cfg, self.device):
+        with autocast(self.cfg, self.device):
             output = balancer.forward_step(model, batch)
             terms = balancer.loss_terms(output, batch, self.task)
         self._record_terms(terms, epoch)
@@ -294,15 +237,16 @@ class Trainer:
         """Read the recorded terms once: raise on a non-finite term, add to the epoch means."""
         if not self._term_rows or self._term_names is None:
             return
-        rows = torch.stack([torch.stack([t.float().reshape(()) for t in row]) for row in self._term_rows]).double().cpu()
+        rows = torch.stack([torch.stack([t.float().reshape(()) for t in row]) for row in self._term_rows])
+        rows = rows.double().cpu()
         self._term_rows = []
         finite = torch.isfinite(rows)
         if not bool(finite.all()):
             bad_row, bad_col = (~finite).nonzero()[0].tolist()
             name = self._term_names[bad_col]
             raise NonFiniteLossError(
-                f"loss term {name!r} is {rows[bad_row, bad_col].item()} at step {self._buf_first_step + bad_row} "
-                f"(epoch {self._epoch}); terms at that step: "
+                f"loss term {name!r} is {rows[bad_row, bad_col].item()} at step "
+                f"{self._buf_first_step + bad_row} (epoch {self._epoch}); terms at that step: "
                 + ", ".join(f"{n}={rows[bad_row, i].item():.4g}" for i, n in enumerate(self._term_names))
             )
         sums = rows.sum(dim=0).tolist()
@@ -351,67 +295,6 @@ class Trainer:
         }
 
 
-# -- evaluation ----------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate(
-    model: MultimodalModel,
-    balancer: Balancer,
-    loader: DataLoader,
-    task: Task,
-    device: torch.device,
-    cfg: TrainConfig,
-    *,
-    modality_scores: bool = True,
-) -> dict[str, float]:
-    """Metric suite of ``balancer.predict`` over the whole loader, plus the mean loss and, with
-    ``modality_scores``, ``score/<m>``: the task score of the method's own test-time predictor
-    (``balancer.predict``) when every other modality's encoder output is zeroed (encoders run once
-    per batch). For late-fusion methods (QMF, MLA, UME, ReconBoost) that is their own heads' fusion,
-    not the model's unused fusion head. One host sync at the end."""
-    model.eval()
-    balancer.eval()
-    suite = task.metrics()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    score_sums = {m: torch.zeros((), device=device, dtype=torch.float64) for m in model.modalities}
-    n = 0
-    for batch in loader:
-        batch = batch_to_device(batch, device)
-        with _autocast(cfg, device):
-            features, extras = model.encode(batch)
-            output = model.fuse(features, extras)
-            prediction = balancer.predict(output).float()
-            loss_sum += task.loss(prediction, batch["target"], reduction="none").double().sum()
-            suite.update(prediction, batch["target"])
-            bsz = batch["target"].shape[0]
-            if modality_scores and len(model.modalities) > 1:
-                for m in model.modalities:
-                    only = {k: (f if k == m else torch.zeros_like(f)) for k, f in features.items()}
-                    pred_m = balancer.predict(model.fuse(only, extras)).float()
-                    score_sums[m] += task.score(pred_m, batch["target"]).double() * bsz
-        n += bsz
-    if n == 0:
-        raise ConfigError("evaluation loader is empty; expected at least one sample")
-    metrics = dict(suite.compute())
-    metrics["loss"] = float(loss_sum) / n
-    if modality_scores and len(model.modalities) > 1:
-        for m, s in score_sums.items():
-            metrics[f"score/{m}"] = float(s) / n
-    return metrics
-
-
-def is_better(task: Task, new: Mapping[str, float], best: Mapping[str, float] | None) -> bool:
-    """Model selection on the task's primary validation metric (ties keep the earlier epoch)."""
-    if best is None:
-        return True
-    key = task.primary_metric
-    a, b = new[key], best[key]
-    if math.isnan(a):
-        return False
-    if math.isnan(b):
-        return True
-    return a > b if METRIC_HIGHER_IS_BETTER[key] else a < b
-
-
 @dataclass
 class FitResult:
     """Outcome of :func:`fit`: validation and test metrics at the best-validation epoch."""
@@ -424,24 +307,6 @@ class FitResult:
     steps: int = 0
     best_state: dict[str, Any] | None = None
     trainer: Trainer | None = None
-
-
-def _frozen_names(module: nn.Module) -> set[str]:
-    return {name for name, p in module.named_parameters() if not p.requires_grad}
-
-
-def _snapshot(module: nn.Module) -> dict[str, Tensor]:
-    """Copy of the state that training can change: frozen parameters (e.g. the 195 M-parameter
-    ViT/BERT extractors of Food-101) never change, so they are not copied at every best epoch."""
-    frozen = _frozen_names(module)
-    return {k: v.detach().clone() for k, v in module.state_dict().items() if k not in frozen}
-
-
-def _restore(module: nn.Module, snapshot: Mapping[str, Tensor]) -> None:
-    missing, unexpected = module.load_state_dict(snapshot, strict=False)
-    not_frozen = set(missing) - _frozen_names(module)
-    if not_frozen or unexpected:
-        raise RuntimeError(f"best-state restore mismatch: missing {sorted(not_frozen)}, unexpected {sorted(unexpected)}")
 
 
 def fit(
@@ -471,8 +336,11 @@ def fit(
     val_loader = make_loader(splits["val"], cfg, device, train=False)
     first = next(iter(train_loader))
     check_batch(first, spec, source=f"dataset split 'train' ({type(splits['train']).__name__})")
-    steps_per_epoch = len(train_loader) if cfg.max_train_batches is None else min(len(train_loader), cfg.max_train_batches)
+    steps_per_epoch = len(train_loader)
+    if cfg.max_train_batches is not None:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
     trainer = Trainer(model, balancer, task, cfg, device, steps_per_epoch)
+    scores = cfg.eval_modality_scores
     history: list[dict[str, Any]] = []
     best_val: dict[str, float] | None = None
     best_epoch = -1
@@ -495,7 +363,7 @@ def fit(
             )
         )
         record = trainer.train_epoch(train_loader, epoch, progress)
-        val = evaluate(trainer.model, balancer, val_loader, task, device, cfg, modality_scores=cfg.eval_modality_scores)
+        val = evaluate(trainer.model, balancer, val_loader, task, device, cfg, modality_scores=scores)
         if cfg.scheduler == "plateau":
             trainer.scheduler.step(val["loss"])
         balancer.on_validation_end(epoch, val)
@@ -503,17 +371,17 @@ def fit(
         history.append(record)
         if is_better(task, val, best_val):
             best_val, best_epoch = val, epoch
-            best_state = {"model": _snapshot(trainer.model), "balancer": _snapshot(balancer)}
+            best_state = {"model": snapshot(trainer.model), "balancer": snapshot(balancer)}
         if on_epoch_end is not None:
             on_epoch_end(record)
         progress.set_postfix(loss=f"{record['train_loss']:.4f}", val=f"{val[task.primary_metric]:.4f}")
     progress.close()
     train_time = time.perf_counter() - t_start
     assert best_state is not None and best_val is not None
-    _restore(trainer.model, best_state["model"])
-    _restore(balancer, best_state["balancer"])
+    restore(trainer.model, best_state["model"])
+    restore(balancer, best_state["balancer"])
     test_loader = make_loader(splits["test"], cfg, device, train=False)
-    test = evaluate(trainer.model, balancer, test_loader, task, device, cfg, modality_scores=cfg.eval_modality_scores)
+    test = evaluate(trainer.model, balancer, test_loader, task, device, cfg, modality_scores=scores)
     return FitResult(
         val=best_val,
         test=test,

@@ -18,7 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mmbalance.datasets.brats2021 import BraTS2021Config, convert_nifti_to_h5
+from mmbalance.datasets.brats2021 import BraTS2021Config
+from mmbalance.datasets.brats2021_prepare import convert_nifti_to_h5
 from mmbalance.errors import MMBalanceError
 
 

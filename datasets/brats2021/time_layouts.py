@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from mmbalance.datasets import DATASETS
-from mmbalance.datasets.brats2021 import MODALITIES, convert_nifti_to_h5
+from mmbalance.datasets.brats2021 import MODALITIES
+from mmbalance.datasets.brats2021_prepare import convert_nifti_to_h5
 
 
 def write_cases(folder: Path, n: int = 10, shape: tuple[int, int, int] = (240, 240, 155)) -> None:

@@ -37,7 +37,6 @@ use torch's global RNG (seeded by the runner, re-seeded in DataLoader workers).
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ from torch.utils.data import Dataset
 
 from mmbalance.datasets import register_dataset
 from mmbalance.datasets.base import DatasetSpec, MultimodalDataset
-from mmbalance.datasets.splits import carve_split, check_fraction, data_dir, require_file
+from mmbalance.datasets.splits import carve_split, check_fraction, data_dir, read_split_file, require_file
 from mmbalance.errors import ConfigError, DataError, ShapeError
 from mmbalance.metrics.seg import SegmentationMetrics
 
@@ -66,9 +65,6 @@ __all__ = [
     "tumour_slices",
     "eval_slice_choice",
     "nifti_splits",
-    "write_h5_case",
-    "convert_case",
-    "convert_nifti_to_h5",
 ]
 
 MODALITIES = ("flair", "t1ce", "t1", "t2")  # CGGM channel order
@@ -93,7 +89,7 @@ class BraTS2021Config:
     val_fraction: float = 0.1  # nifti: part of the cases carved as validation
     test_fraction: float = 0.2  # nifti: part of the cases carved as test
     split_seed: int = 0  # nifti: seed of the case carve
-    split_file: str = ""  # nifti: JSON {"train","val","test": [case ids]} relative to the folder; overrides the carve
+    split_file: str = ""  # nifti: JSON {"train","val","test": [case ids]} in the folder; overrides the carve
     eval_slices_per_case: int = 1  # fixed tumour slices per val/test case; 0 = every tumour slice
     eval_seed: int = 0  # seed of the fixed evaluation slices
     case_glob: str = "BraTS2021_*"  # nifti: case folder pattern
@@ -114,7 +110,8 @@ class BraTS2021Config:
                 f"val_fraction + test_fraction must be < 1, got {self.val_fraction} + {self.test_fraction}"
             )
         if not isinstance(self.eval_slices_per_case, int) or self.eval_slices_per_case < 0:
-            raise ValueError(f"eval_slices_per_case must be an integer >= 0, got {self.eval_slices_per_case!r}")
+            got = self.eval_slices_per_case
+            raise ValueError(f"eval_slices_per_case must be an integer >= 0, got {got!r}")
 
 
 # -- volumes ---------------------------------------------------------------------------------------
@@ -159,11 +156,14 @@ def _nifti_shapes(folder: Path, case: str) -> tuple[int, int, int]:
     ref = shapes["seg"]
     for m, s in shapes.items():
         if len(s) != 3 or s != ref:
-            raise ShapeError(f"{folder / case / f'{case}_{m}.nii.gz'}: shape {s}, expected 3-D {ref} like the seg volume")
+            path = folder / case / f"{case}_{m}.nii.gz"
+            raise ShapeError(f"{path}: shape {s}, expected 3-D {ref} like the seg volume")
     return ref  # type: ignore[return-value]
 
 
-def load_nifti_case(folder: Path, case: str, *, labels_only: bool = False) -> tuple[np.ndarray | None, np.ndarray]:
+def load_nifti_case(
+    folder: Path, case: str, *, labels_only: bool = False
+) -> tuple[np.ndarray | None, np.ndarray]:
     """``(image (4, H, W, D) float32 raw, label (H, W, D) int64 with 4 -> 3)`` of one NIfTI case."""
     import nibabel as nib
 
@@ -196,26 +196,16 @@ def nifti_splits(folder: Path, config: BraTS2021Config) -> dict[str, list[str]]:
     """Case ids per split for the NIfTI layout: ``split_file`` if given, else the seeded carve."""
     cases = find_cases(folder, config.case_glob)
     if not cases:
-        raise DataError(f"{folder}: no case folders matching {config.case_glob!r}; expected <case>/<case>_<modality>.nii.gz")
+        raise DataError(
+            f"{folder}: no case folders matching {config.case_glob!r}; "
+            "expected <case>/<case>_<modality>.nii.gz"
+        )
     if config.split_file:
-        path = require_file(folder / config.split_file, 'JSON {"train": [...], "val": [...], "test": [...]} of case ids')
-        try:
-            listed = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc})") from exc
-        out = {}
-        for s in ("train", "val", "test"):
-            if not isinstance(listed, dict) or s not in listed or not isinstance(listed[s], list):
-                raise DataError(f"{path}: missing key {s!r}; expected lists of case ids under train, val, test")
-            unknown = [c for c in listed[s] if c not in cases]
-            if unknown:
-                raise DataError(f"{path}: case {unknown[0]!r} of split {s!r} has no folder in {folder}")
-            out[s] = sorted(listed[s])
-        overlap = (set(out["train"]) & set(out["val"])) | (set(out["train"]) & set(out["test"])) | (set(out["val"]) & set(out["test"]))
-        if overlap:
-            raise DataError(f"{path}: cases in several splits, e.g. {sorted(overlap)[0]!r}; expected disjoint splits")
-        return out
-    carve = carve_split(len(cases), {"val": config.val_fraction, "test": config.test_fraction}, config.split_seed)
+        expected = 'JSON {"train": [...], "val": [...], "test": [...]} of case ids'
+        path = require_file(folder / config.split_file, expected)
+        return read_split_file(path, cases, f"the case folders of {folder}")
+    fractions = {"val": config.val_fraction, "test": config.test_fraction}
+    carve = carve_split(len(cases), fractions, config.split_seed)
     return {s: [cases[i] for i in carve[s]] for s in ("train", "val", "test")}
 
 
@@ -228,63 +218,6 @@ def eval_slice_choice(case: str, slices: np.ndarray, per_case: int, seed: int) -
 
 
 # -- h5 ------------------------------------------------------------------------------------------
-def write_h5_case(path: Path, image: np.ndarray, label: np.ndarray, *, normalized: bool) -> None:
-    """Write one case in the CGGM h5 layout, chunked per axial slice, with ``tumour_slices``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    h, w, d = label.shape
-    with h5py.File(tmp, "w") as fh:
-        fh.create_dataset("image", data=image.astype(np.float32), chunks=(len(MODALITIES), h, w, 1), compression="lzf")
-        fh.create_dataset("label", data=label.astype(np.uint8), chunks=(h, w, 1), compression="lzf")
-        fh.create_dataset("tumour_slices", data=tumour_slices(label))
-        if normalized:
-            fh.attrs[NORMALIZED_ATTR] = NORMALIZED_VALUE
-    tmp.replace(path)
-
-
-def convert_case(src: Path, dst: Path, case: str, split: str, normalize: bool) -> Path:
-    """Convert one NIfTI case to ``dst/<split folder>/<case>.h5``; returns the written path."""
-    image, label = load_nifti_case(src, case)
-    assert image is not None
-    if normalize:
-        image = zscore_nonzero(image)
-    path = dst / H5_SPLITS[split] / f"{case}.h5"
-    write_h5_case(path, image, label, normalized=normalize)
-    return path
-
-
-def convert_nifti_to_h5(
-    src: Path, dst: Path, config: BraTS2021Config | None = None, *, workers: int = 1, progress: bool = False
-) -> dict[str, list[str]]:
-    """Convert a NIfTI release folder into the h5 layout (``dst/{train,valid,test}/<case>.h5``).
-
-    The split follows ``config`` (carve or ``split_file``), so the h5 layout holds the same cases in
-    the same splits as reading the NIfTI folder directly. Volumes are z-scored (non-zero voxels)
-    when ``config.normalize`` and marked so; labels are stored with 4 remapped to 3. ``workers`` > 1
-    converts cases in parallel processes.
-    """
-    src, dst = Path(src), Path(dst)
-    config = config or BraTS2021Config(root=str(src), subdir="")
-    splits = nifti_splits(src, config)
-    jobs = [(split, case) for split, cases in splits.items() for case in cases]
-    if workers <= 1:
-        for i, (split, case) in enumerate(jobs):
-            convert_case(src, dst, case, split, config.normalize)
-            if progress:
-                print(f"{i + 1}/{len(jobs)} {split} {case}", flush=True)
-        return splits
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(convert_case, src, dst, case, split, config.normalize): (split, case) for split, case in jobs}
-        for i, future in enumerate(as_completed(futures)):
-            future.result()  # re-raises a worker's DataError / ShapeError
-            if progress:
-                split, case = futures[future]
-                print(f"{i + 1}/{len(jobs)} {split} {case}", flush=True)
-    return splits
-
-
 def _open_h5(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
@@ -296,11 +229,14 @@ def _h5_meta(path: Path) -> tuple[tuple[int, int, int], bool]:
     with _open_h5(path) as fh:
         for key in ("image", "label"):
             if key not in fh:
-                raise DataError(f"{path}: missing key {key!r}; expected 'image' (4, H, W, D) and 'label' (H, W, D)")
+                raise DataError(
+                    f"{path}: missing key {key!r}; expected 'image' (4, H, W, D) and 'label' (H, W, D)"
+                )
         img, lab = fh["image"].shape, fh["label"].shape
         if len(img) != 4 or img[0] != len(MODALITIES) or len(lab) != 3 or tuple(img[1:]) != tuple(lab):
             raise ShapeError(
-                f"{path}: image {img} and label {lab}, expected image (4, H, W, D) in order {MODALITIES} and label (H, W, D)"
+                f"{path}: image {img} and label {lab}, expected image (4, H, W, D) in order {MODALITIES} "
+                "and label (H, W, D)"
             )
         return tuple(lab), fh.attrs.get(NORMALIZED_ATTR) == NORMALIZED_VALUE  # type: ignore[return-value]
 
@@ -452,8 +388,8 @@ class BraTS2021(MultimodalDataset):
             split_source = (
                 f"split_file {config.split_file}"
                 if config.split_file
-                else f"cases carved: val_fraction={config.val_fraction}, test_fraction={config.test_fraction}, "
-                f"split_seed={config.split_seed}"
+                else f"cases carved: val_fraction={config.val_fraction}, "
+                f"test_fraction={config.test_fraction}, split_seed={config.split_seed}"
             )
         else:
             self.cases = {}
@@ -462,11 +398,16 @@ class BraTS2021(MultimodalDataset):
                 d = folder / sub
                 files = sorted(d.glob("*.h5")) if d.is_dir() else []
                 if not files:
-                    raise DataError(f"{d}: no <case>.h5 files; expected {{train,valid,test}}/<case>.h5 (h5 layout)")
+                    raise DataError(
+                        f"{d}: no <case>.h5 files; expected {{train,valid,test}}/<case>.h5 (h5 layout)"
+                    )
                 self.cases[split] = [p.stem for p in files]
                 for p in files:
                     if p.stem in self._h5_paths:
-                        raise DataError(f"case {p.stem!r} is in both {self._h5_paths[p.stem].parent} and {d}; expected disjoint splits")
+                        first = self._h5_paths[p.stem].parent
+                        raise DataError(
+                            f"case {p.stem!r} is in both {first} and {d}; expected disjoint splits"
+                        )
                     self._h5_paths[p.stem] = p
                     shapes[p.stem], self.h5_normalized[p.stem] = _h5_meta(p)
             split_source = "the folders train/, valid/, test/"
@@ -501,11 +442,14 @@ class BraTS2021(MultimodalDataset):
                 ),
                 "eval_items": {s: len(p) for s, p in self.eval_pairs.items()},
                 "crop": f"centre {c}x{c}",
-                "normalize": "z-score per volume and modality over non-zero voxels" if config.normalize else "none",
+                "normalize": (
+                    "z-score per volume and modality over non-zero voxels" if config.normalize else "none"
+                ),
                 "dice": (
-                    f"per slice and region (ET, TC, WT) on hard label maps, smoothed with eps={SegmentationMetrics().eps:g} "
-                    "(a region absent from both prediction and ground truth scores 1), averaged over the fixed "
-                    "eval slices; CGGM convention, mmbalance.metrics.seg"
+                    "per slice and region (ET, TC, WT) on hard label maps, smoothed with "
+                    f"eps={SegmentationMetrics().eps:g} (a region absent from both prediction and ground "
+                    "truth scores 1), averaged over the fixed eval slices; CGGM convention, "
+                    "mmbalance.metrics.seg"
                 ),
             },
         )
@@ -515,7 +459,10 @@ class BraTS2021(MultimodalDataset):
         has_h5 = all((folder / s).is_dir() and any((folder / s).glob("*.h5")) for s in H5_SPLITS.values())
         has_nifti = any(p.is_dir() and any(p.glob("*_seg.nii.gz")) for p in folder.iterdir())
         if has_h5 and has_nifti:
-            raise ConfigError(f"{folder} holds both NIfTI case folders and {{train,valid,test}}/*.h5; set layout='nifti' or 'h5'")
+            raise ConfigError(
+                f"{folder} holds both NIfTI case folders and {{train,valid,test}}/*.h5; "
+                "set layout='nifti' or 'h5'"
+            )
         if not (has_h5 or has_nifti):
             raise DataError(
                 f"{folder}: found neither case folders with <case>_seg.nii.gz (nifti layout) nor "
@@ -536,7 +483,9 @@ class BraTS2021(MultimodalDataset):
             else:
                 slices = _h5_tumour_slices(self.h5_path(case))
             if len(slices) == 0:
-                raise DataError(f"case {case!r} ({split}) has no slice with tumour; expected at least one labelled slice")
+                raise DataError(
+                    f"case {case!r} ({split}) has no slice with tumour; expected at least one labelled slice"
+                )
             chosen = eval_slice_choice(case, slices, self.config.eval_slices_per_case, self.config.eval_seed)
             pairs.extend((i, int(z)) for z in chosen)
         return pairs

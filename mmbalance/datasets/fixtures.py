@@ -84,7 +84,8 @@ def write_fixtures(root: str | Path, seed: int = 0, names: Sequence[str] | None 
             # one generator per fixture, so a subset writes the same files as the full set
             out[name] = writers[name](root / name, np.random.default_rng([seed, i]))
     if "brats2021_h5" in wanted:
-        from mmbalance.datasets.brats2021 import BraTS2021Config, convert_nifti_to_h5
+        from mmbalance.datasets.brats2021 import BraTS2021Config
+        from mmbalance.datasets.brats2021_prepare import convert_nifti_to_h5
 
         convert_nifti_to_h5(out["brats2021"], root / "brats2021_h5", BraTS2021Config(root=str(out["brats2021"]), subdir=""))
         out["brats2021_h5"] = root / "brats2021_h5"

@@ -12,14 +12,25 @@ points a loader at ``root`` itself. :func:`data_dir` resolves and checks that fo
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from mmbalance.errors import ConfigError, DataError
 
-__all__ = ["carve_split", "split_sizes", "data_dir", "require_file", "check_fraction", "as_str_list"]
+__all__ = [
+    "carve_split",
+    "split_sizes",
+    "data_dir",
+    "require_file",
+    "read_split_file",
+    "check_fraction",
+    "as_str_list",
+]
+
+SPLIT_NAMES = ("train", "val", "test")
 
 
 def check_fraction(name: str, value: float, *, allow_zero: bool = False) -> None:
@@ -63,7 +74,9 @@ def carve_split(n: int, fractions: Mapping[str, float], seed: int) -> dict[str, 
         part name -> sorted int64 indices, plus ``"train"``; the parts partition ``range(n)``.
     """
     if "train" in fractions:
-        raise ConfigError("fractions name the carved parts; 'train' is the remainder and cannot be one of them")
+        raise ConfigError(
+            "fractions name the carved parts; 'train' is the remainder and cannot be one of them"
+        )
     if n < 2:
         raise ConfigError(f"cannot carve a split from {n} sample(s); expected at least 2")
     sizes = split_sizes(n, fractions)
@@ -93,7 +106,8 @@ def data_dir(dataset: str, root: str, subdir: str, readme: str) -> Path:
     path = Path(root).expanduser() / subdir if subdir else Path(root).expanduser()
     if not path.is_dir():
         raise DataError(
-            f"dataset {dataset!r}: data folder {str(path)!r} does not exist (root={root!r}, subdir={subdir!r}); "
+            f"dataset {dataset!r}: data folder {str(path)!r} does not exist "
+            f"(root={root!r}, subdir={subdir!r}); "
             f"expected the layout described in {readme}"
         )
     return path
@@ -104,6 +118,41 @@ def require_file(path: Path, what: str) -> Path:
     if not path.is_file():
         raise DataError(f"missing file {str(path)!r}: expected {what}")
     return path
+
+
+def read_split_file(path: Path, known: Collection[str], source: str) -> dict[str, list[str]]:
+    """Ids per split from a JSON file ``{"train": [...], "val": [...], "test": [...]}``.
+
+    Args:
+        path: the JSON file (already checked to exist, e.g. with :func:`require_file`).
+        known: every valid id; each listed id must be one of them.
+        source: where the valid ids come from, for the error message (``"the case folders of X"``).
+
+    Returns:
+        split name -> sorted ids; the three lists are disjoint.
+
+    Raises:
+        DataError: invalid JSON, a missing or non-list split, an unknown id, or an id in two splits.
+    """
+    try:
+        listed = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    valid = set(known)
+    out: dict[str, list[str]] = {}
+    for split in SPLIT_NAMES:
+        if not isinstance(listed, dict) or not isinstance(listed.get(split), list):
+            raise DataError(f"{path}: missing key {split!r}; expected lists of ids under train, val, test")
+        unknown = [i for i in listed[split] if i not in valid]
+        if unknown:
+            raise DataError(f"{path}: id {unknown[0]!r} of split {split!r} is not among {source}")
+        out[split] = sorted(listed[split])
+    train, val, test = (set(out[split]) for split in SPLIT_NAMES)
+    overlap = (train & val) | (train & test) | (val & test)
+    if overlap:
+        example = sorted(overlap)[0]
+        raise DataError(f"{path}: ids in several splits, e.g. {example!r}; expected disjoint splits")
+    return out
 
 
 def as_str_list(values: Sequence[object], source: str) -> list[str]:

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
-from mmbalance.datasets.splits import as_str_list, carve_split, check_fraction, data_dir, split_sizes
+from mmbalance.datasets.splits import (
+    as_str_list,
+    carve_split,
+    check_fraction,
+    data_dir,
+    read_split_file,
+    split_sizes,
+)
 from mmbalance.errors import ConfigError, DataError
 
 
@@ -68,3 +77,33 @@ def test_as_str_list_decodes_mmin_ids():
     assert as_str_list(["a", b"b"], "x") == ["a", "b"]
     with pytest.raises(DataError, match="entry 0"):
         as_str_list([3], "x")
+
+
+@pytest.mark.parametrize(
+    "listed, message",
+    [
+        ({"train": ["a"], "val": ["b"]}, "missing key 'test'"),
+        ({"train": ["a"], "val": "b", "test": ["c"]}, "missing key 'val'"),
+        (["a", "b", "c"], "missing key 'train'"),
+        ({"train": ["a"], "val": ["b"], "test": ["z"]}, "id 'z' of split 'test' is not among the cases"),
+        ({"train": ["a"], "val": ["b"], "test": ["b", "c"]}, "ids in several splits, e.g. 'b'"),
+    ],
+)
+def test_read_split_file_rejects_bad_lists(tmp_path, listed, message):
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps(listed))
+    with pytest.raises(DataError, match=message):
+        read_split_file(path, ["a", "b", "c", "d"], "the cases")
+
+
+def test_read_split_file_sorts_each_split(tmp_path):
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps({"train": ["d", "a"], "val": ["c"], "test": ["b"]}))
+    assert read_split_file(path, ("a", "b", "c", "d"), "the cases") == {
+        "train": ["a", "d"],
+        "val": ["c"],
+        "test": ["b"],
+    }
+    path.write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_split_file(path, ("a",), "the cases")

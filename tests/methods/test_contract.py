@@ -1,7 +1,9 @@
 """Registry-wide contract tests, parametrised over the METHODS registry itself.
 
 Every registered method, on every synthetic task it declares:
-three finite training steps; a ``state_dict`` round trip; seeded determinism; and gradient edits in
+three finite training steps; a resume from a checkpoint (model, main optimizer and
+``Balancer.training_state``) that continues exactly like the uninterrupted run; a training state that
+``torch.load(weights_only=True)`` reads; seeded determinism; and gradient edits in
 ``on_after_backward`` confined to the model parts it declares in ``grad_edit_scope``.
 Every file in ``mmbalance/methods/`` must be imported by ``BUILTIN_METHODS`` and register a method.
 """
@@ -10,6 +12,9 @@ from __future__ import annotations
 
 import ast
 import functools
+import io
+import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -61,20 +66,18 @@ def _method_overrides(method, spec):
     return over
 
 
-def _trainer(method, ds_name, seed=0):
+def _trainer(method, ds_name, seed=0, init_seed=None, epoch=0, epochs=2):
+    """Trainer after ``on_train_epoch_start`` of ``epoch``, and three training batches. ``seed`` is the
+    run's seed (loader order); ``init_seed`` (default ``seed``) seeds the global RNG that draws the
+    initial weights."""
     ds, spec, task = _data(ds_name)
-    cfg = TrainConfig(batch_size=16, seed=seed, epochs=2, eval_modality_scores=False, cost_steps=0)
-    seed_everything(seed)
+    cfg = TrainConfig(batch_size=16, seed=seed, epochs=epochs, eval_modality_scores=False, cost_steps=0)
+    seed_everything(seed if init_seed is None else init_seed)
     model = MODELS.build(spec.default_model)(spec)
     balancer = METHODS.build(method, None, **_method_overrides(method, spec))
     train_loader = make_loader(ds.split("train"), cfg, CPU, train=True)
-    val_loader = make_loader(ds.split("val"), cfg, CPU, train=False)
     trainer = Trainer(model, balancer, task, cfg, CPU, steps_per_epoch=len(train_loader))
-    ctx = EpochContext(
-        model=model, epoch=0, num_epochs=cfg.epochs, train_loader=train_loader, val_loader=val_loader,
-        task=task, device=CPU, optimizer=trainer.optimizer, to_device=lambda b: batch_to_device(b, CPU),
-    )
-    balancer.on_train_epoch_start(ctx)
+    _start_epoch(trainer, ds_name, epoch)
     batches = []
     for i, b in enumerate(train_loader):
         batches.append(batch_to_device(b, CPU))
@@ -83,9 +86,23 @@ def _trainer(method, ds_name, seed=0):
     return trainer, batches
 
 
-def _steps(trainer, batches):
+def _start_epoch(trainer, ds_name, epoch):
+    """``on_train_epoch_start`` as the loop calls it, with the run's train and validation loaders."""
+    ds, cfg = _data(ds_name)[0], trainer.cfg
+    trainer.model.train()
+    trainer.balancer.train()
+    trainer.balancer.on_train_epoch_start(EpochContext(
+        model=trainer.model, epoch=epoch, num_epochs=cfg.epochs,
+        train_loader=make_loader(ds.split("train"), cfg, CPU, train=True),
+        val_loader=make_loader(ds.split("val"), cfg, CPU, train=False),
+        task=trainer.task, device=CPU, optimizer=trainer.optimizer,
+        to_device=lambda b: batch_to_device(b, CPU),
+    ))
+
+
+def _steps(trainer, batches, epoch=0):
     for i, b in enumerate(batches):
-        trainer.train_step(b, 0, i)
+        trainer.train_step(b, epoch, i)
     trainer.flush_terms()  # raises NonFiniteLossError on a NaN/inf term
 
 
@@ -122,18 +139,165 @@ def test_three_finite_steps(method, ds_name):
         assert torch.isfinite(p).all()
 
 
+# -- resuming from a checkpoint ------------------------------------------------------------------------
+RESUME_EPOCHS = 3  # the run's length: the checkpoint is inside epoch 1, the comparison reaches epoch 2
+RESUME_EPOCH = 1  # the checkpoint is taken inside the second epoch, after one epoch boundary
+RESUME_AFTER = 2  # steps of that epoch before the checkpoint; the step after it is compared
+NEXT_STEP_SEED = 123  # both runs draw what follows the checkpoint from this global RNG state
+
+# Methods whose training state is known to miss something a resumed run needs: the resume test is
+# expected to fail for them (strict, so a fix shows up as XPASS and this entry must go).
+_LAZY_OPTIMIZER = "{} is created on first use: a fresh balancer has no optimizer to load the saved state into"
+STATE_GAPS: dict[str, str] = {
+    "cggm": "heads and cls_optimizer are built on the first loss_terms and not rebuilt by load_state_dict; "
+    "the previous step's L_gm (_stale_gm, official direction) is not in the state",
+    "g_blending": _LAZY_OPTIMIZER.format("head_optimizer"),
+    "greedy": _LAZY_OPTIMIZER.format("mmtm_optimizer"),
+    "mla": _LAZY_OPTIMIZER.format("head_optimizer") + "; _batch_index (the projection's alpha) is not in "
+    "the state",
+    "mmpareto": _LAZY_OPTIMIZER.format("head_optimizer"),
+    "mses": _LAZY_OPTIMIZER.format("head_optimizer"),
+    "mslr": _LAZY_OPTIMIZER.format("head_optimizer"),
+    "pmr": "_updates (prototype updates so far; the EMA starts at the third) is not in the host state",
+    "qmf": _LAZY_OPTIMIZER.format("head_optimizer"),
+    "reconboost": "rectify_optimizer is created only at a stage's first epoch, so a resume inside a stage "
+    "has none to load into",
+    "ume": _LAZY_OPTIMIZER.format("head_optimizer"),
+}
+
+
+def _checkpoint(trainer):
+    """What a resumed run restores: the model, the main optimizer, the scaler, the step counter and
+    ``Balancer.training_state()`` (module state, every own optimizer's state, host state)."""
+    return {
+        "model": trainer.model.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scaler": trainer.scaler.state_dict(),
+        "global_step": trainer.global_step,
+        "balancer": trainer.balancer.training_state(),
+    }
+
+
+def _serialised(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _resume(trainer, blob):
+    ckpt = torch.load(io.BytesIO(blob), weights_only=False)
+    trainer.model.load_state_dict(ckpt["model"])
+    trainer.optimizer.load_state_dict(ckpt["optimizer"])
+    trainer.scaler.load_state_dict(ckpt["scaler"])
+    trainer.global_step = ckpt["global_step"]
+    trainer.balancer.load_training_state(ckpt["balancer"])
+
+
+def _run_to_checkpoint(method, ds_name):
+    """Epoch 0 (two steps), the epoch boundary (``diagnostics``, ``on_train_epoch_start``), then
+    ``RESUME_AFTER`` steps of epoch 1; returns the trainer and the batch of the next step."""
+    trainer, batches = _trainer(method, ds_name, epochs=RESUME_EPOCHS)
+    _steps(trainer, batches[:2])
+    trainer.balancer.diagnostics()
+    _start_epoch(trainer, ds_name, RESUME_EPOCH)
+    _steps(trainer, batches[:RESUME_AFTER], epoch=RESUME_EPOCH)
+    return trainer, batches[RESUME_AFTER]
+
+
+def _grads_of_step(trainer, batch, epoch, step_in_epoch):
+    """Run one step; return the gradient of every model and balancer parameter as the main
+    optimizer sees it (after ``on_after_backward``)."""
+    grads = {}
+    balancer = trainer.balancer
+    original = balancer.on_after_backward
+
+    def spy(ctx):
+        original(ctx)
+        for prefix, module in (("model.", ctx.model), ("balancer.", balancer)):
+            for name, p in module.named_parameters():
+                grads[prefix + name] = None if p.grad is None else p.grad.detach().clone()
+
+    balancer.on_after_backward = spy
+    trainer.train_step(batch, epoch, step_in_epoch)
+    trainer.flush_terms()
+    del balancer.on_after_backward
+    return grads
+
+
+def _continue(trainer, ds_name, batch):
+    """What follows the checkpoint, from a fixed global RNG state: the rest of the step's epoch (one
+    step), the epoch boundary, and the first step of the next epoch (so state used only at epoch
+    boundaries counts too). Returns the gradients of both steps."""
+    seed_everything(NEXT_STEP_SEED)
+    before = _grads_of_step(trainer, batch, RESUME_EPOCH, RESUME_AFTER)
+    trainer.balancer.diagnostics()
+    _start_epoch(trainer, ds_name, RESUME_EPOCH + 1)
+    after = _grads_of_step(trainer, batch, RESUME_EPOCH + 1, 0)
+    return {"next step": before, "first step of the next epoch": after}
+
+
+def _differences(a, b, path):
+    """Paths where two nested states (mappings, sequences, tensors, numbers) differ; exact, NaN == NaN."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return [f"{path}: {type(a).__name__} vs {type(b).__name__}"]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return [f"{path}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"]
+        same = torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+                                     and torch.equal(a.nan_to_num(), b.nan_to_num()))
+        return [] if same else [path]
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(map(str, set(a) ^ set(b)))[:5]} in one only"]
+        return [d for k in a for d in _differences(a[k], b[k], f"{path}.{k}")]
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} vs {len(b)} items"]
+        pairs = enumerate(zip(a, b, strict=True))
+        return [d for i, (x, y) in pairs for d in _differences(x, y, f"{path}[{i}]")]
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return []
+    return [] if type(a) is type(b) and a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
+def _known_gap(method):
+    reason = STATE_GAPS.get(method)
+    return pytest.mark.xfail(reason=reason, strict=True) if reason else ()
+
+
+@pytest.mark.parametrize(
+    "method, ds_name", [pytest.param(m, d, marks=_known_gap(m)) for m, d in CASES]
+)
+def test_resume_from_training_state_continues_identically(method, ds_name):
+    """Checkpoint inside epoch 1, load it into a fresh trainer built from other initial weights
+    (whose ``on_train_epoch_start`` of epoch 1 saw those weights), and continue both runs into
+    epoch 2: the gradients of every step and the whole state afterwards must be identical. A part of
+    the state that the checkpoint misses (a Python counter, a lazily built part, an optimizer the
+    balancer does not expose, a private generator, an epoch-level statistic) makes the resumed run
+    diverge."""
+    ran, batch = _run_to_checkpoint(method, ds_name)
+    blob = _serialised(_checkpoint(ran))
+    resumed, _ = _trainer(method, ds_name, init_seed=1, epoch=RESUME_EPOCH, epochs=RESUME_EPOCHS)
+    _resume(resumed, blob)
+    grads = _continue(ran, ds_name, batch)
+    grads_resumed = _continue(resumed, ds_name, batch)
+    assert all(grads.values()), "the gradient spy saw no parameter"
+    for when in grads:
+        bad = _differences(grads[when], grads_resumed[when], "grad")
+        assert not bad, f"{method}: after a resume, the {when} has different gradients: {bad[:6]}"
+    bad = _differences(_checkpoint(ran), _checkpoint(resumed), "state")
+    assert not bad, f"{method}: the state after the resumed steps differs: {bad[:6]}"
+
+
 @pytest.mark.parametrize("method, ds_name", CASES)
-def test_state_dict_round_trip(method, ds_name):
-    trainer, batches = _trainer(method, ds_name)
-    _steps(trainer, batches)
-    state = {k: v.clone() for k, v in trainer.balancer.state_dict().items()}
-    other, other_batches = _trainer(method, ds_name, seed=1)
-    _steps(other, other_batches[:1])  # materialise lazily built heads
-    other.balancer.load_state_dict(state)
-    loaded = other.balancer.state_dict()
-    assert set(loaded) == set(state)
-    for k in state:
-        assert torch.equal(loaded[k], state[k]), k
+def test_training_state_loads_with_weights_only(method, ds_name):
+    """The training state holds tensors and plain Python values only, so checkpoints load with
+    ``torch.load(weights_only=True)`` (no pickled objects, nothing executed on load)."""
+    trainer, _ = _run_to_checkpoint(method, ds_name)
+    state = trainer.balancer.training_state()
+    loaded = torch.load(io.BytesIO(_serialised(state)), weights_only=True)
+    bad = _differences(state, loaded, "training_state")
+    assert not bad, f"{method}: the training state changes through torch.save / torch.load: {bad[:6]}"
 
 
 @pytest.mark.parametrize("method, ds_name", CASES)
@@ -177,4 +341,5 @@ def test_gradient_edits_stay_in_declared_scope(method, ds_name):
 
     balancer.on_after_backward = spy
     _steps(trainer, batches)
-    assert not violations, f"{method} edited gradients outside {sorted(balancer.grad_edit_scope)}: {violations[:5]}"
+    scope = sorted(balancer.grad_edit_scope)
+    assert not violations, f"{method} edited gradients outside {scope}: {violations[:5]}"
