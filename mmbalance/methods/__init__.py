@@ -36,6 +36,7 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "opm",
     "ogm",
     "mmcosine",
+    "amco",
 )
 
 
