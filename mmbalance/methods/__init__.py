@@ -33,6 +33,10 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "qmf",
     "mla",
     "reconboost",
+    "opm",
+    "ogm",
+    "mmcosine",
+    "amco",
 )
 
 

@@ -174,12 +174,16 @@ class OGMGE(HeadedBalancer):
         self._scores = torch.stack(scores)
         return terms
 
+    def coefficients(self, ratios: Tensor) -> Tensor:
+        """``k_u`` from the ratios ``ρ_u`` (Eq. 10); a variant of the method overrides only this."""
+        return ogm_coefficients(ratios, self.config.alpha)
+
     def on_after_backward(self, ctx: StepContext) -> None:
         cfg: OGMGEConfig = self.config
         if self._scores is None:
             raise ConfigError("ogm_ge: on_after_backward ran before loss_terms computed the unimodal scores")
         ratios = pairwise_ratios(self._scores)
-        coeffs = ogm_coefficients(ratios, cfg.alpha)
+        coeffs = self.coefficients(ratios)
         self._means.update(coeff=coeffs, ratio=ratios, score=self._scores)
         if not cfg.modulates(ctx.epoch):
             return
