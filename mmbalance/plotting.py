@@ -171,31 +171,49 @@ class _Panels:
         self.axes = dict(zip(self.names, axes.flat, strict=False))
         for ax in list(axes.flat)[len(names):]:
             ax.set_visible(False)
-        self.values: dict[str, list[float]] = {name: [] for name in names}  # lines
-        self.extra: dict[str, list[float]] = {name: [] for name in names}  # band edges
+        # drawn by finish(), once the y-range of each panel is known
+        self.lines: dict[str, list[tuple[Sequence[int], list[float], dict[str, Any]]]] = {}
+        self.bands: dict[str, list[tuple[Sequence[int], list[float], list[float], str]]] = {}
+        for name in names:
+            self.lines[name], self.bands[name] = [], []
         self.figure.suptitle(title, fontsize=10)
 
     def line(self, panel: str, epochs: Sequence[int], values: Sequence[float], **style: Any) -> str:
-        """Draw a line; returns its colour (for a band around it)."""
-        (drawn,) = self.axes[panel].plot(epochs, values, marker="o", markersize=3, **style)
-        self.values[panel] += list(values)
-        return drawn.get_color()
+        """Add a line (drawn by :meth:`finish`); returns its colour, for a band around it."""
+        style.setdefault("color", f"C{len(self.lines[panel]) % 10}")
+        self.lines[panel].append((epochs, list(values), style))
+        return style["color"]
 
     def band(
         self, panel: str, epochs: Sequence[int], lo: Sequence[float], hi: Sequence[float], color: str
     ) -> None:
-        self.axes[panel].fill_between(epochs, lo, hi, alpha=0.15, linewidth=0, color=color)
-        self.extra[panel] += [*lo, *hi]
+        self.bands[panel].append((epochs, list(lo), list(hi), color))
+
+    def _draw(self, name: str, ax: Any) -> None:
+        """Lines and bands within the robust y-range; values off it become edge markers and a note."""
+        everything = [v for _, values, _ in self.lines[name] for v in values]
+        everything += [v for _, lo, hi, _ in self.bands[name] for v in (*lo, *hi)]
+        bottom, top = robust_limits(everything)
+        ax.set_ylim(bottom, top)
+        for epochs, lo, hi, color in self.bands[name]:
+            clip = [[min(max(v, bottom), top) for v in edge] for edge in (lo, hi)]
+            ax.fill_between(epochs, *clip, alpha=0.15, linewidth=0, color=color)
+        for epochs, values, style in self.lines[name]:
+            inside = [v if bottom <= v <= top else math.nan for v in values]
+            ax.plot(epochs, inside, marker="o", markersize=3, **style)
+            for edge, marker, sign in ((top, "^", 1), (bottom, "v", -1)):
+                xs = [e for e, v in zip(epochs, values, strict=True) if sign * (v - edge) > 0]
+                if xs:  # a value off the axis: a triangle on its edge, pointing the way
+                    edge_style = {"linestyle": "none", "marker": marker, "clip_on": False}
+                    ax.plot(xs, [edge] * len(xs), color=style["color"], **edge_style)
+        off = [v for v in everything if math.isfinite(v) and not bottom <= v <= top]
+        if off:
+            note = f"{len(off)} value(s) off the axis: min {min(off):.3g}, max {max(off):.3g}"
+            ax.text(0.01, 0.02, note, transform=ax.transAxes, fontsize=7, color="0.3")
 
     def finish(self, ylabels: Mapping[str, str]) -> Any:
         for name, ax in self.axes.items():
-            everything = (*self.values[name], *self.extra[name])
-            lo, hi = robust_limits(everything)
-            ax.set_ylim(lo, hi)
-            off = [v for v in everything if math.isfinite(v) and not lo <= v <= hi]
-            if off:
-                note = f"{len(off)} value(s) off the axis: min {min(off):.3g}, max {max(off):.3g}"
-                ax.text(0.01, 0.02, note, transform=ax.transAxes, fontsize=7, color="0.3")
+            self._draw(name, ax)
             ax.set_title(PANEL_TITLES.get(name, name), fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
             ax.set_ylabel(ylabels.get(name, name), fontsize=8)

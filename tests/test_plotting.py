@@ -130,19 +130,28 @@ def test_a_baseline_without_diagnostics_is_plotted_with_every_axis_labelled():
 
 
 def test_b_stays_on_a_readable_linear_axis_and_says_what_is_off_it():
-    # means near 1, the min..max band reaching -1e6 at a degenerate step
+    # means near 1 but 2e6 at epoch 4, the min..max band reaching -1e6 at epoch 1
     history = [
         {
             "epoch": e,
-            "diagnostics": {"B/a": 1.0 + 0.1 * e, "B_min/a": -1e6 if e == 1 else 0.9, "B_max/a": 1.5},
+            "diagnostics": {
+                "B/a": 2e6 if e == 4 else 1.0 + 0.1 * e,
+                "B_min/a": -1e6 if e == 1 else 0.9,
+                "B_max/a": 1.5,
+            },
         }
-        for e in range(4)
+        for e in range(6)
     ]
     figure = run_figure([_row(history)])
     ax = _axes(figure)["B_i: magnitude coefficient (mean; band = min..max)"]
     lo, hi = ax.get_ylim()
-    assert ax.get_yscale() == "linear" and -1.0 < lo < 1.0 < 1.3 < hi < 2.0  # the means fill the axis
-    assert [t.get_text() for t in ax.texts] == ["1 value(s) off the axis: min -1e+06, max -1e+06"]
+    assert ax.get_yscale() == "linear" and 0.8 < lo < 0.9 and 1.5 < hi < 1.6  # the bulk fills the axis
+    assert [t.get_text() for t in ax.texts] == ["2 value(s) off the axis: min -1e+06, max 2e+06"]
+    mean, edge = ax.lines  # the mean line leaves a gap at epoch 4, marked by a triangle on the top edge
+    assert math.isnan(mean.get_ydata()[4]) and list(mean.get_ydata()[:2]) == pytest.approx([1.0, 1.1])
+    assert edge.get_marker() == "^" and list(edge.get_xdata()) == [4] and list(edge.get_ydata()) == [hi]
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert lo <= band.min() and band.max() <= hi  # the band is clipped to the axis
     plt.close(figure)
 
 
