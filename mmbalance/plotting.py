@@ -51,7 +51,7 @@ PANEL_TITLES: dict[str, str] = {
     "val metric": "validation metric (model selection)",
     "train loss": "training loss (mean over the epoch)",
     "eps": "ε_i: head metric on the training batch",
-    "B": "B_i: magnitude coefficient (mean; band = min..max)",
+    "B": "B_i: magnitude coefficient (mean over the epoch's steps)",
     "grad_norm": "encoder gradient norm before modulation",
     "grad_cos": "cos(∇W_fi L, ∇W_F L): head vs fusion gradient",
     "cos": "cos_i used in L_gm",
@@ -211,17 +211,19 @@ class _Panels:
             note = f"{len(off)} value(s) off the axis: min {min(off):.3g}, max {max(off):.3g}"
             ax.text(0.01, 0.02, note, transform=ax.transAxes, fontsize=7, color="0.3")
 
-    def finish(self, ylabels: Mapping[str, str]) -> Any:
+    def finish(self, ylabels: Mapping[str, str], titles: Mapping[str, str] | None = None) -> Any:
+        titles = {**PANEL_TITLES, **(titles or {})}
         for name, ax in self.axes.items():
             self._draw(name, ax)
-            ax.set_title(PANEL_TITLES.get(name, name), fontsize=9)
+            ax.set_title(titles.get(name, name), fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
             ax.set_ylabel(ylabels.get(name, name), fontsize=8)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6)
-        self.figure.tight_layout()
+        height = self.figure.get_figheight()
+        self.figure.tight_layout(rect=(0.0, 0.0, 1.0, 1.0 - 0.4 / height))  # room for the title
         return self.figure
 
 
@@ -261,7 +263,7 @@ def run_figure(rows: Sequence[Row]) -> Any:
                 lo, hi = (panels.get(k, {}).get(line) for k in _BAND.get(name, ("", "")))
                 if lo is not None and hi is not None:
                     grid.band(name, epochs, lo, hi, color)
-    return grid.finish(_ylabels(rows))
+    return grid.finish(_ylabels(rows), {"B": PANEL_TITLES["B"][:-1] + "; band = min..max)"})
 
 
 def _save(figure: Any, out: str | os.PathLike[str]) -> Path:

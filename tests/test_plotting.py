@@ -143,7 +143,7 @@ def test_b_stays_on_a_readable_linear_axis_and_says_what_is_off_it():
         for e in range(6)
     ]
     figure = run_figure([_row(history)])
-    ax = _axes(figure)["B_i: magnitude coefficient (mean; band = min..max)"]
+    ax = _axes(figure)["B_i: magnitude coefficient (mean over the epoch's steps; band = min..max)"]
     lo, hi = ax.get_ylim()
     assert ax.get_yscale() == "linear" and 0.8 < lo < 0.9 and 1.5 < hi < 1.6  # the bulk fills the axis
     assert [t.get_text() for t in ax.texts] == ["2 value(s) off the axis: min -1e+06, max 2e+06"]
