@@ -3,6 +3,7 @@
 Public API::
 
     from mmbalance import Balancer, register_method, METHODS, DATASETS, MODELS, run
+    from mmbalance import load_results, load_history   # result rows as pandas DataFrames
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ __all__ = [
     "MultimodalModel",
     "MMBalanceError",
     "run",
+    "load_results",
+    "load_history",
     "__version__",
 ]
 
@@ -38,3 +41,17 @@ def run(*args, **kwargs):
     from mmbalance.runner import run_one
 
     return run_one(*args, **kwargs)
+
+
+def load_results(*args, **kwargs):
+    """One row per run as a pandas DataFrame; see :func:`mmbalance.load.load_results`."""
+    from mmbalance.load import load_results as load
+
+    return load(*args, **kwargs)
+
+
+def load_history(*args, **kwargs):
+    """One row per (run, epoch) as a pandas DataFrame; see :func:`mmbalance.load.load_history`."""
+    from mmbalance.load import load_history as load
+
+    return load(*args, **kwargs)

@@ -323,7 +323,7 @@ def format_table(report: Mapping[str, Any], fmt: str = "github") -> str:
         ]
         for r in report["results"]
     ]
-    headers = ["method", "task", "ratio vs joint", "floor (FLOPs)", "step ms (med ± IQR)", "joint ms", "mem overhead MB"]
+    headers = ["method", "task", "ratio vs joint", "floor (FLOPs)", "step ms (med ± IQR)", "joint ms", "mem overhead MiB"]
     env = report["env"]
     kind = "CUDA peak-allocated delta" if env.get("device_type") == "cuda" else "CPU persistent state bytes"
     caption = f"Device: {env['device']}; torch {env['torch']}; memory = {kind}; amp = {report['config']['amp']}"

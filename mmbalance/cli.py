@@ -1,4 +1,4 @@
-"""The ``mmbalance`` command: ``list``, ``run``, ``matrix``, ``table``, ``show``.
+"""The ``mmbalance`` command: ``list``, ``run``, ``matrix``, ``table``, ``show``, ``plot``, ...
 
 Each subcommand is one ``_add_<name>(subparsers)`` function that defines its options and sets
 ``func`` (``func(args) -> exit status``); adding a subcommand is one such function plus one entry
@@ -23,13 +23,13 @@ from tabulate import tabulate
 import mmbalance
 from mmbalance.datasets import DATASETS
 from mmbalance.datasets.fixtures import add_fixtures_command
-from mmbalance.errors import MMBalanceError, ResultError
+from mmbalance.errors import ConfigError, MMBalanceError, ResultError
 from mmbalance.matrix import load_spec, parse_set, parse_shard, run_matrix
 from mmbalance.methods import METHODS
 from mmbalance.models import MODELS
 from mmbalance.results import load_plan, load_rows, read_row, write_row
 from mmbalance.runner import RunSpec, run_one
-from mmbalance.tables import FORMATS, LAYOUTS, SPLITS, render_tables
+from mmbalance.tables import DEFAULT_MAX_WIDTH, FORMATS, LAYOUTS, SPLITS, render_tables
 
 __all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_OUT"]
 
@@ -165,8 +165,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 
 # -- matrix ----------------------------------------------------------------------------------------
-def _print_tables(out: Path, *, fmt: str = "github", split: str = "test", layout: str = "default",
-                  metrics: Sequence[str] | None = None) -> None:
+def _print_tables(out: Path, **options: Any) -> None:
+    """Print the tables of the rows in ``out``; ``options`` go to :func:`~mmbalance.tables.render_tables`."""
 
     loaded = load_rows(out)
     plan, plan_problems = load_plan(out)
@@ -177,7 +177,7 @@ def _print_tables(out: Path, *, fmt: str = "github", split: str = "test", layout
             f"no result rows in {str(out)!r}"
             + (f" ({len(loaded.problems)} unreadable file(s) skipped)" if loaded.problems else "")
         )
-    sys.stdout.write(render_tables(loaded.rows, plan=plan, fmt=fmt, split=split, layout=layout, metrics=metrics))
+    sys.stdout.write(render_tables(loaded.rows, plan=plan, **options))
     sys.stdout.flush()
 
 
@@ -215,7 +215,10 @@ def _add_matrix(sub: argparse._SubParsersAction) -> None:
 # -- table -----------------------------------------------------------------------------------------
 def _cmd_table(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics is not None else None
-    _print_tables(Path(args.dir), fmt=args.format, split=args.split, layout=args.layout, metrics=metrics)
+    _print_tables(
+        Path(args.dir), fmt=args.format, split=args.split, layout=args.layout, metrics=metrics,
+        delta=args.delta, marks=not args.no_marks, max_width=args.width,
+    )
     return 0
 
 
@@ -231,6 +234,20 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layout", choices=LAYOUTS, default="default",
                    help="default: one table, dataset x metric columns; paper: one table per dataset with the paper's columns")
     p.add_argument("--metrics", metavar="M1,M2", help="metric columns instead of the per-task defaults (e.g. acc,f1_macro,mae)")
+    p.add_argument(
+        "--delta", action="store_true",
+        help="add a Δ-vs-joint column after every metric column; † marks a difference that a two-sided "
+        "paired t-test across seeds does not find significant (p >= 0.05)",
+    )
+    p.add_argument(
+        "--no-marks", action="store_true",
+        help="no best (bold) / second-best marks, no ‡ (below the best single modality), no (≡ joint) flags",
+    )
+    p.add_argument(
+        "--width", type=_int_at_least("--width", 0), default=DEFAULT_MAX_WIDTH, metavar="N",
+        help="github: one table per dataset when a line would be longer than N characters; 0 never "
+        "splits (default: %(default)s)",
+    )
     p.set_defaults(func=_cmd_table)
 
 
@@ -243,20 +260,32 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _find_row_file(target: str, out: Path) -> Path:
+def _find_row_file(target: str, folder: Path) -> Path:
+    """A row file: ``target`` itself, or the one file under ``folder`` whose run id starts with it."""
     path = Path(target)
     if path.is_file():
         return path
-    if not out.is_dir():
-        raise ResultError(f"{target!r} is not a file, and the results folder {str(out)!r} (--out) does not exist")
-    matches = sorted(p for p in out.rglob(f"{target}*.json") if not p.name.startswith(".") and p.parent.name != "_matrix")
+    if not folder.is_dir():
+        where = f"the results folder {str(folder)!r} (--dir)"
+        raise ResultError(f"{target!r} is not a file, and {where} does not exist")
+    candidates = folder.rglob(f"{target}*.json")
+    matches = sorted(p for p in candidates if not p.name.startswith(".") and p.parent.name != "_matrix")
     if not matches:
-        raise ResultError(f"no result file or run id {target!r} under {str(out)!r} (--out); expected a path or a run id (prefix)")
+        raise ResultError(
+            f"no result file or run id {target!r} under {str(folder)!r} (--dir); expected a path or a run id "
+            "(prefix)"
+        )
     distinct = {p.stem for p in matches}
     if len(distinct) > 1:
         shown = ", ".join(sorted(distinct)[:8])
-        raise ResultError(f"run id prefix {target!r} is ambiguous under {str(out)!r}: {shown}")
+        raise ResultError(f"run id prefix {target!r} is ambiguous under {str(folder)!r}: {shown}")
     return matches[0]
+
+
+def _add_dir(p: argparse.ArgumentParser, *aliases: str) -> None:
+    p.add_argument("--dir", *aliases, dest="dir", default=DEFAULT_OUT,
+                   help="results folder searched (recursively) for run ids (default: %(default)s)"
+                   + (f"; {', '.join(aliases)} is an older spelling" if aliases else ""))
 
 
 def _flat(prefix: str, value: Any) -> list[tuple[str, Any]]:
@@ -269,7 +298,7 @@ def _flat(prefix: str, value: Any) -> list[tuple[str, Any]]:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    row = read_row(_find_row_file(args.target, Path(args.out)))
+    row = read_row(_find_row_file(args.target, Path(args.dir)))
     d = row.data
     lines = [
         f"run {row.run_id}: {row.label} on {row.dataset} ({row.task}), seed {row.seed}: {row.status.upper()}",
@@ -309,32 +338,52 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
         "show", help="summarise one result row",
         description="Print one result row: status, command, environment, config, metrics, cost and per-epoch history.",
     )
-    p.add_argument("target", metavar="RUN_ID_OR_FILE", help="a row file, or a run id (or a unique prefix) under --out")
-    p.add_argument("--out", default=DEFAULT_OUT, help="folder searched (recursively) for run ids (default: %(default)s)")
+    p.add_argument("target", metavar="RUN_ID_OR_FILE", help="a row file, or a run id (prefix) under --dir")
+    _add_dir(p, "--out")
     p.set_defaults(func=_cmd_show)
 
 
 # -- plot ------------------------------------------------------------------------------------------
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from mmbalance import plotting  # matplotlib only when plotting
+
+    if bool(args.targets) == bool(args.label):
+        raise ConfigError("plot needs RUN (row files or run ids) or --label with --dataset, one of the two")
+    if args.label:
+        if not args.dataset:
+            raise ConfigError(f"--label {args.label!r} needs --dataset: the seed mean is over one dataset")
+        loaded = load_rows(args.dir)
+        rows = [r.data for r in loaded.rows if r.status == "ok" and r.dataset == args.dataset]
+        against = None if args.against.lower() == "none" else args.against
+        out = args.out or f"{args.label}_{args.dataset}.png"
+        path = plotting.plot_seed_mean(rows, args.label, out, against=against)
+    elif len(args.targets) == 1:
+        path = plotting.plot_run(_find_row_file(args.targets[0], Path(args.dir)), args.out)
+    else:
+        files = [_find_row_file(t, Path(args.dir)) for t in args.targets]
+        path = plotting.plot_runs(files, args.out or f"{'_'.join(f.stem[:6] for f in files)}.png")
+    print(f"plot written to {path}")
+    return 0
+
+
 def _add_plot(sub: argparse._SubParsersAction) -> None:
-    def run(args: argparse.Namespace) -> int:
-        from mmbalance.plotting import plot_run  # matplotlib only when plotting
-
-        try:
-            row_file = _find_row_file(args.target, Path(args.dir))
-        except ResultError as exc:
-            raise ResultError(str(exc).replace("(--out)", "(--dir)")) from exc
-        print(f"plot written to {plot_run(row_file, args.out)}")
-        return 0
-
     p = sub.add_parser(
-        "plot", help="draw a run's per-epoch balancer diagnostics (PNG)",
-        description="Draw the per-epoch diagnostics in a result row's history (CGGM: ε_i, B_i, cos_i, gradient "
-        "norms and cosines, L_gm) and the per-modality validation scores, one panel each.",
+        "plot", help="draw per-epoch curves of runs (PNG): validation scores per modality, diagnostics",
+        description="Draw the per-epoch history of result rows: the per-modality validation scores, the "
+        "validation metric and training loss of any run, and the method's diagnostics where it logs them "
+        "(CGGM: ε_i, B_i, cos_i, gradient norms and cosines, L_gm), one panel each. Several RUNs are "
+        "overlaid; --label draws the mean ± std over seeds of a method's runs on --dataset beside joint's.",
     )
-    p.add_argument("target", metavar="RUN", help="a row file, or a run id (or a unique prefix) under --dir")
-    p.add_argument("--out", help="PNG path (default: the row file's path with .png)")
-    p.add_argument("--dir", default=DEFAULT_OUT, help="folder searched (recursively) for run ids (default: %(default)s)")
-    p.set_defaults(func=run)
+    p.add_argument("targets", metavar="RUN", nargs="*",
+                   help="row files, or run ids (unique prefixes) under --dir; several are overlaid")
+    p.add_argument("--label", help="instead of RUNs: the seed mean ± std of this method label (e.g. cggm)")
+    p.add_argument("--dataset", help="with --label: the dataset whose runs are averaged")
+    p.add_argument("--against", default="joint",
+                   help="with --label: the label drawn beside it (default: joint; none: alone)")
+    p.add_argument("--out",
+                   help="PNG path (default: one RUN: its row file with .png; else a name in this folder)")
+    _add_dir(p)
+    p.set_defaults(func=_cmd_plot)
 
 
 # -- bench -----------------------------------------------------------------------------------------

@@ -15,31 +15,70 @@ MAE and Corr as they are. Marks for a cell without a finished run:
 Which cells are expected: with a matrix plan in the folder (``_matrix/``, written by ``mmbalance
 matrix``), exactly the plan's cells; without one, every (label, dataset) pair seen in the rows.
 
+Comparisons (:mod:`mmbalance.table_stats` states each rule): the best mean of a column is bold and
+the second best underlined (LaTeX) or italic (GitHub), among the multimodal rows; ``‡`` marks a
+cell below the best ``unimodal[...]`` row of its column; a method identical to joint in every run
+is labelled ``(≡ joint)``; ``delta=True`` adds after every metric column a ``Δ`` column (row minus
+joint over the paired seeds) where ``†`` marks a difference a paired t-test across seeds does not
+find significant (p >= 0.05). The caption names the convention of every column (MOSI Acc-2 / F1:
+MMSA has-0 / non-0 or the CGGM code's; Dice: CGGM's smoothed Dice or MONAI's ``ignore_empty``).
+
+A GitHub table wider than ``max_width`` characters is split into one table per dataset.
+
 Cost table: step-time ratio (method's median step / joint's, measured side by side) and memory
 overhead in MiB (2**20 bytes), with the device(s) in the caption.
 
 ``layout="paper"`` renders one table per dataset, listing the methods that dataset has (planned
-or with rows), with the paper's columns: UPMC Food-101 (Acc, F1),
-CMU-MOSI / MOSEI (Acc-2, Acc-7, F1, MAE, Corr), IEMOCAP (Acc, F1), BraTS 2021 (WT, TC, ET, Avg).
-F1 is the weighted F1 (the CGGM code's ``average='weighted'``); MOSI's Acc-2 / F1 are the "has0"
-variants (every sample, as the CGGM code's accuracy counts zero labels). Other datasets get their
-default columns. CSV is a tidy long table for further analysis: one line per cell and metric, every
-metric the rows report (loss and per-modality ``score/<m>`` included) unless ``metrics`` says otherwise.
+or with rows), with the paper's columns: UPMC Food-101 (Acc, F1), CMU-MOSI / MOSEI (Acc-2, Acc-7,
+F1, MAE, Corr), IEMOCAP (Acc, F1), BraTS 2021 (WT, TC, ET, Avg). F1 is the weighted F1 (the CGGM
+code's ``average='weighted'``); MOSI's Acc-2 / F1 follow the CGGM code (``acc2_cggm``,
+``f1_cggm``: zero labels negative, F1 weighted by predicted counts), so they compare with the
+paper's numbers; Dice is CGGM's (a region empty in both prediction and truth counts as 1). Other
+datasets get their default columns. CSV is a tidy long table for further analysis: one line per
+cell and metric, every metric the rows report (loss and per-modality ``score/<m>`` included) unless
+``metrics`` says otherwise.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from tabulate import tabulate
-
-from mmbalance.errors import ConfigError
 from mmbalance.results import Plan, ResultRow, Stat, aggregate, aggregate_cost, config_conflicts
-from mmbalance.tasks import METRIC_HIGHER_IS_BETTER
+from mmbalance.table_csv import csv_table
+from mmbalance.table_grid import (
+    COST_COLUMNS,
+    DEFAULT_MAX_WIDTH,
+    DEFAULT_METRICS,
+    FORMATS,
+    LAYOUTS,
+    LEGEND,
+    MARK_NA,
+    METRIC_NOTES,
+    PAPER_TABLES,
+    SPLITS,
+    TASK_METRICS,
+    Grid,
+    build_grid,
+    cell_mark,
+    check,
+    check_width,
+    columns_for,
+    devices,
+    direction,
+    metric_scale,
+    order_labels,
+    present_metrics,
+    validate_metrics,
+)
+from mmbalance.table_render import STYLES, Style, format_stat, render_table
+from mmbalance.table_stats import (
+    below_single_modality,
+    identical_to_joint,
+    paired_delta,
+    rank_marks,
+    seed_values,
+)
 
 __all__ = [
     "FORMATS",
@@ -48,232 +87,162 @@ __all__ = [
     "DEFAULT_METRICS",
     "TASK_METRICS",
     "PAPER_TABLES",
+    "METRIC_NOTES",
+    "DEFAULT_MAX_WIDTH",
     "metric_table",
     "cost_table",
     "render_tables",
     "order_labels",
 ]
 
-FORMATS = ("github", "latex", "csv")
-LAYOUTS = ("default", "paper")
-SPLITS = ("test", "val")
 
-# Columns of the default layout per task (``--metrics`` chooses others).
-DEFAULT_METRICS: Mapping[str, tuple[str, ...]] = {
-    "cls": ("acc", "f1_weighted"),
-    "reg": ("mae", "corr", "acc2_has0"),
-    "seg": ("dice_mean",),
-}
-# Every metric a task's suite reports (what ``--metrics`` may ask for, besides ``loss``).
-TASK_METRICS: Mapping[str, tuple[str, ...]] = {
-    "cls": ("acc", "f1_macro", "f1_weighted"),
-    "reg": ("mae", "corr", "acc2_has0", "acc2_non0", "f1_has0", "f1_non0", "acc7"),
-    "seg": ("dice_wt", "dice_tc", "dice_et", "dice_mean"),
-}
-_MOSI_COLUMNS = (("Acc-2", "acc2_has0"), ("Acc-7", "acc7"), ("F1", "f1_has0"), ("MAE", "mae"), ("Corr", "corr"))
-# dataset name -> (title, ((column header, metric key), ...)), the paper's tables.
-PAPER_TABLES: Mapping[str, tuple[str, tuple[tuple[str, str], ...]]] = {
-    "food101": ("UPMC Food-101", (("Acc", "acc"), ("F1", "f1_weighted"))),
-    "mosi": ("CMU-MOSI", _MOSI_COLUMNS),
-    "mosei": ("CMU-MOSEI", _MOSI_COLUMNS),
-    "iemocap": ("IEMOCAP", (("Acc", "acc"), ("F1", "f1_weighted"))),
-    "brats2021": ("BraTS 2021", (("WT", "dice_wt"), ("TC", "dice_tc"), ("ET", "dice_et"), ("Avg", "dice_mean"))),
-}
-_PERCENT = frozenset(m for task in TASK_METRICS.values() for m in task if m not in ("mae", "corr"))
-_MIB = float(2**20)
-MARK_UNSUPPORTED, MARK_FAILED, MARK_MISSING, MARK_NA = "-", "x", "...", "n/a"
-_LEGEND = "Marks: - unsupported, x failed, ... missing"
-
-
-# -- the grid: which cells exist and what is in them -----------------------------------------------
+# -- metric tables ---------------------------------------------------------------------------------
 @dataclass
-class _Cell:
-    ok: list[ResultRow] = field(default_factory=list)
-    failed: list[ResultRow] = field(default_factory=list)
-    unsupported: bool = False
-    expected: bool = False
+class _Column:
+    dataset: str
+    metric: str
+    header: str  # plain text, without the arrow
 
 
 @dataclass
-class _Grid:
-    labels: list[str]
-    datasets: list[str]
-    tasks: dict[str, str]
-    cells: dict[tuple[str, str], _Cell]
+class _Context:
+    """Everything the metric tables of one call need, computed once."""
 
-    def cell(self, label: str, dataset: str) -> _Cell:
-        return self.cells.get((label, dataset)) or _Cell()
-
-
-def _label_group(label: str) -> int:
-    method = label.split("[", 1)[0]
-    return 0 if method == "joint" else 1 if method == "unimodal" else 2
+    grid: Grid
+    stats: Mapping[tuple[str, str, str], Stat]
+    seeds: Mapping[tuple[str, str, str], Mapping[int, float]]
+    style: Style
+    marks: bool
+    delta: bool
+    identical: set[str]
+    used: set[str] = field(default_factory=set)  # the marks that appear, for the caption
 
 
-def order_labels(labels: Sequence[str], matrix_order: Sequence[str] = ()) -> list[str]:
-    """``joint`` first, then ``unimodal[...]``, then the rest; within a group matrix order, then
-    alphabetical for labels the matrix does not list."""
-    index = {label: i for i, label in enumerate(matrix_order)}
-    return sorted(
-        dict.fromkeys(labels),
-        key=lambda lb: (_label_group(lb), 0 if lb in index else 1, index.get(lb, 0), lb),
-    )
+def _no_value(grid: Grid, label: str, dataset: str) -> str:
+    cell = grid.cell(label, dataset)
+    return MARK_NA if cell.ok else cell_mark(cell)
 
 
-def _build_grid(rows: Sequence[ResultRow], plan: Plan | None) -> _Grid:
-    plan = plan or Plan()
-    cells: dict[tuple[str, str], _Cell] = {}
-    tasks: dict[str, str] = {}
-    for pc in plan.cells:
-        cell = cells.setdefault((pc.label, pc.dataset), _Cell())
-        cell.expected = True
-        cell.unsupported = cell.unsupported or pc.unsupported
-        tasks.setdefault(pc.dataset, pc.task)
-    for row in rows:
-        cell = cells.setdefault((row.label, row.dataset), _Cell())
-        tasks.setdefault(row.dataset, row.task)
-        if row.status == "ok":
-            cell.ok.append(row)
-        elif row.status == "failed":
-            cell.failed.append(row)
-        else:
-            cell.unsupported = True
-    labels = order_labels([lb for lb, _ in cells], plan.labels)
-    datasets = list(dict.fromkeys([*plan.datasets, *sorted({d for _, d in cells})]))
-    if not plan:  # without a plan every pair seen in the rows is expected
-        for lb in labels:
-            for d in datasets:
-                cells.setdefault((lb, d), _Cell()).expected = True
-    return _Grid(labels, datasets, tasks, cells)
-
-
-def _mark(cell: _Cell) -> str:
-    if cell.unsupported:
-        return MARK_UNSUPPORTED
-    if cell.failed:
-        return MARK_FAILED
-    return MARK_MISSING if cell.expected else MARK_UNSUPPORTED
-
-
-# -- formatting ------------------------------------------------------------------------------------
-def _arrow(metric: str, fmt: str) -> str:
-    if metric.startswith("score/"):  # per-modality task score: higher is better by contract
-        up = True
-    elif metric in METRIC_HIGHER_IS_BETTER:
-        up = METRIC_HIGHER_IS_BETTER[metric]
-    else:
+def _delta_cell(ctx: _Context, label: str, col: _Column, scale: float, decimals: int) -> str:
+    if label == "joint":
         return ""
-    if fmt == "latex":
-        return r" $\uparrow$" if up else r" $\downarrow$"
-    return " ↑" if up else " ↓"
+    joint = ctx.seeds.get(("joint", col.dataset, col.metric), {})
+    delta = paired_delta(ctx.seeds.get((label, col.dataset, col.metric), {}), joint)
+    if delta is None:
+        return MARK_NA
+    ctx.used.add("delta")
+    text = ctx.style.signed(delta.diff * scale, decimals)
+    if not delta.significant:
+        text += ctx.style.dagger
+    return text
 
 
-def _num(value: float, decimals: int) -> str:
-    return "nan" if math.isnan(value) else f"{value:.{decimals}f}"
-
-
-def _format_stat(stat: Stat, *, scale: float, decimals: int, fmt: str) -> str:
-    pm = r" $\pm$ " if fmt == "latex" else " ± "
-    text = _num(stat.mean * scale, decimals)
-    if stat.std is not None:
-        text += pm + _num(stat.std * scale, decimals)
-    return f"{text} ({stat.n})"
-
-
-def _metric_scale(metric: str) -> tuple[float, int]:
-    return (100.0, 2) if metric in _PERCENT else (1.0, 3)
-
-
-def _latex_escape(text: str) -> str:
-    """Escape LaTeX specials outside ``$...$`` math spans (cells carry ``$\\pm$``, headers arrows)."""
-    parts = text.split("$")
-    for i in range(0, len(parts), 2):  # even parts are text, odd parts are math
-        out = parts[i]
-        for ch, rep in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
-            out = out.replace(ch, rep)
-        parts[i] = out.replace("[", "{[}").replace("]", "{]}")
-    return "$".join(parts)
-
-
-def _tabulate(header: list[str], body: list[list[str]], fmt: str, caption: str) -> str:
-    align = ("left",) + ("right",) * (len(header) - 1)
-    if fmt == "latex":
-        for sym, tex in (("±", r"$\pm$"), ("↑", r"$\uparrow$"), ("↓", r"$\downarrow$")):
-            caption = caption.replace(sym, tex)
-        header = [_latex_escape(h) for h in header]
-        body = [[_latex_escape(c) for c in r] for r in body]
-        tab = tabulate(body, headers=header, tablefmt="latex_raw", disable_numparse=True, colalign=align)
-        return "\n".join(["\\begin{table}[t]", "\\centering", f"\\caption{{{_latex_escape(caption)}}}", tab, "\\end{table}"])
-    tab = tabulate(body, headers=header, tablefmt="github", disable_numparse=True, colalign=align)
-    return f"{caption}\n\n{tab}"
-
-
-def _check(name: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _columns_for(dataset: str, task: str | None, metrics: Sequence[str] | None, present: set[str]) -> list[str]:
-    if metrics is None:
-        return list(DEFAULT_METRICS.get(task or "", ())) or sorted(present)
-    allowed = set(TASK_METRICS.get(task or "", ())) | {"loss"} | present
-    return [m for m in metrics if m in allowed]
-
-
-def _present_metrics(grid: _Grid, dataset: str, split: str) -> set[str]:
-    out: set[str] = set()
-    for lb in grid.labels:
-        for row in grid.cell(lb, dataset).ok:
-            out.update((row.metrics.get(split) or {}).keys())
+def _column_cells(ctx: _Context, col: _Column, labels: Sequence[str]) -> list[list[str]]:
+    """The cells of one metric column (and of its Δ column), one list per label."""
+    scale, decimals = metric_scale(col.metric)
+    higher = direction(col.metric)
+    stats = {lb: ctx.stats.get((lb, col.dataset, col.metric)) for lb in labels}
+    means = {lb: st.mean for lb, st in stats.items() if st is not None}
+    ranks: Mapping[str, int] = {}
+    below: set[str] = set()
+    if ctx.marks and higher is not None:
+        ranks = rank_marks(means, higher, scale, decimals)
+        below = below_single_modality(means, higher, scale, decimals)
+        ctx.used |= {"ranks"} if ranks else set()
+        ctx.used |= {"below"} if below else set()
+    out = []
+    for lb in labels:
+        stat = stats[lb]
+        if stat is None:
+            out.append([_no_value(ctx.grid, lb, col.dataset)] + ([""] if ctx.delta else []))
+            continue
+        text = format_stat(stat, scale=scale, decimals=decimals, style=ctx.style)
+        if lb in ranks:
+            text = ctx.style.best(text) if ranks[lb] == 1 else ctx.style.second(text)
+        out.append([text + (ctx.style.ddagger if lb in below else "")])
+        if ctx.delta:
+            out[-1].append(_delta_cell(ctx, lb, col, scale, decimals))
     return out
 
 
-def _validate_metrics(metrics: Sequence[str] | None, rows: Sequence[ResultRow], split: str) -> None:
-    if metrics is None:
-        return
-    if not metrics:
-        raise ConfigError("metrics must name at least one metric; got an empty list")
-    known = set(METRIC_HIGHER_IS_BETTER)
-    for row in rows:
-        if row.status == "ok":
-            known.update((row.metrics.get(split) or {}).keys())
-    unknown = [m for m in metrics if m not in known]
-    if unknown:
-        raise ConfigError(f"unknown metric(s) {', '.join(map(repr, unknown))} for --metrics; known: {', '.join(sorted(known))}")
+def _metric_grid(
+    ctx: _Context, columns: Sequence[_Column], labels: Sequence[str]
+) -> tuple[list[str], list[list[str]]]:
+    """Header and body of one metric table."""
+    style = ctx.style
+    header = ["method"]
+    for col in columns:
+        header.append(style.text(col.header) + style.arrow(direction(col.metric)))
+        if ctx.delta:
+            header.append(style.delta)
+    shown = [lb for lb in labels if lb in ctx.identical]
+    ctx.used |= {"identical"} if shown else set()
+    body = [[style.text(lb) + (f" ({style.equiv} joint)" if lb in shown else "")] for lb in labels]
+    for col in columns:
+        for line, cells in zip(body, _column_cells(ctx, col, labels), strict=True):
+            line.extend(cells)
+    return header, body
 
 
-# -- tables ----------------------------------------------------------------------------------------
-def _metric_body(
-    grid: _Grid,
-    stats: Mapping[tuple[str, str, str], Stat],
-    columns: Sequence[tuple[str, str]],
-    fmt: str,
-    labels: Sequence[str] | None = None,
-) -> list[list[str]]:
-    body = []
-    for lb in grid.labels if labels is None else labels:
-        line = [lb]
-        for dataset, metric in columns:
-            cell = grid.cell(lb, dataset)
-            stat = stats.get((lb, dataset, metric))
-            if stat is not None:
-                scale, decimals = _metric_scale(metric)
-                line.append(_format_stat(stat, scale=scale, decimals=decimals, fmt=fmt))
-            elif cell.ok:
-                line.append(MARK_NA)
-            else:
-                line.append(_mark(cell))
-        body.append(line)
-    return body
-
-
-def _metric_caption(split: str, title: str | None = None) -> str:
+def _metric_caption(ctx: _Context, split: str, columns: Sequence[_Column], title: str | None = None) -> str:
+    s = ctx.style
     what = "Test" if split == "test" else "Validation"
-    head = f"{title}: {what.lower()}" if title else what
-    return (
-        f"{head} metrics at the best-validation epoch, mean ± std over seeds (n); ↑ higher / ↓ lower is "
-        f"better; accuracy, F1 and Dice in %. {_LEGEND}."
-    )
+    head = f"{s.text(title)}: {what.lower()}" if title else what
+    parts = [
+        f"{head} metrics at the best-validation epoch, mean {s.pm} std over seeds (n); {s.up} higher / "
+        f"{s.down} lower is better; accuracy, F1 and Dice in {s.text('%')}."
+    ]
+    if "ranks" in ctx.used:
+        parts.append(
+            f"Best mean of a column in bold, second best {s.second_word}, among the multimodal rows "
+            "(equal as displayed, equal mark)."
+        )
+    if "below" in ctx.used:
+        parts.append(f"{s.ddagger} below the best single-modality (unimodal) row of its column.")
+    if "identical" in ctx.used:
+        parts.append(f"({s.equiv} joint): the same metrics as joint for every seed of every dataset.")
+    if "delta" in ctx.used:
+        parts.append(
+            f"{s.delta}: the column to its left minus joint, mean over the seeds both have; {s.dagger} not "
+            f"significant (two-sided paired t-test across seeds, {s.text('p >= 0.05')}, or under 2 pairs)."
+        )
+    notes: dict[str, list[str]] = {}  # note -> the headers it explains
+    for col in columns:
+        if col.metric in METRIC_NOTES and col.header not in notes.get(METRIC_NOTES[col.metric], []):
+            notes.setdefault(METRIC_NOTES[col.metric], []).append(col.header)
+    if notes:
+        named = (f"{s.text(', '.join(headers))}: {s.text(note)}" for note, headers in notes.items())
+        parts.append("Columns: " + "; ".join(named) + ".")
+    parts.append(f"{LEGEND}.")
+    ctx.used.clear()
+    return " ".join(parts)
+
+
+def _labels_of(grid: Grid, dataset: str) -> list[str]:
+    """The labels a per-dataset table lists: those planned for, or seen on, the dataset."""
+    return [lb for lb in grid.labels if (lb, dataset) in grid.cells]
+
+
+def _fit(whole: str, caption: str, parts: Sequence[tuple[str, str]], max_width: int | None) -> str:
+    """``whole``, or the caption then one titled table per dataset when a line is too wide."""
+    if not max_width or len(parts) < 2 or max(map(len, whole.splitlines())) <= max_width:
+        return whole
+    return "\n\n".join([caption, *(f"**{title}**\n\n{table}" for title, table in parts)])
+
+
+def _dataset_columns(
+    grid: Grid, split: str, layout: str, metrics: Sequence[str] | None
+) -> list[tuple[str, str, list[_Column]]]:
+    """``(dataset, title, columns)`` per dataset; paper columns where the paper has a table."""
+    out = []
+    for d in grid.datasets:
+        if layout == "paper" and d in PAPER_TABLES and metrics is None:
+            title, named = PAPER_TABLES[d]
+            out.append((d, f"{title} ({d})", [_Column(d, m, name) for name, m in named]))
+        else:
+            chosen = columns_for(d, grid.tasks.get(d), metrics, present_metrics(grid, d, split))
+            out.append((d, d, [_Column(d, m, m) for m in chosen]))
+    return out
 
 
 def metric_table(
@@ -284,132 +253,130 @@ def metric_table(
     split: str = "test",
     layout: str = "default",
     metrics: Sequence[str] | None = None,
+    delta: bool = False,
+    marks: bool = True,
+    max_width: int | None = DEFAULT_MAX_WIDTH,
 ) -> str:
     """The metric table(s) as text (``fmt`` "github" or "latex"; CSV: :func:`render_tables`).
 
+    Args:
+        delta: add a Δ-vs-joint column after every metric column, with the paired t-test mark.
+        marks: best / second best, below-single-modality and identical-to-joint marks.
+        max_width: GitHub, default layout: one table per dataset when a line of the single table
+            would be longer than this; 0 or None never splits.
+
     Raises:
-        ConfigError: unknown ``fmt``, ``split``, ``layout`` or metric name.
+        ConfigError: unknown ``fmt``, ``split``, ``layout`` or metric name, or a bad ``max_width``.
     """
-    _check("format", fmt, ("github", "latex"))
-    _check("split", split, SPLITS)
-    _check("layout", layout, LAYOUTS)
-    _validate_metrics(metrics, rows, split)
-    grid = _build_grid(rows, plan)
-    stats = aggregate(rows, split)
-    if layout == "default":
-        columns: list[tuple[str, str]] = []
-        header = ["method"]
-        for d in grid.datasets:
-            for m in _columns_for(d, grid.tasks.get(d), metrics, _present_metrics(grid, d, split)):
-                columns.append((d, m))
-                header.append(f"{d} {m}{_arrow(m, fmt)}")
-        return _tabulate(header, _metric_body(grid, stats, columns, fmt), fmt, _metric_caption(split))
+    check("format", fmt, ("github", "latex"))
+    check("split", split, SPLITS)
+    check("layout", layout, LAYOUTS)
+    check_width(max_width)
+    validate_metrics(metrics, rows, split)
+    grid = build_grid(rows, plan)
+    identical = identical_to_joint(rows, split) if marks else set()
+    stats, seeds = aggregate(rows, split), seed_values(rows, split)
+    ctx = _Context(grid, stats, seeds, STYLES[fmt], marks, delta, identical)
+    per_dataset = _dataset_columns(grid, split, layout, metrics)
+    if layout == "paper":
+        parts = []
+        for d, title, columns in per_dataset:
+            header, body = _metric_grid(ctx, columns, _labels_of(grid, d))
+            parts.append(render_table(header, body, ctx.style, _metric_caption(ctx, split, columns, title)))
+        return "\n\n".join(parts)
+    per_dataset = [entry for entry in per_dataset if entry[2]]
+    columns = [c for _, _, cols in per_dataset for c in cols]
+    if fmt == "latex":  # metric names under a spanning line of dataset names
+        header, body = _metric_grid(ctx, columns, grid.labels)
+        groups = [(ctx.style.text(d), len(cols) * (2 if delta else 1)) for d, _, cols in per_dataset]
+        return render_table(header, body, ctx.style, _metric_caption(ctx, split, columns), groups)
+    prefixed = [_Column(c.dataset, c.metric, f"{c.dataset} {c.metric}") for c in columns]
+    header, body = _metric_grid(ctx, prefixed, grid.labels)
+    caption = _metric_caption(ctx, split, columns)
+    whole = render_table(header, body, ctx.style, caption)
     parts = []
-    for d in grid.datasets:
-        if d in PAPER_TABLES and metrics is None:
-            title, named = PAPER_TABLES[d]
-            title = f"{title} ({d})"
-        else:
-            title = d
-            named = tuple((m, m) for m in _columns_for(d, grid.tasks.get(d), metrics, _present_metrics(grid, d, split)))
-        header = ["method", *(f"{name}{_arrow(m, fmt)}" for name, m in named)]
-        labels = [lb for lb in grid.labels if (lb, d) in grid.cells]  # only the methods this dataset has
-        body = _metric_body(grid, stats, [(d, m) for _, m in named], fmt, labels)
-        parts.append(_tabulate(header, body, fmt, _metric_caption(split, title)))
-    return "\n\n".join(parts)
+    for d, _, cols in per_dataset:
+        h, b = _metric_grid(ctx, cols, _labels_of(grid, d))
+        ctx.used.clear()
+        parts.append((d, render_table(h, b, ctx.style, "").lstrip("\n")))
+    return _fit(whole, caption, parts, max_width)
 
 
-def _devices(rows: Sequence[ResultRow]) -> list[str]:
-    return sorted({r.device for r in rows if r.status == "ok" and r.device})
-
-
-def _cost_caption(rows: Sequence[ResultRow]) -> str:
-    devices = _devices(rows)
-    where = "; ".join(devices) if devices else "no finished runs"
-    if len(devices) > 1:
+# -- cost ------------------------------------------------------------------------------------------
+def _cost_caption(rows: Sequence[ResultRow], style: Style) -> str:
+    where = "; ".join(devices(rows)) or "no finished runs"
+    if len(devices(rows)) > 1:
         where = f"MIXED devices ({where}): ratios are per run, absolute numbers do not compare"
-    return (
+    text = style.text(
         f"Cost against joint, measured side by side in one process on the same batches, on {where}. "
-        "Step-time ratio = method's median step time / joint's; memory overhead in MiB = CUDA peak "
-        "allocated minus joint's (on CPU: the method's own parameters, gradients, buffers and "
-        f"optimizer state); mean ± std over seeds (n). {_LEGEND}."
+        "Step-time ratio = method's median step time / joint's; memory overhead in MiB "
+        "(1 MiB = 1,048,576 bytes) = CUDA peak allocated minus joint's (on CPU: the method's own "
+        f"parameters, gradients, buffers and optimizer state); mean PLUSMINUS std over seeds (n). {LEGEND}."
     )
+    return text.replace("PLUSMINUS", style.pm)
 
 
-_COST_COLUMNS = (("step-time ratio", "step_time_ratio", 1.0, 2), ("mem MiB", "mem_overhead_bytes", 1.0 / _MIB, 2))
-
-
-def cost_table(rows: Sequence[ResultRow], *, plan: Plan | None = None, fmt: str = "github") -> str:
-    """Step-time ratio and memory overhead per (label, dataset), device in the caption."""
-    _check("format", fmt, ("github", "latex"))
-    grid = _build_grid(rows, plan)
-    stats = aggregate_cost(rows)
-    down = r" $\downarrow$" if fmt == "latex" else " ↓"
+def _cost_grid(
+    grid: Grid,
+    stats: Mapping[tuple[str, str, str], Stat],
+    datasets: Sequence[str],
+    style: Style,
+    prefix: bool,
+) -> tuple[list[str], list[list[str]]]:
     header = ["method"]
-    for d in grid.datasets:
-        header += [f"{d} {name}{down}" for name, *_ in _COST_COLUMNS]
+    for d in datasets:
+        for name, *_ in COST_COLUMNS:
+            header.append(style.text(f"{d} {name}" if prefix else name) + style.arrow(False))
     body = []
-    for lb in grid.labels:
-        line = [lb]
-        for d in grid.datasets:
-            cell = grid.cell(lb, d)
-            for _, key, scale, decimals in _COST_COLUMNS:
+    for lb in grid.labels if len(datasets) > 1 else _labels_of(grid, datasets[0]):
+        line = [style.text(lb)]
+        for d in datasets:
+            for _, key, scale, decimals in COST_COLUMNS:
                 stat = stats.get((lb, d, key))
-                if stat is not None:
-                    line.append(_format_stat(stat, scale=scale, decimals=decimals, fmt=fmt))
+                if stat is None:
+                    line.append(_no_value(grid, lb, d))
                 else:
-                    line.append(MARK_NA if cell.ok else _mark(cell))
+                    line.append(format_stat(stat, scale=scale, decimals=decimals, style=style))
         body.append(line)
-    return _tabulate(header, body, fmt, _cost_caption(rows))
+    return header, body
 
 
-def _csv_table(rows: Sequence[ResultRow], plan: Plan | None, split: str, metrics: Sequence[str] | None) -> str:
-    _validate_metrics(metrics, rows, split)
-    grid = _build_grid(rows, plan)
-    stats = aggregate(rows, split)
-    cost = aggregate_cost(rows)
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["table", "split", "method", "dataset", "metric", "higher_is_better", "mean", "std", "n", "mark", "device"])
-
-    def num(v: float | None) -> str:
-        return "" if v is None else repr(float(v))
-
-    for d in grid.datasets:
-        present = _present_metrics(grid, d, split)
-        if metrics is None:  # every metric the rows report, the task's suite first
-            known = TASK_METRICS.get(grid.tasks.get(d) or "", ())
-            columns = [m for m in known if m in present or not present] + sorted(present - set(known))
-        else:
-            columns = _columns_for(d, grid.tasks.get(d), metrics, present)
-        for lb in grid.labels:
-            cell = grid.cell(lb, d)
-            device = ";".join(_devices(cell.ok))
-            for m in columns:
-                stat = stats.get((lb, d, m))
-                hib = METRIC_HIGHER_IS_BETTER.get(m)
-                mark = "" if stat else (MARK_NA if cell.ok else _mark(cell))
-                writer.writerow(
-                    ["metric", split, lb, d, m, "" if hib is None else str(hib).lower(),
-                     num(stat.mean) if stat else "", num(stat.std) if stat else "", stat.n if stat else "", mark, device]
-                )
-            for _, key, _, _ in _COST_COLUMNS:
-                stat = cost.get((lb, d, key))
-                mark = "" if stat else (MARK_NA if cell.ok else _mark(cell))
-                writer.writerow(
-                    ["cost", "", lb, d, key, "false",
-                     num(stat.mean) if stat else "", num(stat.std) if stat else "", stat.n if stat else "", mark, device]
-                )
-    return buf.getvalue()
+def cost_table(
+    rows: Sequence[ResultRow],
+    *,
+    plan: Plan | None = None,
+    fmt: str = "github",
+    max_width: int | None = DEFAULT_MAX_WIDTH,
+) -> str:
+    """Step-time ratio and memory overhead (MiB) per (label, dataset), device in the caption; one
+    GitHub table per dataset when wider than ``max_width`` (as :func:`metric_table`)."""
+    check("format", fmt, ("github", "latex"))
+    check_width(max_width)
+    style = STYLES[fmt]
+    grid = build_grid(rows, plan)
+    stats = aggregate_cost(rows)
+    caption = _cost_caption(rows, style)
+    if fmt == "latex":
+        header, body = _cost_grid(grid, stats, grid.datasets, style, prefix=False)
+        groups = [(style.text(d), len(COST_COLUMNS)) for d in grid.datasets]
+        return render_table(header, body, style, caption, groups)
+    whole = render_table(*_cost_grid(grid, stats, grid.datasets, style, prefix=True), style, caption)
+    parts = [
+        (d, render_table(*_cost_grid(grid, stats, [d], style, prefix=False), style, "").lstrip("\n"))
+        for d in grid.datasets
+    ]
+    return _fit(whole, caption, parts, max_width)
 
 
+# -- the whole output ------------------------------------------------------------------------------
 def _notes(rows: Sequence[ResultRow], fmt: str) -> list[str]:
     notes = []
     for row in sorted((r for r in rows if r.status == "failed"), key=lambda r: (r.label, r.dataset, r.seed)):
         err = row.error or {}
         message = str(err.get("message", "")).strip().splitlines()
         first = message[0] if message else ""
-        notes.append(f"x {row.label} on {row.dataset}, seed {row.seed} (run {row.run_id}): {err.get('type', '?')}: {first}")
+        where = f"{row.label} on {row.dataset}, seed {row.seed} (run {row.run_id})"
+        notes.append(f"x {where}: {err.get('type', '?')}: {first}")
     notes += [f"warning: {c}" for c in config_conflicts(rows)]
     if fmt == "latex":
         return [f"% {n}" for n in notes]
@@ -425,19 +392,28 @@ def render_tables(
     layout: str = "default",
     metrics: Sequence[str] | None = None,
     cost: bool = True,
+    delta: bool = False,
+    marks: bool = True,
+    max_width: int | None = DEFAULT_MAX_WIDTH,
 ) -> str:
     """Metric table(s), then the cost table, then notes (failed runs, mixed configurations).
 
-    ``fmt="csv"`` gives one tidy CSV with both metric and cost lines instead.
+    ``fmt="csv"`` gives one tidy CSV with both metric and cost lines instead (``delta``, ``marks``
+    and ``max_width`` do not apply to it). Options as in :func:`metric_table`.
     """
-    _check("format", fmt, FORMATS)
-    _check("split", split, SPLITS)
-    _check("layout", layout, LAYOUTS)
+    check("format", fmt, FORMATS)
+    check("split", split, SPLITS)
+    check("layout", layout, LAYOUTS)
     if fmt == "csv":
-        return _csv_table(rows, plan, split, metrics)
-    parts = [metric_table(rows, plan=plan, fmt=fmt, split=split, layout=layout, metrics=metrics)]
+        return csv_table(rows, plan, split, metrics)
+    parts = [
+        metric_table(
+            rows, plan=plan, fmt=fmt, split=split, layout=layout, metrics=metrics,
+            delta=delta, marks=marks, max_width=max_width,
+        )
+    ]
     if cost:
-        parts.append(cost_table(rows, plan=plan, fmt=fmt))
+        parts.append(cost_table(rows, plan=plan, fmt=fmt, max_width=max_width))
     notes = _notes(rows, fmt)
     if notes:
         parts.append("\n".join(notes))

@@ -17,9 +17,11 @@ from mmbalance.metrics.reg import RegressionMetrics, regression_metrics
 from mmbalance.metrics.seg import (
     REGIONS,
     SegmentationMetrics,
+    brats_region_counts,
     brats_region_dice,
     brats_region_masks,
     label_map,
+    monai_region_dice,
     soft_dice_loss,
     soft_dice_statistics,
 )
@@ -33,8 +35,10 @@ __all__ = [
     "f1_from_confusion",
     "regression_metrics",
     "brats_region_dice",
+    "brats_region_counts",
     "brats_region_masks",
     "label_map",
+    "monai_region_dice",
     "soft_dice_loss",
     "soft_dice_statistics",
     "REGIONS",

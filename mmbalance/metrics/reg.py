@@ -13,15 +13,21 @@ Keys and their exact definitions (``p`` = prediction, ``y`` = label, both flatte
 * ``acc2_non0`` / ``f1_non0``: samples with ``y == 0`` removed, classes ``> 0`` vs ``<= 0`` for
   both ``y`` and ``p`` (MMSA ``non_zeros``). NaN when every label is 0.
 * F1 is scikit-learn's ``average='weighted'`` over the two classes (weights = label support),
-  called with (truth, prediction) as MMSA does. CGGM's ``eval_senti`` swaps the arguments and
-  uses ``> 0`` for its "with zeros" accuracy; we follow MMSA, which the brief and most tables use.
+  called with (truth, prediction) as MMSA does.
+* ``acc2_cggm`` / ``f1_cggm``: the CGGM code's convention (``src/eval_metrics.py``, ``eval_senti``
+  with its default ``exclude_zero=False``, which produced the paper's MOSI numbers): every sample,
+  classes ``> 0`` vs ``<= 0`` for both ``y`` and ``p`` (zero labels count as negative), and
+  ``f1_score(p > 0, y > 0, average='weighted')`` with the prediction passed first, so the two
+  classes' F1 are weighted by the **predicted** counts, not by the label support. The per-class F1
+  itself is symmetric in its arguments; only the weights differ from ``f1_has0``. MulT's
+  ``eval_mosi(..., exclude_zero=True)`` is ``acc2_non0`` with this same F1 on the non-zero samples.
 * ``acc7``: ``round(clip(p, -3, 3)) == round(clip(y, -3, 3))``; ``torch.round`` rounds half to
   even exactly like ``np.round``, so 0.5 -> 0 and 1.5 -> 2 in both.
 
 Sufficient statistics live on the prediction's device in float64: the absolute-error sum, running
 means and centred co-moments merged per batch (Chan et al.'s parallel update, so Pearson r does not
 suffer the cancellation of raw power sums), the min/max of each side, the Acc-7 hit count and two
-2x2 confusion matrices. ``compute()`` reads them in one transfer.
+2x2 confusion matrices (has-0, non-0, CGGM). ``compute()`` reads them in one transfer.
 """
 
 from __future__ import annotations
@@ -60,10 +66,11 @@ def _binary_confusion(pred_positive: Tensor, true_positive: Tensor, keep: Tensor
 
 
 class RegressionMetrics:
-    """Accumulates MAE, Pearson r, Acc-2 (with / without zeros), weighted F1 and Acc-7 over batches.
+    """Accumulates MAE, Pearson r, Acc-2 and weighted F1 (MMSA has-0 / non-0, CGGM code) and Acc-7.
 
     Contract: ``update(prediction (B,) or (B, 1), target (B,) or (B, 1))``; ``compute()`` returns
-    ``{"mae", "corr", "acc2_has0", "acc2_non0", "f1_has0", "f1_non0", "acc7"}`` as Python floats
+    ``{"mae", "corr", "acc2_has0", "acc2_non0", "acc2_cggm", "f1_has0", "f1_non0", "f1_cggm",
+    "acc7"}`` as Python floats
     (see the module docstring for each definition and its NaN cases) and raises
     :class:`~mmbalance.errors.DataError` if no sample was seen.
     """
@@ -98,6 +105,7 @@ class RegressionMetrics:
             "acc7_hits": (torch.round(p.clamp(-3.0, 3.0)) == torch.round(y.clamp(-3.0, 3.0))).sum(),
             "cm_has0": _binary_confusion(p >= 0, y >= 0),
             "cm_non0": _binary_confusion(p > 0, y > 0, keep=y != 0),
+            "cm_cggm": _binary_confusion(p > 0, y > 0),
         }
         if self._n == 0:
             self._stats = batch
@@ -117,7 +125,7 @@ class RegressionMetrics:
         s["max_p"] = torch.maximum(s["max_p"], batch["max_p"])
         s["min_y"] = torch.minimum(s["min_y"], batch["min_y"])
         s["max_y"] = torch.maximum(s["max_y"], batch["max_y"])
-        for key in ("abs_err", "acc7_hits", "cm_has0", "cm_non0"):
+        for key in ("abs_err", "acc7_hits", "cm_has0", "cm_non0", "cm_cggm"):
             s[key] = s[key] + batch[key]
         self._n = n
 
@@ -133,12 +141,15 @@ class RegressionMetrics:
                 ((s["min_p"] == s["max_p"]) | (s["min_y"] == s["max_y"])).double(),
                 accuracy_from_confusion(s["cm_has0"]),
                 accuracy_from_confusion(s["cm_non0"]),
+                accuracy_from_confusion(s["cm_cggm"]),
                 f1_from_confusion(s["cm_has0"], "weighted"),
                 f1_from_confusion(s["cm_non0"], "weighted"),
+                # rows = prediction: the official call passes the prediction as sklearn's y_true
+                f1_from_confusion(s["cm_cggm"].T, "weighted"),
                 s["acc7_hits"].double() / self._n,
             ]
         ).tolist()
-        mae, corr, constant, acc2_has0, acc2_non0, f1_has0, f1_non0, acc7 = values
+        mae, corr, constant, acc2_has0, acc2_non0, acc2_cggm, f1_has0, f1_non0, f1_cggm, acc7 = values
         if constant or self._n < 2:
             corr = math.nan
         else:
@@ -148,8 +159,10 @@ class RegressionMetrics:
             "corr": corr,
             "acc2_has0": acc2_has0,
             "acc2_non0": acc2_non0,
+            "acc2_cggm": acc2_cggm,
             "f1_has0": f1_has0,
             "f1_non0": f1_non0,
+            "f1_cggm": f1_cggm,
             "acc7": acc7,
         }
 

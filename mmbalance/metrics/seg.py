@@ -16,10 +16,16 @@ smoothing, which we keep on purpose so that numbers compare with the paper's cod
 * empty ground truth, non-empty prediction of k pixels: Dice = 2e-3 / (k + 2e-3), about 0;
 * non-empty regions: within ~eps/|T| of the unsmoothed Dice.
 
-MONAI's ``DiceMetric`` does not fit: it has no smoothing and, with ``ignore_empty=True`` (its
-default), returns NaN for empty ground truth and drops those samples from the mean, which changes
-the average on BraTS slices where ET is often absent. With ``eps=0`` and non-empty regions
-:func:`brats_region_dice` equals ``monai.metrics.compute_dice`` (tested).
+The MONAI convention is reported beside it (keys ``dice_<region>_monai``, ``dice_mean_monai``):
+``monai.metrics.DiceMetric(include_background=True, ignore_empty=True)``, MONAI's default, on the
+three region channels, as in MONAI's BraTS tutorial. No smoothing, ``dice = 2 |P ∩ T| / (|P| + |T|)``,
+and a sample whose ground truth region is **empty is left out** (NaN in MONAI, dropped from the
+mean) instead of counting 1 or about 0. ``dice_<region>_monai`` is ``reduction="mean_batch"``: the
+mean over the samples where the region is present; ``dice_mean_monai`` is ``reduction="mean"``: the
+mean over samples of each sample's mean over its present regions, over the samples with any tumour.
+Where no sample has the region (or any tumour) MONAI's aggregate returns 0; we return NaN, the
+value is undefined. On BraTS slices, where ET is often absent and many slices have no tumour, the
+two conventions differ by several points, which is why tables name the one each column uses.
 
 Soft-Dice loss (CGGM ``SegLoss``): softmax over classes, drop the background channel, then
 ``dice = 2 Σ(p · onehot) / (Σ p + Σ onehot + 0.01)`` with the sums taken over the **whole batch**
@@ -37,6 +43,8 @@ from mmbalance.errors import ConfigError, DataError, ShapeError
 __all__ = [
     "SegmentationMetrics",
     "brats_region_dice",
+    "brats_region_counts",
+    "monai_region_dice",
     "brats_region_masks",
     "label_map",
     "soft_dice_loss",
@@ -67,6 +75,24 @@ def brats_region_masks(labels: Tensor) -> Tensor:
     return torch.stack([et, et | (flat == 1), flat != 0], dim=1)
 
 
+def brats_region_counts(pred_labels: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(|P ∩ T|, |P|, |T|)`` per sample and region, each ``(B, 3)`` float32 in :data:`REGIONS` order.
+
+    Float32 counts are exact up to 2**24 pixels per slice. ``pred_labels`` and ``target`` are integer
+    label maps of one shape ``(B, *spatial)``, values in 0..3; no host sync.
+    """
+    if pred_labels.shape != target.shape:
+        raise ShapeError(
+            f"pred_labels shape {tuple(pred_labels.shape)} differs from target shape {tuple(target.shape)}"
+        )
+    if pred_labels.ndim < 2:
+        raise ShapeError(f"label maps must have shape (B, *spatial), got {tuple(pred_labels.shape)}")
+    pred = brats_region_masks(pred_labels)
+    true = brats_region_masks(target)
+    inter = (pred & true).sum(dim=2, dtype=torch.float32)
+    return inter, pred.sum(dim=2, dtype=torch.float32), true.sum(dim=2, dtype=torch.float32)
+
+
 def brats_region_dice(pred_labels: Tensor, target: Tensor, eps: float = 1e-3) -> Tensor:
     """Per-sample Dice of ET, TC, WT with CGGM's smoothing; no host sync.
 
@@ -80,19 +106,17 @@ def brats_region_dice(pred_labels: Tensor, target: Tensor, eps: float = 1e-3) ->
     Returns:
         ``(B, 3)`` float32 Dice in the order of :data:`REGIONS` (ET, TC, WT).
     """
-    if pred_labels.shape != target.shape:
-        raise ShapeError(
-            f"pred_labels shape {tuple(pred_labels.shape)} differs from target shape {tuple(target.shape)}"
-        )
-    if pred_labels.ndim < 2:
-        raise ShapeError(f"label maps must have shape (B, *spatial), got {tuple(pred_labels.shape)}")
     if eps < 0:
         raise ConfigError(f"eps must be >= 0, got {eps}")
-    pred = brats_region_masks(pred_labels)
-    true = brats_region_masks(target)
-    inter = (pred & true).sum(dim=2, dtype=torch.float32)
-    total = pred.sum(dim=2, dtype=torch.float32) + true.sum(dim=2, dtype=torch.float32)
-    return 2 * (inter + eps) / (total + 2 * eps)
+    inter, pred_size, true_size = brats_region_counts(pred_labels, target)
+    return 2 * (inter + eps) / (pred_size + true_size + 2 * eps)
+
+
+def monai_region_dice(pred_labels: Tensor, target: Tensor) -> Tensor:
+    """Per-sample Dice of ET, TC, WT in MONAI's default convention: ``(B, 3)`` float32, NaN where
+    the ground truth region is empty (``compute_dice(..., ignore_empty=True)``); no host sync."""
+    inter, pred_size, true_size = brats_region_counts(pred_labels, target)
+    return torch.where(true_size > 0, 2 * inter / (pred_size + true_size).clamp_min(1), torch.nan)
 
 
 def _check_logits(logits: Tensor, target: Tensor) -> None:
@@ -145,13 +169,14 @@ def soft_dice_loss(logits: Tensor, target: Tensor, reduction: str = "mean", smoo
 
 
 class SegmentationMetrics:
-    """Mean over samples of the per-sample region Dice (see the module docstring).
+    """Mean over samples of the per-sample region Dice, CGGM and MONAI conventions (module docstring).
 
     Contract: ``update(prediction (B, 4, *spatial) logits, target (B, *spatial) labels in 0..3)``;
     the predicted label map is the ``argmax`` over classes (:func:`label_map`). ``compute()`` returns
-    ``{"dice_et", "dice_tc", "dice_wt", "dice_mean"}`` (``dice_mean`` = mean of the three) and raises
-    :class:`~mmbalance.errors.DataError` if no sample was seen or a target label was outside 0..3
-    (for example an unremapped BraTS label 4).
+    ``{"dice_et", "dice_tc", "dice_wt", "dice_mean"}`` (CGGM convention; ``dice_mean`` = mean of the
+    three) and the same four keys with the suffix ``_monai`` (MONAI's default convention, NaN where
+    no sample has the region). Raises :class:`~mmbalance.errors.DataError` if no sample was seen or
+    a target label was outside 0..3 (for example an unremapped BraTS label 4).
     """
 
     def __init__(self, eps: float = 1e-3) -> None:
@@ -162,8 +187,9 @@ class SegmentationMetrics:
 
     def reset(self) -> None:
         """Forget every sample seen so far."""
-        self._dice_sum: Tensor | None = None
-        self._invalid: Tensor | None = None
+        # float64 on the device: [invalid pixels, CGGM Dice sums (3), MONAI Dice sums over present
+        # regions (3), present-region counts (3), sum of per-sample MONAI means, samples with tumour]
+        self._stats: Tensor | None = None
         self._n = 0
 
     def update(self, prediction: Tensor, target: Tensor) -> None:
@@ -176,24 +202,40 @@ class SegmentationMetrics:
             )
         if target.is_floating_point() or target.is_complex():
             raise DataError(f"segmentation target must hold integer labels, got dtype {target.dtype}")
-        dice_sum = brats_region_dice(label_map(prediction), target, self.eps).double().sum(dim=0)
-        invalid = ((target < 0) | (target >= NUM_LABELS)).sum()
-        if self._dice_sum is None:
-            self._dice_sum, self._invalid = dice_sum, invalid
-        else:
-            self._dice_sum += dice_sum
-            self._invalid += invalid
+        inter, pred_size, true_size = (x.double() for x in brats_region_counts(label_map(prediction), target))
+        cggm = 2 * (inter + self.eps) / (pred_size + true_size + 2 * self.eps)
+        present = true_size > 0
+        monai = torch.where(present, 2 * inter / (pred_size + true_size).clamp_min(1), 0.0)
+        regions_present = present.sum(dim=1)
+        sample_mean = monai.sum(dim=1) / regions_present.clamp_min(1)
+        stats = torch.cat(
+            [
+                ((target < 0) | (target >= NUM_LABELS)).sum().double().view(1),
+                cggm.sum(dim=0),
+                monai.sum(dim=0),
+                present.sum(dim=0).double(),
+                sample_mean.sum().view(1),
+                (regions_present > 0).sum().double().view(1),
+            ]
+        )
+        self._stats = stats if self._stats is None else self._stats + stats
         self._n += prediction.shape[0]
 
     def compute(self) -> dict[str, float]:
-        """One host sync: ``dice_et``, ``dice_tc``, ``dice_wt``, ``dice_mean``."""
-        if self._dice_sum is None:
+        """One host sync: ``dice_et``, ``dice_tc``, ``dice_wt``, ``dice_mean`` and their ``_monai``."""
+        if self._stats is None:
             raise DataError("no samples: call update() before compute()")
-        means = self._dice_sum / self._n
-        values = torch.cat([self._invalid.double().view(1), means, means.mean().view(1)]).tolist()
+        s = self._stats
+        cggm = s[1:4] / self._n
+        monai = s[4:7] / s[7:10]  # 0/0 = NaN: no sample has the region
+        values = torch.cat([s[:1], cggm, cggm.mean().view(1), monai, (s[10] / s[11]).view(1)]).tolist()
         if values[0] > 0:
             raise DataError(
                 f"{int(values[0])} target pixels were outside the BraTS labels 0..{NUM_LABELS - 1} "
                 "(remap label 4 to 3)"
             )
-        return {"dice_et": values[1], "dice_tc": values[2], "dice_wt": values[3], "dice_mean": values[4]}
+        keys = [f"dice_{r}" for r in REGIONS] + ["dice_mean"]
+        return {
+            **dict(zip(keys, values[1:5], strict=True)),
+            **{f"{k}_monai": v for k, v in zip(keys, values[5:9], strict=True)},
+        }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from monai.metrics import compute_dice
+from monai.metrics import DiceMetric, compute_dice
 
 from mmbalance.errors import ConfigError, DataError, ShapeError
 from mmbalance.metrics.seg import (
@@ -13,6 +13,7 @@ from mmbalance.metrics.seg import (
     brats_region_dice,
     brats_region_masks,
     label_map,
+    monai_region_dice,
     soft_dice_loss,
 )
 
@@ -85,9 +86,54 @@ def test_perfect_prediction_scores_one() -> None:
     target = torch.tensor([[[0, 1], [2, 3]], [[0, 0], [2, 2]]])
     suite = SegmentationMetrics()
     suite.update(logits_for(target), target)
-    assert suite.compute() == pytest.approx(
-        {"dice_et": 1.0, "dice_tc": 1.0, "dice_wt": 1.0, "dice_mean": 1.0}
-    )
+    ones = {"dice_et": 1.0, "dice_tc": 1.0, "dice_wt": 1.0, "dice_mean": 1.0}
+    assert suite.compute() == pytest.approx({**ones, **{f"{k}_monai": 1.0 for k in ones}})
+
+
+def test_monai_convention_by_hand() -> None:
+    # sample 0: ET absent in the truth; sample 1: no tumour at all (left out of every MONAI mean)
+    target = torch.tensor([[[0, 1, 2, 2]], [[0, 0, 0, 0]]])
+    pred = torch.tensor([[[0, 1, 2, 3]], [[0, 3, 0, 0]]])
+    got = SegmentationMetrics()
+    got.update(logits_for(pred), target)
+    got = got.compute()
+    # sample 0: ET T = {} -> left out; TC T = {1}, P = {1, 3} -> 2*1/3; WT T = {1,2,3}, P = {1,2,3} -> 1
+    assert got["dice_et_monai"] != got["dice_et_monai"]  # NaN: no sample has ET
+    assert got["dice_tc_monai"] == pytest.approx(2 / 3)
+    assert got["dice_wt_monai"] == pytest.approx(1.0)
+    # "mean": per-sample mean over present regions, then over samples with tumour: (2/3 + 1) / 2
+    assert got["dice_mean_monai"] == pytest.approx(5 / 6)
+    # CGGM: sample 0 ET empty in truth, 1 predicted pixel -> 2e-3/(1 + 2e-3); sample 1 predicts ET,
+    # TC, WT at one pixel where none exists -> the same small value, in each region
+    small = 2 * EPS / (1 + 2 * EPS)
+    assert got["dice_et"] == pytest.approx((small + small) / 2)
+    assert got["dice_wt"] == pytest.approx((1.0 + small) / 2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_monai_convention_matches_dice_metric_over_batches(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, 4, (9, 6, 6), generator=g)
+    target[:3] = torch.where(target[:3] == 3, 2, target[:3])  # ET absent in three slices
+    target[3] = 0  # and one slice without tumour
+    target[4, :5] = torch.where(target[4, :5] > 0, 0, target[4, :5])  # a nearly empty one
+    logits = torch.randn(9, 4, 6, 6, generator=g)
+    mean, per_region = DiceMetric(reduction="mean"), DiceMetric(reduction="mean_batch")  # ignore_empty=True
+    ours = SegmentationMetrics()
+    for lo, hi in ((0, 4), (4, 5), (5, 9)):
+        pred, true = label_map(logits[lo:hi]), target[lo:hi]
+        as_channels = lambda x: brats_region_masks(x).view(x.shape[0], 3, 6, 6).float()  # noqa: E731
+        mean(as_channels(pred), as_channels(true))
+        per_region(as_channels(pred), as_channels(true))
+        ours.update(logits[lo:hi], true)
+        # the per-sample function agrees with MONAI's NaN-for-empty values
+        expected = compute_dice(as_channels(pred), as_channels(true), ignore_empty=True)
+        assert torch.allclose(monai_region_dice(pred, true), expected, equal_nan=True)
+    got = ours.compute()
+    regions = per_region.aggregate().tolist()  # ET, TC, WT
+    ours_regions = [got["dice_et_monai"], got["dice_tc_monai"], got["dice_wt_monai"]]
+    assert ours_regions == pytest.approx(regions, abs=1e-6)
+    assert got["dice_mean_monai"] == pytest.approx(float(mean.aggregate()), abs=1e-6)
 
 
 def test_soft_dice_loss_matches_official_sums() -> None:

@@ -1,4 +1,4 @@
-"""Regression metrics against an MMSA-style numpy/sklearn/scipy reference and hand values."""
+"""Regression metrics against MMSA-style and CGGM-code numpy/sklearn/scipy references and hand values."""
 
 from __future__ import annotations
 
@@ -28,16 +28,67 @@ def mmsa_reference(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     }
 
 
+def cggm_reference(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Transcription of CGGM ``src/eval_metrics.py:eval_senti`` with its default ``exclude_zero=False``:
+    every sample kept, ``> 0`` on both sides, and sklearn called with the prediction first."""
+    return {
+        "acc2_cggm": accuracy_score(truth > 0, pred > 0),
+        "f1_cggm": f1_score(pred > 0, truth > 0, average="weighted"),
+    }
+
+
 def test_matches_reference_on_random_sentiment() -> None:
     g = torch.Generator().manual_seed(0)
     truth = torch.round(torch.empty(120).uniform_(-3, 3, generator=g) * 3) / 3  # MOSI labels are thirds
     truth[:10] = 0.0
     pred = truth + 0.8 * torch.randn(120, generator=g)
     got = regression_metrics(pred.view(-1, 1), truth)
-    ref = mmsa_reference(pred.double().numpy(), truth.double().numpy())
+    p, y = pred.double().numpy(), truth.double().numpy()
+    ref = {**mmsa_reference(p, y), **cggm_reference(p, y)}
     assert set(got) == set(ref)
     for key in ref:
         assert got[key] == pytest.approx(ref[key], abs=1e-9), key
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cggm_convention_matches_the_official_formula_with_zero_labels(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(5, 60, (1,), generator=g))
+    truth = torch.randint(-3, 4, (n,), generator=g).double()  # integers: about one label in seven is 0
+    truth[: n // 4] = 0.0  # and a block of zero labels for sure
+    pred = torch.randn(n, generator=g, dtype=torch.float64) + 0.3 * seed - 0.8  # skewed predicted classes
+    pred[:3] = 0.0  # predictions of exactly 0 count as negative too
+    suite = RegressionMetrics()
+    for lo in range(0, n, 7):  # accumulated over batches like an evaluation loop
+        suite.update(pred[lo : lo + 7].view(-1, 1), truth[lo : lo + 7])
+    got = suite.compute()
+    ref = cggm_reference(pred.numpy(), truth.numpy())
+    assert got["acc2_cggm"] == pytest.approx(ref["acc2_cggm"], abs=1e-12)
+    assert got["f1_cggm"] == pytest.approx(ref["f1_cggm"], abs=1e-12)
+
+
+def test_cggm_convention_by_hand() -> None:
+    truth = torch.tensor([0.0, 0.0, 1.0, 2.0, -1.0, 0.5])
+    pred = torch.tensor([0.3, -0.2, 0.4, -0.1, -2.0, 0.6])
+    got = regression_metrics(pred, truth)
+    # > 0 on both sides, zeros negative: truth F F T T F T, pred T F T F F T -> hits at 1, 2, 4, 5
+    assert got["acc2_cggm"] == pytest.approx(4 / 6)
+    # per-class F1: T: tp 2, fp 1, fn 1 -> 4/6; F: tp 2, fp 1, fn 1 -> 4/6; weights are predicted
+    # counts (T 3, F 3): (3 * 4/6 + 3 * 4/6) / 6 = 2/3
+    assert got["f1_cggm"] == pytest.approx(2 / 3)
+    # MMSA has-0 on the same data (>= 0): truth T T T T F T, pred T F T F F T -> 4/6 as well, but
+    # its F1 weights by label support: T (5): tp 3, fn 2 -> 6/8; F (1): tp 1, fp 2 -> 2/4
+    assert got["f1_has0"] == pytest.approx((5 * 6 / 8 + 1 * 2 / 4) / 6)
+
+
+def test_cggm_f1_weights_by_predicted_counts() -> None:
+    # every label positive, two of four predicted positive: truth T T T T, pred T T F F.
+    # Class T: tp 2, fn 2 -> F1 4/6; class F: tp 0, fp 2 -> F1 0.
+    # Official order f1_score(pred, truth): weights = predicted counts (T 2, F 2) -> (2*4/6 + 0)/4 = 1/3.
+    # MMSA order would weight by label support (T 4, F 0) -> 4/6.
+    got = regression_metrics(torch.tensor([1.0, 2.0, -1.0, 0.0]), torch.tensor([1.0, 1.0, 2.0, 3.0]))
+    assert got["f1_cggm"] == pytest.approx(1 / 3)
+    assert got["f1_non0"] == pytest.approx(4 / 6)
 
 
 def test_hand_example_acc2_acc7_f1() -> None:
