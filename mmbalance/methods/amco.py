@@ -109,6 +109,13 @@ class AMCo(HeadedBalancer):
         self._epoch, self._batch = ctx.epoch, 0
         self.dependent = torch.zeros_like(self.dependent)
 
+    def host_state(self) -> dict[str, int]:
+        """The epoch and the batch index within it: the mask schedule's level ``l_t``."""
+        return {"epoch": self._epoch, "batch": self._batch}
+
+    def load_host_state(self, state: Mapping[str, Any]) -> None:
+        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+
     def _modulates(self) -> bool:
         return self.config.modulates(self._epoch)
 
