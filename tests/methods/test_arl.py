@@ -132,6 +132,7 @@ def test_classification_and_segmentation_only_and_config_errors():
     with pytest.raises(ConfigError, match="coefficients"):
         METHODS.build("arl", None, coefficients="balanced")
     assert METHODS.build("arl", "ave").config.gamma == 5.0
+    assert METHODS.build("arl", "synthetic").config.start == 0
 
 
 @pytest.mark.parametrize("ds_name", ["synthetic_cls2", "synthetic_cls3", "synthetic_seg4"])

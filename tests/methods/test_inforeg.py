@@ -168,6 +168,7 @@ def test_config_and_setup_errors():
     with pytest.raises(ConfigError, match="window_trace"):
         InfoReg(InfoRegConfig(window_trace="audio")).setup(model, task, lambda params, **kw: None)
     assert METHODS.build("inforeg", "cremad").config.window_trace == "audio"
+    assert METHODS.build("inforeg", "synthetic").config.window_length == 2
 
 
 @pytest.mark.parametrize("ds_name", ["synthetic_cls2", "synthetic_cls3", "synthetic_reg3", "synthetic_seg4"])
