@@ -47,7 +47,7 @@ class ARLConfig(MethodConfig):
     gamma: float = 1.0  # γ: weight of the unimodal losses after the warm-up (--gamma default)
     temperature: float = 8.0  # T: temperature of the coefficient softmax (--T default)
     start: int = 5  # warm-up: ARL acts from epoch start + 1 (0-based; --start, `epoch > args.start`)
-    entropy_floor: float = 0.3  # lower clamp of the normalised entropies (torch.clamp(H_n, 0.3))
+    entropy_floor: float = 0.3  # clamp of the normalised entropies for M = 2 (torch.clamp(H_n, 0.3)); × 2/M
     coefficients: Literal["variance", "released"] = "variance"  # ω from the paper, or the released 1/M
 
     def check(self) -> None:
@@ -141,7 +141,8 @@ class ARL(Balancer):
         with torch.no_grad():
             detached = [predictions[m].detach() for m in self.modalities]
             shares = logit_shares(detached)
-            weights = inverse_entropy_weights(detached, cfg.entropy_floor)
+            # the floor keeps its ratio to the uniform share 1/M: 0.3 of 1/2 for two modalities
+            weights = inverse_entropy_weights(detached, cfg.entropy_floor * 2 / len(self.modalities))
             if cfg.coefficients == "variance":
                 self._omega = arl_coefficients(shares, weights, cfg.temperature)
             else:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS
+from mmbalance.methods import arl as arl_module
 from mmbalance.methods.arl import ARL, ARLConfig, arl_coefficients, inverse_entropy_weights, logit_shares
 from mmbalance.tasks import make_task
 from mmbalance.train import TrainConfig, Trainer
@@ -66,6 +67,31 @@ def test_entropy_floor_and_per_pixel_maps():
     torch.testing.assert_close(
         inverse_entropy_weights([map_a, map_v], 0.3), inverse_entropy_weights([rows_a, rows_v], 0.3)
     )
+
+
+def test_the_entropy_floor_scales_with_the_number_of_modalities(monkeypatch):
+    rows = {"a": [10.0, 0.0, 0.0], "b": [3.0, 0.0, 0.0], "c": [0.0, 0.0, 0.0]}
+    fixed = {m: torch.tensor([r]).repeat(16, 1).requires_grad_() for m, r in rows.items()}
+    monkeypatch.setattr(arl_module, "shared_unimodal_predictions", lambda model, features, **kw: fixed)
+    dims = (("a", 4), ("b", 3), ("c", 2))
+    model, task = tiny_model(dims=dims), make_task("cls", 3)
+    bal = ARL(ARLConfig(entropy_floor=0.3))
+    bal.setup(model, task, lambda params, **kw: None)
+    splits, _ = tiny_splits(dims=dims)
+    batch = {k: v[:16] for k, v in splits["train"].tensors.items()}
+    bal.loss_terms(bal.forward_step(model, batch), batch, task)
+    # entropies: a ~0.0009, b = 0.3665 (p = e³/(e³ + 2)), c = ln 3 -> normalised ~(0.0006, 0.2500, 0.7494)
+    h = []
+    for r in rows.values():
+        p = [math.exp(v) / sum(math.exp(u) for u in r) for v in r]
+        h.append(-sum(q * math.log(q) for q in p))
+    # three modalities: floor 0.3 * 2/3 = 0.2 -> (0.2, 0.25, 0.749) -> w ~ (0.484, 0.387, 0.129);
+    # a fixed 0.3 would give (0.3, 0.3, 0.749) -> w ~ (0.417, 0.417, 0.167)
+    inverse = [1 / max(x / sum(h), 0.2) for x in h]
+    recorded = bal._means.pop()
+    for m, inv in zip(rows, inverse, strict=True):
+        assert recorded[f"inverse_entropy/{m}"] == pytest.approx(inv / sum(inverse), abs=1e-5)
+    assert recorded["inverse_entropy/a"] == pytest.approx(0.484, abs=2e-3)
 
 
 def _trainer(cfg, seed=0):
