@@ -5,7 +5,7 @@ Each modality's prediction alone comes from the model's own fusion and head with
 modalities zeroed (no extra parameters); the loss is ``L_mm + w Σ_m L_m`` (w = 1 during the warm-up
 epochs ``<= start``, then γ). After the warm-up every encoder's gradient is scaled by ``1 + ω_m``:
 the dependence on modality m (its share ``c_m`` of the mean absolute unimodal logits) is pushed
-toward the inverse of its variance (its share of the prediction entropy ``H_m``, floored at 0.3):
+toward the inverse of its variance (its share of the prediction entropy ``H_m``, floored at 0.3 · 2/M):
 ``ω = softmax(T · [w_m Π_{n≠m} c_n]_m)`` with ``w_m ∝ 1 / H_m``.
 
 Port of ``shicaiwei123/ICCV2025-ARL:main_arl_variance.py`` (``train_epoch``),
