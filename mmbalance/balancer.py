@@ -177,6 +177,7 @@ class Balancer(nn.Module):
         ``self.to(device)``; the runner calls ``balancer.to(device)`` right after ``setup``."""
         self.modalities = tuple(model.modalities)
         self.task = task
+        self.__dict__["_model_ref"] = model  # a plain reference (see ``model``), not a submodule
 
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
         """At the start of each training epoch, model in train mode: epoch-level work

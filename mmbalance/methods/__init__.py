@@ -37,6 +37,9 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "ogm",
     "mmcosine",
     "amco",
+    "inforeg",
+    "dgl",
+    "arl",
 )
 
 

@@ -1,0 +1,22 @@
+"""Balancer base: the ``model`` reference set by ``setup``."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmbalance.errors import ConfigError
+from mmbalance.methods.joint import Joint
+from mmbalance.tasks import make_task
+
+from .conftest import tiny_model
+
+
+def test_model_reference_is_set_by_setup_and_stays_out_of_the_state():
+    balancer = Joint()
+    with pytest.raises(ConfigError, match="only after setup"):
+        _ = balancer.model
+    model = tiny_model()
+    balancer.setup(model, make_task("cls", 3), lambda params, **kw: None)
+    assert balancer.model is model
+    assert not list(balancer.parameters()) and not balancer.state_dict()
+    assert "_model_ref" not in dict(balancer.named_modules())
