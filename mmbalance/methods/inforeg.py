@@ -135,8 +135,15 @@ class InfoReg(HeadedBalancer):
         self.register_buffer("base", torch.tensor(base), persistent=False)
         self._sizes: dict[tuple[Any, ...], Tensor] = {}
         self._traces: list[list[float]] = []  # per finished epoch: trace of each modality
-        self._trace_sum: Tensor | None = None
+        # The running epoch's Fisher trace and the encoders' epoch-start copies θ^prev (one flat
+        # buffer per encoder, counted in the method's memory): persistent, so a resumed run goes on.
+        self.register_buffer("trace_sum", torch.zeros(len(self.modalities), dtype=torch.float64))
+        self.register_buffer("trace_steps", torch.zeros((), dtype=torch.long))
+        for i, m in enumerate(self.modalities):
+            numel = sum(p.numel() for p in self._params[m])
+            self.register_buffer(f"prev_{i}", torch.zeros(numel, dtype=self._params[m][0].dtype))
         self._snapshot: dict[str, list[Tensor]] = {}
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._view_snapshot())
         self._window, self._k = True, 1.0
         self._scores: Tensor | None = None
         self._means = EpochMeans(self.modalities)
@@ -145,21 +152,25 @@ class InfoReg(HeadedBalancer):
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
         """Close the finished epoch's trace, decide the window, snapshot the encoders (θ^prev)."""
         cfg: InfoRegConfig = self.config
-        if self._trace_sum is not None:
-            self._traces.append(self._trace_sum.tolist())  # one host read per epoch
-            self._trace_sum = None
+        if int(self.trace_steps):  # one host read per epoch
+            self._traces.append(self.trace_sum.tolist())
+            self.trace_sum.zero_()
+            self.trace_steps.zero_()
         if cfg.window_trace == "encoders":
             series = [sum(row) for row in self._traces]
         else:
             series = [row[self.modalities.index(cfg.window_trace)] for row in self._traces]
         self._k = window_signal(series, cfg.window_length)
         self._window = self._k > cfg.window_threshold
-        for i, m in enumerate(self.modalities):  # one flat copy per encoder, counted in the method's memory
-            params = self._params[m]
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
-            self.register_buffer(f"prev_{i}", flat, persistent=False)
-            views = flat.split([p.numel() for p in params])
-            self._snapshot[m] = [v.view_as(p) for v, p in zip(views, params, strict=True)]
+        for i, m in enumerate(self.modalities):
+            torch.cat([p.detach().reshape(-1) for p in self._params[m]], out=getattr(self, f"prev_{i}"))
+        self._view_snapshot()
+
+    def _view_snapshot(self) -> None:
+        """θ^prev of each encoder as views of its flat buffer, shaped like the parameters."""
+        for i, m in enumerate(self.modalities):
+            views = getattr(self, f"prev_{i}").split([p.numel() for p in self._params[m]])
+            self._snapshot[m] = [v.view_as(p) for v, p in zip(views, self._params[m], strict=True)]
 
     # -- training step ----------------------------------------------------------------------------
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Any) -> dict[str, Tensor]:
@@ -190,7 +201,8 @@ class InfoReg(HeadedBalancer):
                     torch._foreach_add_([p.grad for p, _ in pairs], pull)
         trace = torch.stack([self._step_trace(m) for m in self.modalities])
         trace = torch.nan_to_num(trace, nan=0.0, posinf=0.0, neginf=0.0)  # steps the AMP scaler skips
-        self._trace_sum = trace if self._trace_sum is None else self._trace_sum + trace
+        self.trace_sum += trace
+        self.trace_steps += 1
         self._means.update(beta=beta, score=self._scores)
 
     def _step_trace(self, m: str) -> Tensor:
@@ -208,7 +220,9 @@ class InfoReg(HeadedBalancer):
         return {**self._means.pop(), "k": self._k, "window": float(self._window)}
 
     def host_state(self) -> dict[str, Any]:
-        return {"traces": [list(row) for row in self._traces]}
+        """Finished epochs' traces and this epoch's window decision."""
+        return {"traces": [list(row) for row in self._traces], "window": self._window, "k": self._k}
 
     def load_host_state(self, state: Mapping[str, Any]) -> None:
         self._traces = [[float(v) for v in row] for row in state.get("traces", [])]
+        self._window, self._k = bool(state["window"]), float(state["k"])

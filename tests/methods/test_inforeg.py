@@ -93,11 +93,12 @@ def test_proximal_pull_toward_the_epoch_start_weights_and_trace_bookkeeping():
     bal.on_after_backward = spy
     bal.on_train_epoch_start(_ctx(trainer.model, 0))
     start = {m: [s.clone() for s in bal._snapshot[m]] for m in bal.modalities}
-    # θ^prev: one flat copy per encoder, counted in the memory overhead, not saved in the state dict
+    # θ^prev: one flat copy per encoder, counted in the memory overhead and saved (a resumed run
+    # pulls toward the same weights)
     encoder_bytes = sum(p.numel() * p.element_size() for p in trainer.model.encoders.parameters())
     prev = [b for n, b in bal.named_buffers() if n.startswith("prev_")]
     assert sum(b.numel() * b.element_size() for b in prev) == encoder_bytes
-    assert not any(k.startswith("prev_") for k in bal.state_dict())
+    assert sum(k.startswith("prev_") for k in bal.state_dict()) == len(bal.modalities)
     for i, b in enumerate(batches[:2]):
         trainer.train_step(b, 0, i)
     before, after, scores, params = seen[1]  # second step: θ has moved away from θ^prev
@@ -116,7 +117,7 @@ def test_proximal_pull_toward_the_epoch_start_weights_and_trace_bookkeeping():
 
 def test_no_edit_outside_the_window():
     trainer, bal, batches = _trainer(InfoRegConfig())
-    bal.load_host_state({"traces": [[1.0, 1.0]] * 12})  # a flat trace: k = 0 <= 0.05
+    bal.load_host_state({"traces": [[1.0, 1.0]] * 12, "window": True, "k": 1.0})  # flat trace: k = 0 <= 0.05
     bal.on_train_epoch_start(_ctx(trainer.model, 12))
     assert bal._k == 0.0 and not bal._window
     grads = []
@@ -138,7 +139,7 @@ def test_no_edit_outside_the_window():
 def test_window_reads_one_modalitys_trace_when_asked():
     trainer, bal, _ = _trainer(InfoRegConfig(window_trace="b", window_length=2))
     # a: growing, b: flat -> b's k = 0 (closed); the encoders' sum would be open
-    bal.load_host_state({"traces": [[1.0, 3.0], [2.0, 3.0], [4.0, 3.0]]})
+    bal.load_host_state({"traces": [[1.0, 3.0], [2.0, 3.0], [4.0, 3.0]], "window": True, "k": 1.0})
     bal.on_train_epoch_start(_ctx(trainer.model, 3))
     assert bal._k == 0.0 and not bal._window
 
