@@ -33,7 +33,14 @@ from mmbalance.methods._headed import HeadedBalancer
 from mmbalance.methods._heads import head_term
 from mmbalance.models.base import ModelOutput, MultimodalModel
 
-__all__ = ["OGMGE", "OGMGEConfig", "ogm_coefficients", "confidence_score", "pairwise_ratios", "gaussian_enhance_"]
+__all__ = [
+    "OGMGE",
+    "OGMGEConfig",
+    "ogm_coefficients",
+    "confidence_score",
+    "pairwise_ratios",
+    "gaussian_enhance_",
+]
 
 SCORES = ("confidence", "task")
 PARAM_RULES = ("all", "conv")
@@ -46,7 +53,8 @@ class OGMGEConfig(HeadConfig, ModulationWindow):
     modulation_starts: int = 0  # first epoch with modulation (0-based, inclusive; main.py default 0)
     modulation_ends: int = 50  # last epoch with modulation (inclusive; main.py default 50)
     params: str = "all"  # "all" encoder parameters, or "conv": only 4-D weights (official rule)
-    score: str = "confidence"  # s_u: "confidence" Σ p(y|x^u) (cls; Σ exp(−ℓ) for reg/seg) or "task" (task.score)
+    # s_u: "confidence" Σ p(y|x^u) (cls; Σ exp(−ℓ) for reg/seg) or "task" (task.score)
+    score: str = "confidence"
     head_lr: float | None = None  # LR of the unimodal heads (None = the run's LR)
     head_hidden: int | None = None  # None: linear heads, like the official split of a linear fusion head
     sequence_pool: str = "mean"  # pooling of (B, L, d) features for the heads
@@ -100,7 +108,9 @@ def gaussian_enhance_(
         return
     per_tensor = coefficients.reshape(-1).expand(len(grads)) if coefficients.dim() == 0 else coefficients
     if per_tensor.shape != (len(grads),):
-        raise ConfigError(f"coefficients must be 0-d or have shape ({len(grads)},), got {tuple(coefficients.shape)}")
+        raise ConfigError(
+            f"coefficients must be 0-d or have shape ({len(grads)},), got {tuple(coefficients.shape)}"
+        )
     if not noise:
         torch._foreach_mul_(grads, list(per_tensor.to(grads[0].dtype).unbind()))
         return
@@ -144,8 +154,8 @@ class OGMGE(HeadedBalancer):
                 params = [p for p in params if p.dim() == 4]
                 if not params:
                     raise ConfigError(
-                        f"ogm_ge params='conv' modulates only 4-D conv weights, but modality {m!r}'s encoder has none; "
-                        "use params='all'"
+                        f"ogm_ge params='conv' modulates only 4-D conv weights, but modality {m!r}'s "
+                        "encoder has none; use params='all'"
                     )
             groups[m] = params
         self._groups = groups
@@ -156,8 +166,7 @@ class OGMGE(HeadedBalancer):
     # -- training step ----------------------------------------------------------------------------
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Any) -> dict[str, Tensor]:
         target = batch["target"]
-        out_size = target.shape[-2:] if task.name == "seg" else None
-        unimodal = self.heads(output.features, out_size=out_size)
+        unimodal = self.unimodal_predictions(output, batch)
         terms = {"task": task.loss(output.prediction, target)}
         scores = []
         for m in self.modalities:

@@ -39,14 +39,24 @@ def test_shapley_coefficients_three_modalities_match_urfunny_net():
     col = {t: j for j, t in enumerate(subsets)}
     a, v, t = 0, 1, 2  # text response of URFunny_net.Modality_Text:
     # (f(avt) - f(av) + f(t)) / 3 + (f(at) - f(a) + f(vt) - f(v)) / 6
-    expected = {(a, v, t): 1 / 3, (a, v): -1 / 3, (t,): 1 / 3, (a, t): 1 / 6, (a,): -1 / 6, (v, t): 1 / 6, (v,): -1 / 6}
+    expected = {
+        (a, v, t): 1 / 3,
+        (a, v): -1 / 3,
+        (t,): 1 / 3,
+        (a, t): 1 / 6,
+        (a,): -1 / 6,
+        (v, t): 1 / 6,
+        (v,): -1 / 6,
+    }
     for subset, w in expected.items():
         assert c[t, col[subset]].item() == pytest.approx(w)
     # responses add up to f(N): column sums are 0 except the full set's, which is 1
     for m in (2, 3, 4):
         _, cm = shapley_coefficients(m)
         sums = cm.sum(dim=0)
-        assert torch.allclose(sums[:-1], torch.zeros(cm.shape[1] - 1, dtype=cm.dtype), atol=1e-12) and sums[-1].item() == pytest.approx(1)
+        assert torch.allclose(sums[:-1], torch.zeros(cm.shape[1] - 1, dtype=cm.dtype), atol=1e-12) and sums[
+            -1
+        ].item() == pytest.approx(1)
     with pytest.raises(ConfigError, match="at least 2"):
         shapley_coefficients(1)
 
@@ -86,7 +96,7 @@ def _trainer(balancer, seed=0):
     torch.manual_seed(seed)
     trainer = Trainer(tiny_model(seed=seed), balancer, make_task("cls", 3), cfg, CPU, steps_per_epoch=3)
     data = splits["train"].tensors
-    return trainer, [{k: v[i * 16:(i + 1) * 16] for k, v in data.items()} for i in range(3)]
+    return trainer, [{k: v[i * 16 : (i + 1) * 16] for k, v in data.items()} for i in range(3)]
 
 
 @pytest.mark.parametrize("mask", ["input", "feature"])
@@ -97,7 +107,7 @@ def test_gradient_is_the_k_weighted_sum_of_response_gradients(mask):
     bal.running_score.copy_(torch.tensor([0.2, 3.0]))
     bal.num_scores.fill_(5)
     out = bal.forward_step(model, batch)
-    k = bal._sums["k"].clone()
+    k = bal._means._sums["coeff"].float()
     assert not torch.allclose(k, torch.ones(2))
     torch.testing.assert_close(out.prediction, model(batch).prediction, atol=1e-6, rtol=1e-5)  # Σ m_i = f(N)
     params = list(model.parameters())
@@ -134,8 +144,10 @@ def test_modulation_window_and_running_mean():
     bal.num_scores.fill_(1)
     bal._epoch = 0
     bal.forward_step(trainer.model, batches[0])
-    assert torch.equal(bal._sums["k"], torch.ones(2))  # outside the window: k = 1
-    s = bal._sums["score"]
+    assert torch.equal(
+        bal._means._sums["coeff"], torch.ones(2, dtype=torch.float64)
+    )  # outside the window: k = 1
+    s = bal._means._sums["score"].float()
     torch.testing.assert_close(bal.running_score, (torch.tensor([0.2, 3.0]) + s) / 2)
     assert bal.num_scores.item() == 2
 

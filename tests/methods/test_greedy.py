@@ -1,5 +1,6 @@
 """Greedy: conditional learning speed and d_BDR by hand, the curation state machine against a
-transcription of Bias_Mitigation_Strong, the MMTM gates, and state round trips."""
+transcription of Bias_Mitigation_Strong, training with the MMTM, and state round trips (the MMTM
+block itself is tested in tests/models/test_mmtm.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import torch
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS
 from mmbalance.methods.greedy import (
-    MMTM,
     Greedy,
     GreedyConfig,
     bdr_difference,
@@ -72,52 +72,13 @@ def test_curation_state_machine_matches_the_official_callback():
     assert entered > 10
 
 
-@pytest.mark.parametrize(
-    "shapes",
-    [((3, 4), (3, 6)), ((3, 5, 4), (3, 2, 6)), ((3, 4, 2, 2), (3, 6, 3, 3)), ((3, 4), (3, 6, 2, 2))],
-)
-def test_mmtm_gates_each_feature_kind(shapes):
-    state = torch.get_rng_state()
-    mmtm = MMTM(ratio=4, seed=0)
-    feats = tuple(torch.randn(s) for s in shapes)
-    torch.set_rng_state(state)
-    out = mmtm(feats)
-    assert torch.equal(torch.get_rng_state(), state)  # built from a private generator
-    for f, o in zip(feats, out, strict=True):
-        assert o.shape == f.shape
-        gate = o / f
-        assert ((gate > 0) & (gate < 1)).all()
-    assert mmtm.core.fc_squeeze.out_features == int(2 * (4 + 6) / 4)
-
-
-def test_curation_replaces_the_cared_for_gate_by_its_running_average():
-    mmtm = MMTM(ratio=2, seed=0)
-    feats = (torch.randn(8, 4), torch.randn(8, 6))
-    means = []
-    for _ in range(3):
-        out = mmtm(feats)
-        means.append((out[0] / feats[0]).mean(0))
-    torch.testing.assert_close(mmtm.running_gate_0, torch.stack(means).mean(0))
-    assert mmtm.gate_steps.item() == 3
-    out = mmtm(feats, curation=torch.tensor(True), caring=torch.tensor(0))
-    expected_running = (3 * torch.stack(means).mean(0) + means[0]) / 4  # this step's gate enters first
-    torch.testing.assert_close(out[0], feats[0] * expected_running)
-    plain = mmtm(feats, curation=torch.tensor(False), caring=torch.tensor(0))
-    torch.testing.assert_close(out[1], plain[1])  # the other modality keeps its live gate
-    mmtm.eval()
-    steps = mmtm.gate_steps.item()
-    evaluated = mmtm(feats, curation=torch.tensor(True), caring=torch.tensor(0))
-    assert mmtm.gate_steps.item() == steps  # no running-average update at eval
-    torch.testing.assert_close(evaluated[1], plain[1])
-
-
 def _trainer(balancer, seed=0):
     splits, _ = tiny_splits()
     cfg = TrainConfig(batch_size=8, seed=seed, eval_modality_scores=False, cost_steps=0)
     torch.manual_seed(seed)
     trainer = Trainer(tiny_model(seed=seed), balancer, make_task("cls", 3), cfg, CPU, steps_per_epoch=6)
     data = splits["train"].tensors
-    return trainer, [{k: v[i * 8:(i + 1) * 8] for k, v in data.items()} for i in range(6)]
+    return trainer, [{k: v[i * 8 : (i + 1) * 8] for k, v in data.items()} for i in range(6)]
 
 
 def test_training_accumulates_speeds_and_round_trips_state():
@@ -135,7 +96,9 @@ def test_training_accumulates_speeds_and_round_trips_state():
     trainer.train_step(batches[3], 1, 2)  # second curation step: leaves
     assert not bool(bal.curation)
     output = trainer.model(batches[4])
-    expected = trainer.model.fuse(dict(zip(("a", "b"), bal.mmtm((output.features["a"], output.features["b"])), strict=True)))
+    expected = trainer.model.fuse(
+        dict(zip(("a", "b"), bal.mmtm((output.features["a"], output.features["b"])), strict=True))
+    )
     bal.eval()
     torch.testing.assert_close(bal.predict(output), expected.prediction)
     fresh = Greedy(GreedyConfig())

@@ -48,7 +48,8 @@ def test_combined_gradient_by_hand_with_rescale_to_the_summed_norm():
 def test_zero_combined_tensor_keeps_zero_where_the_official_code_writes_nan():
     # tensors of sizes 1 and 1: g_mm = (1 | 1), g_m = (1 | -3): <.,.> = -2, |g_mm|^2 = 2, |g_m|^2 = 10
     # c = (10 + 2) / (2 + 10 + 4) = 0.75 -> ĝ = 2 (0.75 g_mm + 0.25 g_m) = (2 | 0) exactly
-    # tensor 1: |sum| = 2 = |ĝ_1| -> 2 x γ; tensor 2: |sum| = 2, |ĝ_2| = 0 -> official diff = inf, inf * 0 = NaN
+    # tensor 1: |sum| = 2 = |ĝ_1| -> 2 x γ
+    # tensor 2: |sum| = 2, |ĝ_2| = 0 -> official diff = inf, inf * 0 = NaN
     new, a_mm, _ = pareto_combine(T([1.0, 1.0]), T([1.0, -3.0]), [1, 1], gamma=1.5)
     assert a_mm.item() == 0.75
     torch.testing.assert_close(new, T([3.0, 0.0]))
@@ -127,6 +128,10 @@ def test_config_errors_and_missing_terms():
     with pytest.raises(ConfigError, match="sequence_pool"):
         METHODS.build("mmpareto", None, sequence_pool="max")
     balancer = MMPareto()
-    balancer.setup(tiny_model(), make_task("cls", 3), lambda params, lr=None, **kw: torch.optim.SGD(params, lr=0.1))
+    balancer.setup(
+        tiny_model(), make_task("cls", 3), lambda params, lr=None, **kw: torch.optim.SGD(params, lr=0.1)
+    )
     with pytest.raises(ConfigError, match="unimodal/a"):
-        balancer.backward({"task": torch.zeros((), requires_grad=True)}, torch.amp.GradScaler("cpu", enabled=False))
+        balancer.backward(
+            {"task": torch.zeros((), requires_grad=True)}, torch.amp.GradScaler("cpu", enabled=False)
+        )

@@ -31,9 +31,11 @@ def _trainer(balancer, seed=0, **cfg):
     base = dict(batch_size=16, seed=seed, eval_modality_scores=False, cost_steps=0)
     base.update(cfg)
     torch.manual_seed(seed)
-    trainer = Trainer(tiny_model(seed=seed), balancer, make_task("cls", 3), TrainConfig(**base), CPU, steps_per_epoch=3)
+    trainer = Trainer(
+        tiny_model(seed=seed), balancer, make_task("cls", 3), TrainConfig(**base), CPU, steps_per_epoch=3
+    )
     data = splits["train"].tensors if hasattr(splits["train"], "tensors") else None
-    batches = [{k: v[i * 16:(i + 1) * 16] for k, v in data.items()} for i in range(3)]
+    batches = [{k: v[i * 16 : (i + 1) * 16] for k, v in data.items()} for i in range(3)]
     return trainer, batches
 
 

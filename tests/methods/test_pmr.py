@@ -28,12 +28,15 @@ def test_class_prototypes_by_hand():
 
 def test_prototype_logits_are_negative_euclidean_distances():
     logits = prototype_logits(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
-    torch.testing.assert_close(logits, torch.tensor([[-5.0, -1.0], [0.0, -(9.0 + 9.0) ** 0.5]]))
+    torch.testing.assert_close(logits, torch.tensor([[-5.0, -1.0], [0.0, -((9.0 + 9.0) ** 0.5)]]))
 
 
 def test_loss_weights_accelerate_only_the_slower_modality():
     assert pmr_weights(torch.tensor([10.0, 20.0]), 2.0).tolist() == [2.0, 0.0]  # audio slower: beta = alpha
-    assert pmr_weights(torch.tensor([20.0, 10.0]), 2.0).tolist() == [0.0, 2.0]  # visual slower: lambda = alpha
+    assert pmr_weights(torch.tensor([20.0, 10.0]), 2.0).tolist() == [
+        0.0,
+        2.0,
+    ]  # visual slower: lambda = alpha
     assert pmr_weights(torch.tensor([7.0, 7.0]), 2.0).tolist() == [0.0, 0.0]  # tie: none
     # three modalities s = (1, 2, 4): rho = (0.375, 1.25, 3) -> only the first is slower
     assert pmr_weights(torch.tensor([1.0, 2.0, 4.0]), 0.5).tolist() == [0.5, 0.0, 0.0]
@@ -48,9 +51,15 @@ def _setup(balancer, seed=0):
 
     def ctx(epoch):
         return EpochContext(
-            model=trainer.model, epoch=epoch, num_epochs=3, train_loader=train_loader,
-            val_loader=make_loader(splits["val"], cfg, CPU, train=False), task=trainer.task, device=CPU,
-            optimizer=trainer.optimizer, to_device=lambda b: batch_to_device(b, CPU),
+            model=trainer.model,
+            epoch=epoch,
+            num_epochs=3,
+            train_loader=train_loader,
+            val_loader=make_loader(splits["val"], cfg, CPU, train=False),
+            task=trainer.task,
+            device=CPU,
+            optimizer=trainer.optimizer,
+            to_device=lambda b: batch_to_device(b, CPU),
         )
 
     return trainer, splits, ctx
@@ -122,8 +131,15 @@ def test_classification_only_and_config_errors():
         splits, spec = tiny_splits()
         from dataclasses import replace
 
-        fit(tiny_model(), PMR(), splits, replace(spec, task="reg", num_outputs=1), make_task("reg", 1),
-            TrainConfig(epochs=1, batch_size=16, cost_steps=0), CPU)
+        fit(
+            tiny_model(),
+            PMR(),
+            splits,
+            replace(spec, task="reg", num_outputs=1),
+            make_task("reg", 1),
+            TrainConfig(epochs=1, batch_size=16, cost_steps=0),
+            CPU,
+        )
     with pytest.raises(ConfigError, match="momentum_coef"):
         METHODS.build("pmr", None, momentum_coef=1.0)
     with pytest.raises(ConfigError, match="proto_fraction"):
