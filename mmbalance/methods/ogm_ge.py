@@ -9,7 +9,8 @@ Port of ``GeWu-Lab/OGM-GE_CVPR2022:main.py`` (``train_epoch``). Deviations (deta
 ``methods/ogm_ge.md``): unimodal predictions come from our own linear heads on detached encoder
 features instead of slices of a concat fusion head; by default every encoder parameter is modulated
 (``params="conv"`` restores the official 4-D-weights-only rule); more than two modalities use the
-authors' pairwise-average ratio (OGM-GE#16); regression/segmentation use ``s_u = Σ_i exp(−ℓ_i)``.
+authors' pairwise-average ratio (OGM-GE#16); regression/segmentation use ``s_u = Σ_i exp(−ℓ_i)``;
+scores, ratios, coefficients and the noise scale are computed in float64.
 """
 
 from __future__ import annotations
@@ -69,11 +70,12 @@ class OGMGEConfig(HeadConfig, ModulationWindow):
 def confidence_score(prediction: Tensor, target: Tensor, task: Any) -> Tensor:
     """Σ over the batch of the probability of the target: ``Σ_i softmax(out)_i[y_i]`` for cls (the
     official score), ``Σ_i exp(−ℓ_i)`` with the per-sample task loss otherwise (equal to the former
-    for unsmoothed cross-entropy). 0-d tensor, no host sync."""
+    for unsmoothed cross-entropy). A float64 0-d tensor (``main.py`` sums the probabilities in the
+    parameter dtype: a float64 model gives the official value exactly), no host sync."""
     if task.name == "cls":
-        log_p = F.log_softmax(prediction.float(), dim=1).gather(1, target.long().reshape(-1, 1))
-        return log_p.exp().sum()
-    return torch.exp(-task.loss(prediction.float(), target, reduction="none")).sum()
+        p = F.softmax(prediction.double(), dim=1).gather(1, target.long().reshape(-1, 1))
+        return p.sum()
+    return torch.exp(-task.loss(prediction, target, reduction="none").double()).sum()
 
 
 def pairwise_ratios(scores: Tensor, eps: float = 1e-12) -> Tensor:
@@ -98,6 +100,10 @@ def gaussian_enhance_(
     """In place: ``g ← k·g + N(0, std(g)²)`` for every tensor (std of the unscaled gradient,
     unbiased, + 1e-8 as ``main.py``; a one-element tensor has std 0). ``noise=False``: ``g ← k·g``.
 
+    The per-tensor mean, std and ``std + 1e-8`` are computed in float64 (``main.py``:
+    ``grad.std().item() + 1e-8``, a Python double); ``k·g`` and the noise are in the gradients' dtype
+    (float32 for half-precision gradients), one ``randn_like`` over the concatenated gradients.
+
     ``coefficients`` is 0-d (one k for every tensor) or ``(len(grads),)`` (one k per tensor), so
     all modalities are enhanced in one go. Per-tensor statistics come from one concatenation and
     segmented reductions: a fixed number of kernels however many parameters there are.
@@ -115,15 +121,17 @@ def gaussian_enhance_(
         torch._foreach_mul_(grads, list(per_tensor.to(grads[0].dtype).unbind()))
         return
     sizes = [g.numel() for g in grads]
-    flat = torch.cat([g.reshape(-1) for g in grads]).float()
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
     n = flat.numel()
     if lengths is None:
         lengths = torch.tensor(sizes, device=flat.device)
-    counts = lengths.to(flat.dtype)
-    mean = torch.segment_reduce(flat, "sum", lengths=lengths) / counts
-    centred = flat - mean.repeat_interleave(lengths, output_size=n)
+    wide = flat.double()
+    counts = lengths.double()
+    mean = torch.segment_reduce(wide, "sum", lengths=lengths) / counts
+    centred = wide - mean.repeat_interleave(lengths, output_size=n)
     var = torch.segment_reduce(centred * centred, "sum", lengths=lengths) / (counts - 1).clamp_min(1)
-    std = var.sqrt() + 1e-8
+    std = (var.sqrt() + 1e-8).to(flat.dtype)
     scaled = flat * per_tensor.to(flat.dtype).repeat_interleave(lengths, output_size=n)
     enhanced = torch.addcmul(scaled, torch.randn_like(flat), std.repeat_interleave(lengths, output_size=n))
     torch._foreach_copy_(grads, [c.view(g.shape) for c, g in zip(enhanced.split(sizes), grads, strict=True)])
@@ -173,13 +181,13 @@ class OGMGE(HeadedBalancer):
             # one per-sample loss serves the head's training term and the reg/seg confidence
             per_sample = task.loss(unimodal[m], target, reduction="none")
             terms[head_term(m)] = per_sample.mean()
-            with torch.no_grad():
+            with torch.no_grad():  # scores in float64 (see confidence_score)
                 if self.config.score == "task":
-                    scores.append(task.score(unimodal[m].detach().float(), target).float())
+                    scores.append(task.score(unimodal[m].detach(), target).double())
                 elif task.name == "cls":
                     scores.append(confidence_score(unimodal[m].detach(), target, task))
                 else:
-                    scores.append(torch.exp(-per_sample.detach().float()).sum())
+                    scores.append(torch.exp(-per_sample.detach().double()).sum())
         self._scores = torch.stack(scores)
         return terms
 
