@@ -9,8 +9,11 @@ epoch on. Prototypical logits ``−‖z_m − c_m^k‖`` give a per-modality con
 Port of ``fanyunfeng-bit/Modal-Imbalance-PMR:main_Prototype_grad.py`` (``train_epoch``,
 ``calculate_prototype``, ``main``). Deviations (``methods/pmr.md``): prototypes of classes absent
 from the sampled batches keep their previous value instead of becoming NaN; the 10 % subset is drawn
-by a private seeded loader so the main loop's shuffling is untouched; more than two modalities use
-the pairwise-average ratio of OGM-GE#16. Classification only (prototypes need class labels).
+by a private seeded loader so the main loop's shuffling is untouched; prototypes always come from
+the training split (the official AVE and CGMNIST runs read the validation and test splits);
+prototypes, distances, scores and the ratio are float64 (official: float32 buffers); more than two
+modalities use the pairwise-average ratio of OGM-GE#16. Classification only (prototypes need class
+labels).
 """
 
 from __future__ import annotations
@@ -59,15 +62,21 @@ class PMRConfig(ModulationWindow):
 
 # -- the arithmetic (hand-checked in tests/methods/test_pmr.py) -------------------------------------
 def class_prototypes(embeddings: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Per-class sums and counts: ``(K, d)`` sums of ``embeddings (N, d)`` by ``labels (N,)``, and
-    ``(K,)`` counts. A one-hot matmul (deterministic on every device, unlike ``index_add_``)."""
-    onehot = F.one_hot(labels.long(), num_classes).to(embeddings.dtype)  # (N, K)
-    return onehot.t() @ embeddings, onehot.sum(dim=0)
+    """Per-class sums and counts, in float64: ``(K, d)`` sums of ``embeddings (N, d)`` by
+    ``labels (N,)``, and ``(K,)`` counts. A one-hot matmul (deterministic on every device, unlike
+    ``index_add_``)."""
+    onehot = F.one_hot(labels.long(), num_classes).double()  # (N, K)
+    return onehot.t() @ embeddings.double(), onehot.sum(dim=0)
 
 
 def prototype_logits(embedding: Tensor, prototypes: Tensor) -> Tensor:
-    """``−‖z_i − c_k‖₂`` for ``embedding (B, d)`` and ``prototypes (K, d)``: ``(B, K)``."""
-    return -torch.cdist(embedding.float().unsqueeze(0), prototypes.float().unsqueeze(0)).squeeze(0)
+    """``−‖z_i − c_k‖₂`` for ``embedding (B, d)`` and ``prototypes (K, d)``: ``(B, K)`` float64.
+
+    Each distance is the root of the summed squared differences (``EU_dist``: ``sqrt(dot(x − c,
+    x − c))``), never ``‖z‖² + ‖c‖² − 2 z·c``, which cancels catastrophically for features close to
+    a prototype (``torch.cdist``'s default for batches over 25)."""
+    z, c = embedding.double().unsqueeze(0), prototypes.double().unsqueeze(0)
+    return -torch.cdist(z, c, compute_mode="donot_use_mm_for_euclid_dist").squeeze(0)
 
 
 def pmr_weights(scores: Tensor, alpha: float) -> Tensor:
@@ -95,7 +104,9 @@ class PMR(Balancer):
     presets = {
         # bash.sh, main_Prototype_grad.py, concat fusion
         "cremad": {"alpha": 2.0, "momentum_coef": 0.0, "modulation_ends": 70},
-        "ave": {"alpha": 2.0, "momentum_coef": 0.0, "modulation_ends": 70},
+        # AVE: calculate_prototype passes over a whole loader (the official one is the validation
+        # loader; ours is always the training split, see methods/pmr.md)
+        "ave": {"alpha": 2.0, "momentum_coef": 0.0, "modulation_ends": 70, "proto_fraction": 1.0},
         "cgmnist": {"alpha": 1.0, "momentum_coef": 0.0, "modulation_ends": 60},
     }
     tasks = frozenset({"cls"})
@@ -135,7 +146,7 @@ class PMR(Balancer):
             for batch in iterate(loader, ctx.to_device, n_batches):
                 features, _ = ctx.model.encode(batch)
                 for m in self.modalities:
-                    z = pool_features(features[m], self.config.sequence_pool).float()
+                    z = pool_features(features[m], self.config.sequence_pool)
                     s, c = class_prototypes(z, batch["target"], self.num_classes)
                     sums[m] = s if m not in sums else sums[m] + s
                 counts = c if counts is None else counts + c
@@ -177,8 +188,8 @@ class PMR(Balancer):
             losses.append(F.cross_entropy(logits, target.long()))
             with torch.no_grad():
                 scores.append(F.softmax(logits, dim=1).gather(1, target.long().reshape(-1, 1)).sum())
-        weights = pmr_weights(torch.stack(scores), cfg.alpha)
-        terms["proto"] = (weights * torch.stack(losses)).sum()
+        weights = pmr_weights(torch.stack(scores), cfg.alpha)  # scores, ratios, weights: float64
+        terms["proto"] = (weights * torch.stack(losses)).sum().to(output.prediction.dtype)
         self._means.update(proto_weight=weights, ratio=pairwise_ratios(torch.stack(scores)))
         return terms
 
