@@ -11,8 +11,9 @@ multiplied by γ = 1.5. Fusion, head and unimodal heads keep their plain gradien
 Port of ``GeWu-Lab/MMPareto_ICML2024:code/MMPareto.py`` (``train_epoch``) and
 ``code/min_norm_solvers.py`` (``_min_norm_element_from2``). Deviations (``methods/mmpareto.md``):
 M + 1 backward passes instead of M + 2 (per-loss gradients from ``torch.autograd.grad``, their sum
-is the summed gradient), a zero-norm guard where the official code gives NaN, any number of
-modalities (each encoder has its own two-task problem) and any task loss.
+is the summed gradient), a zero-norm guard where the official code gives NaN, inner products,
+weights and norms in float64 (official: the parameter dtype), any number of modalities (each encoder
+has its own two-task problem) and any task loss.
 """
 
 from __future__ import annotations
@@ -61,8 +62,13 @@ def min_norm_two(v1v1: Tensor, v1v2: Tensor, v2v2: Tensor) -> Tensor:
 
 def pareto_weights(g_mm: Tensor, g_m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(α_mm, α_m, cos)`` for two flat gradients of one encoder: (1/2, 1/2) if
-    ``cos(g_mm, g_m) > 0`` (official ``this_cos > 0``), else the min-norm weights ``(c, 1 − c)``."""
-    v1v1, v1v2, v2v2 = g_mm.dot(g_mm), g_mm.dot(g_m), g_m.dot(g_m)
+    ``cos(g_mm, g_m) > 0`` (official ``this_cos > 0``), else the min-norm weights ``(c, 1 − c)``.
+
+    The inner products, the cosine and the weights are float64 (the official weights are NumPy
+    doubles): the gradients are widened before the products, transiently."""
+    wide_mm, wide_m = g_mm.double(), g_m.double()
+    v1v1, v1v2, v2v2 = wide_mm.dot(wide_mm), wide_mm.dot(wide_m), wide_m.dot(wide_m)
+    del wide_mm, wide_m
     cos = v1v2 / (v1v1.sqrt() * v2v2.sqrt()).clamp_min(1e-8)  # F.cosine_similarity's eps
     c = torch.where(cos > 0, 0.5, min_norm_two(v1v1, v1v2, v2v2))
     return c, 1 - c, cos
@@ -74,18 +80,24 @@ def pareto_combine(
     """The MMPareto encoder gradient for flat ``g_mm``, ``g_m`` (concatenations of the encoder's
     parameter gradients, tensor lengths ``sizes``: a list, or an int64 tensor on the gradients'
     device to avoid a host-to-device copy). Returns ``(new, α_mm, cos)`` with, per tensor k,
-    ``new_k = γ · max(1, ‖g_mm,k + g_m,k‖ / ‖ĝ_k‖) · ĝ_k`` and ``ĝ = 2 (α_mm g_mm + α_m g_m)``.
+    ``new_k = γ · max(1, ‖g_mm,k + g_m,k‖ / ‖ĝ_k‖) · ĝ_k`` and ``ĝ = 2 α_mm g_mm + 2 α_m g_m``.
 
-    Where ``‖ĝ_k‖ = 0`` the factor is 1 (the official code divides by zero and writes NaN).
+    ``ĝ`` and ``new`` are in the gradients' dtype (``MMPareto.py`` multiplies the float32 gradients
+    by its double weights); the weights, the per-tensor norms and the factor are float64. Where
+    ``‖ĝ_k‖ = 0`` the factor is 1 (the official code divides by zero and writes NaN).
     """
     a_mm, a_m, cos = pareto_weights(g_mm, g_m)
-    combined = 2 * (a_mm * g_mm + a_m * g_m)
+    dtype = g_mm.dtype
+    combined = (2 * a_mm).to(dtype) * g_mm + (2 * a_m).to(dtype) * g_m
     lengths = sizes if isinstance(sizes, Tensor) else torch.tensor(sizes, device=g_mm.device)
-    summed = g_mm + g_m
+    summed = (g_mm + g_m).double()  # what .grad holds: the summed-loss gradient
     norm_sum = torch.segment_reduce(summed * summed, "sum", lengths=lengths).sqrt()
-    norm_new = torch.segment_reduce(combined * combined, "sum", lengths=lengths).sqrt()
+    del summed
+    wide = combined.double()
+    norm_new = torch.segment_reduce(wide * wide, "sum", lengths=lengths).sqrt()
+    del wide
     ratio = norm_sum / torch.where(norm_new > 0, norm_new, 1.0)
-    factor = torch.where((norm_new > 0) & (ratio > 1), ratio, 1.0) * gamma
+    factor = (torch.where((norm_new > 0) & (ratio > 1), ratio, 1.0) * gamma).to(dtype)
     new = combined * factor.repeat_interleave(lengths, output_size=combined.numel())
     return new, a_mm, cos
 
@@ -187,10 +199,10 @@ class MMPareto(HeadedBalancer):
                 new = new * self._inv_scale
             grads = [p.grad for p in params]
             torch._foreach_copy_(grads, [v.view_as(g) for v, g in zip(new.split(sizes), grads, strict=True)])
-            rows[m] = torch.stack([cos, (cos <= 0).to(cos.dtype), a_mm]).float()
+            rows[m] = torch.stack([cos, (cos <= 0).to(cos.dtype), a_mm])  # float64
         self._pending = []
         if rows:  # a modality whose encoder the losses did not reach counts as zeros
-            zero = torch.zeros(3, device=next(iter(rows.values())).device)
+            zero = torch.zeros(3, dtype=torch.float64, device=next(iter(rows.values())).device)
             stats = torch.stack([rows.get(m, zero) for m in self.modalities]).detach()  # (M, 3)
             self._means.update(cos=stats[:, 0], conflict=stats[:, 1], alpha_mm=stats[:, 2])
 

@@ -35,6 +35,22 @@ def test_weights_for_a_conflicting_and_a_non_conflicting_pair():
     assert min_norm_two(T(1.0), T(-1.0), T(2.0)).item() == pytest.approx(0.6)
 
 
+def test_weights_and_cosine_of_float32_gradients_are_float64_exact():
+    # float32 g_mm = (1, 0), g_m = (-1, 1): c = 3/5 = 0.6 and cos = -1/sqrt(2) are not float32
+    # numbers; the official weights are NumPy doubles, so they must hold to 1e-12
+    a_mm, a_m, cos = pareto_weights(T([1.0, 0.0]), T([-1.0, 1.0]))
+    assert a_mm.dtype == a_m.dtype == cos.dtype == torch.float64
+    assert (a_mm.item(), a_m.item()) == pytest.approx((0.6, 0.4), rel=1e-12, abs=0)
+    assert cos.item() == pytest.approx(-1 / math.sqrt(2), rel=1e-12, abs=0)
+    # inner products of float32 values wider than float32: g_mm = (1 + 2^-20, 0), g_m = (-1, 2^-12)
+    # <.,.> = -(1 + 2^-20), |g_mm|^2 = 1 + 2^-19 + 2^-40, |g_m|^2 = 1 + 2^-24
+    # c = (|g_m|^2 - <.,.>) / (|g_mm|^2 + |g_m|^2 - 2 <.,.>)
+    x = 1.0 + 2.0**-20
+    a_mm, _, _ = pareto_weights(T([x, 0.0]), T([-1.0, 2.0**-12]))
+    c = (1 + 2.0**-24 + x) / (x * x + 1 + 2.0**-24 + 2 * x)
+    assert a_mm.item() == pytest.approx(c, rel=1e-12, abs=0)
+
+
 def test_combined_gradient_by_hand_with_rescale_to_the_summed_norm():
     # g_mm = (1, 0), g_m = (-1, 1): c = 0.6 -> ĝ = 2 (0.2, 0.4) = (0.4, 0.8), |ĝ| = sqrt(0.8)
     # |g_mm + g_m| = |(0, 1)| = 1 > |ĝ| -> ĝ / sqrt(0.8), then x γ = 1.5
