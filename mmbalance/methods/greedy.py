@@ -10,10 +10,13 @@ is replaced by its running average, so that modality cannot lean on the other an
 
 Port of ``nyukat/greedy_multimodal_learning`` (``src/callbacks.py`` ``Bias_Mitigation_Strong`` and
 ``Bias_Mitigation_Random``, ``src/balanced_mmtm.py`` ``MMTM_mitigate``, ``configs/training_guided.gin``).
-Deviations (``methods/greedy.md``): our models have no MMTM inside their encoders, so the balancer
-owns one MMTM block between the encoders and the fusion (trained by its own optimizer, used at test
-time too); the running average of the second modality's gate is fixed (official uses the first
-modality's gate); the state machine runs on the device.
+Deviations (``methods/greedy.md``): our models have no MMTMs between their encoders' layers (the
+official ``MMTM_MVCNN`` applies three between its two branches), so the balancer owns one MMTM
+block (``mmbalance.models.mmtm``) between the encoder outputs and the fusion, trained by its own
+optimizer and used at test time too; the running average of the second modality's gate is fixed
+(official uses the first modality's gate); the state machine runs on the device, with the speeds
+and d_BDR in float64 (the official Python doubles); the main path is the encoder (the official
+branch also holds its own classifier, which our shared-head models do not have).
 """
 
 from __future__ import annotations
@@ -65,10 +68,13 @@ class GreedyConfig(MethodConfig):
 
 # -- the arithmetic (hand-checked in tests/methods/test_greedy.py) ----------------------------------
 def conditional_learning_speed(grads: list[Tensor], params: list[Tensor]) -> Tensor:
-    """``Σ‖g‖² / Σ‖θ‖²`` over a parameter group (one step's term of ``M_main`` / ``M_bypass``)."""
-    gn = torch.stack(torch._foreach_norm(grads)).pow(2).sum() if grads else params[0].new_zeros(())
-    wn = torch.stack(torch._foreach_norm(params)).pow(2).sum()
-    return gn / wn.clamp_min(_TINY)
+    """``Σ‖g‖² / Σ‖θ‖²`` over a parameter group (one step's term of ``M_main`` / ``M_bypass``), a
+    float64 0-d tensor: the norms are taken in float64 (``compute_BDR`` adds each tensor's
+    ``(p ** 2).sum().item()`` as Python doubles)."""
+    wide = torch.float64
+    gn = torch.stack(torch._foreach_norm(grads, 2, dtype=wide)).pow(2).sum() if grads else None
+    wn = torch.stack(torch._foreach_norm(params, 2, dtype=wide)).pow(2).sum()
+    return (wn.new_zeros(()) if gn is None else gn) / wn.clamp_min(_TINY)
 
 
 def bdr_difference(m_bypass: Tensor, m_main: Tensor) -> Tensor:
@@ -117,10 +123,11 @@ class Greedy(Balancer):
         self.mmtm = MMTM(self.config.ratio, seed=int(torch.initial_seed()) + 104729)
         self.mmtm_optimizer: torch.optim.Optimizer | None = None
         self._main = [model.modality_parameters(m) for m in self.modalities]
-        # curation state machine (device tensors; moved by balancer.to(device))
-        self.register_buffer("m_bypass", torch.zeros(2))
-        self.register_buffer("m_main", torch.zeros(2))
-        self.register_buffer("d_bdr", torch.zeros(()))
+        # curation state machine (device tensors; moved by balancer.to(device)); the speeds and
+        # d_BDR in float64, as the official Python doubles
+        self.register_buffer("m_bypass", torch.zeros(2, dtype=torch.float64))
+        self.register_buffer("m_main", torch.zeros(2, dtype=torch.float64))
+        self.register_buffer("d_bdr", torch.zeros((), dtype=torch.float64))
         self.register_buffer("curation", torch.zeros((), dtype=torch.bool))
         self.register_buffer("caring", torch.zeros((), dtype=torch.long))
         self.register_buffer("curation_step", torch.zeros((), dtype=torch.long))

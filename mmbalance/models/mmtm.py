@@ -7,9 +7,9 @@ computed from both, so information crosses between the two branches. Greedy mult
 (``nyukat/greedy_multimodal_learning:src/balanced_mmtm.py`` ``MMTM_mitigate``).
 
 Feature shapes are unknown until the first forward, so the block is built lazily, on the features'
-device, with PyTorch's default initialisation drawn from a private generator (nothing is drawn from
-the global RNG). The built layout is saved as extra state, so a fresh block loads a trained state
-dict.
+device and in their dtype (float64 for a float64 model, float32 otherwise), with PyTorch's default
+initialisation drawn from a private generator (nothing is drawn from the global RNG). The built
+layout is saved as extra state, so a fresh block loads a trained state dict.
 """
 
 from __future__ import annotations
@@ -72,15 +72,15 @@ class MMTM(nn.Module):
     def built(self) -> bool:
         return self.core is not None
 
-    def _build(self, layout: tuple[tuple[str, int], ...], device: torch.device) -> None:
+    def _build(self, layout: tuple[tuple[str, int], ...], device: torch.device, dtype: torch.dtype) -> None:
         dims = (layout[0][1], layout[1][1])
         generator = torch.Generator().manual_seed(self.seed % (2**63))
         self.core = build_with_generator(
-            functools.partial(_MMTMCore, dims, self.ratio), generator, device, torch.float32
+            functools.partial(_MMTMCore, dims, self.ratio), generator, device, dtype
         )
         for name, d in (("running_gate_0", dims[0]), ("running_gate_1", dims[1])):
             if getattr(self, name).shape != (d,):  # already sized (and loaded) when built from a state dict
-                setattr(self, name, torch.zeros(d, device=device))
+                setattr(self, name, torch.zeros(d, device=device, dtype=dtype))
         self._layout = layout
 
     @staticmethod
@@ -107,12 +107,13 @@ class MMTM(nn.Module):
             layout.append((kind, int(f.shape[-1] if kind == "sequence" else f.shape[1])))
         layout_t = tuple(layout)
         if not self.built:
-            self._build(layout_t, features[0].device)
+            first = features[0].dtype  # the model's dtype (float32 for half-precision features)
+            self._build(layout_t, features[0].device, first if first == torch.float64 else torch.float32)
         elif layout_t != self._layout:
             raise ShapeError(f"MMTM was built for features {self._layout}, got {layout_t}")
         core = self.core
         assert core is not None
-        squeezed = torch.cat([pool_features(f).float() for f in features], dim=1)
+        squeezed = torch.cat([pool_features(f).to(core.fc_squeeze.weight.dtype) for f in features], dim=1)
         z = torch.relu(core.fc_squeeze(squeezed))
         gates = [torch.sigmoid(core.fc_excite[i](z)) for i in range(2)]
         if self.training:
@@ -149,7 +150,7 @@ class MMTM(nn.Module):
             if layout != self._layout:
                 raise ShapeError(f"saved MMTM layout {layout} differs from this one {self._layout}")
             return
-        self._build(layout, self._device_anchor.device)
+        self._build(layout, self._device_anchor.device, torch.float32)
 
 
 def _resize_running_gates(module: MMTM, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:

@@ -35,6 +35,42 @@ def test_conditional_learning_speed_and_bdr_by_hand():
     assert bdr_difference(torch.tensor([1.0, 10.0]), torch.tensor([10.0, 1.0])).item() == pytest.approx(-2.0)
 
 
+def test_speeds_of_float32_tensors_are_float64_exact():
+    # theta = (1 + 2^-20, 3): sum of squares 1 + 2^-19 + 2^-40 + 9 = 10 + 2^-19 + 2^-40 (exact in
+    # float64, not in float32); grads (0.5, 0.25 | 0.125): 0.25 + 0.0625 + 0.015625 = 0.328125
+    params = [torch.tensor([1.0 + 2.0**-20], dtype=torch.float32), torch.tensor([3.0], dtype=torch.float32)]
+    grads = [torch.tensor([0.5], dtype=torch.float32), torch.tensor([0.25, 0.125], dtype=torch.float32)]
+    speed = conditional_learning_speed(grads, params)
+    assert speed.dtype == torch.float64
+    assert speed.item() == pytest.approx(0.328125 / (10 + 2.0**-19 + 2.0**-40), rel=1e-12, abs=0)
+    # a group the loss did not reach: speed 0
+    assert conditional_learning_speed([], params).item() == 0.0
+
+
+def test_buffers_accumulate_the_float64_speeds_of_each_step():
+    bal = Greedy(GreedyConfig(start_epoch=5))  # locked: measure every step
+    trainer, batches = _trainer(bal)
+    expected = torch.zeros(2, 2, dtype=torch.float64)  # rows: main, bypass
+    original = bal.on_after_backward
+
+    def spy(ctx):
+        for i, (main, byp) in enumerate(zip(bal._main, bal._bypass_groups(), strict=True)):
+            for row, group in ((0, main), (1, byp)):
+                gn = sum(float((p.grad.double() ** 2).sum()) for p in group if p.grad is not None)
+                wn = sum(float((p.detach().double() ** 2).sum()) for p in group)
+                expected[row, i] += gn / wn
+        original(ctx)
+
+    bal.on_after_backward = spy
+    for i, b in enumerate(batches[:3]):
+        trainer.train_step(b, 0, i)
+    assert bal.m_main.dtype == bal.m_bypass.dtype == bal.d_bdr.dtype == torch.float64
+    torch.testing.assert_close(bal.m_main, expected[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(bal.m_bypass, expected[1], rtol=1e-12, atol=0)
+    d = math.log10(expected[1, 0] / expected[0, 0]) - math.log10(expected[1, 1] / expected[0, 1])
+    assert bal.d_bdr.item() == pytest.approx(d, rel=1e-12, abs=0)
+
+
 class OfficialStrong:
     """Transcription of Bias_Mitigation_Strong.on_backward_end (unlocked), d_BDR given per call."""
 

@@ -71,3 +71,15 @@ def test_unbuilt_block_loads_a_trained_state_and_rejects_other_layouts():
         MMTM(ratio=0, seed=0)
     with pytest.raises(ConfigError, match="hidden width"):
         MMTM(ratio=100, seed=0)((torch.randn(2, 4), torch.randn(2, 6)))
+
+
+def test_a_float64_model_gets_a_float64_block():
+    mmtm = MMTM(ratio=2, seed=0)
+    feats = (torch.randn(4, 4, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64))
+    out = mmtm(feats)
+    assert {p.dtype for p in mmtm.parameters()} == {torch.float64}
+    assert mmtm.running_gate_0.dtype == out[0].dtype == out[1].dtype == torch.float64
+    z = torch.relu(mmtm.core.fc_squeeze(torch.cat(feats, dim=1)))  # the gates, recomputed in float64
+    torch.testing.assert_close(
+        out[1], feats[1] * torch.sigmoid(mmtm.core.fc_excite[1](z)), rtol=1e-12, atol=0
+    )
