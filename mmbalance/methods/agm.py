@@ -11,8 +11,10 @@ better than its usual share is slowed, one that lags is boosted.
 Port of ``lihong2303/AGM_ICCV2023`` (``model/CREMAD_net.py`` and ``model/URFunny_net.py``
 ``GradMod``, ``run/CREMAD_main.py`` and ``run/URFunny_main.py`` ``train``). Deviations
 (``methods/agm.md``): any number of modalities through the general Shapley weights (the official
-code hard-codes 2 and 3); the unused all-masked pass is skipped; coefficients stay on the device;
-outside the modulation window k = 1 instead of the last stale coefficients; regression and
+code hard-codes 2 and 3); the unused all-masked pass is skipped; scores, ratios, coefficients and
+running means are float64 device tensors (the official Python doubles, without host syncs); for
+three or more modalities ``p_y`` is floored only against an underflow (``URFunny_main.py`` has no
+floor); outside the modulation window k = 1 instead of the last stale coefficients; regression and
 segmentation use the task loss as the score.
 """
 
@@ -22,48 +24,53 @@ import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmbalance.balancer import Balancer, OptimizerFactory, StepContext
+from mmbalance.balancer import Balancer, EpochContext, OptimizerFactory, StepContext
+from mmbalance.config import need
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
+from mmbalance.methods._config import ModulationWindow
+from mmbalance.methods._epoch_means import EpochMeans
+from mmbalance.methods._grads import present_grads, scale_grads_
 from mmbalance.models.base import ModelOutput, MultimodalModel
 
-__all__ = ["AGM", "AGMConfig", "shapley_coefficients", "agm_coefficients", "response_scores", "scale_grad"]
+__all__ = [
+    "AGM",
+    "AGMConfig",
+    "shapley_coefficients",
+    "agm_coefficients",
+    "response_scores",
+    "running_mean_update_",
+    "scale_grad",
+]
 
-MASKS = ("input", "feature")
-_LOG_EPS = -math.log(1e-8)  # CREMAD_main.py: -log p with p < 1e-8 replaced by -log 1e-8
+P_FLOOR = 1e-8  # the two-modality scripts replace p_y < 1e-8 by 1e-8 (CREMAD_main.py, AVMNIST_main.py)
 
 
 @dataclass(frozen=True)
-class AGMConfig:
+class AGMConfig(ModulationWindow):
     alpha: float = 1.0  # α: k_i = exp(α · min(r̃_i − r_i, c)) (utils/config.py --alpha)
-    cap: float | None = None  # c; None = official per-M value: 10 for M = 2 (CREMAD_main.py), 7 for M >= 3 (URFunny_main.py)
+    # c: "auto" = 10 for M = 2 (CREMAD_main.py), 7 for M >= 3 (URFunny_main.py); "none" = no cap
+    # (AVMNIST_main.py, AVE_main.py, MOSEI_main.py); or a number > 0
+    cap: float | Literal["auto", "none"] = "auto"
     modulation_starts: int = 0  # first modulated epoch (0-based, inclusive)
-    modulation_ends: int = 19  # last modulated epoch (inclusive); official --modulation_ends 20 with 1-based epochs
-    mask: str = "input"  # "input": zero the masked modalities' inputs and re-run the model (official); "feature": zero their encoder features
-    head_grad_clip: float | None = 1.0  # if max|∂L/∂W_out| > c: clip all model gradients to norm c (official run scripts); None = off
+    # last modulated epoch (inclusive); official --modulation_ends 20 with 1-based epochs
+    modulation_ends: int = 19
+    # "input": zero the masked modalities' inputs and re-run the model (official);
+    # "feature": zero their encoder features
+    mask: Literal["input", "feature"] = "input"
+    # if max|∂L/∂W_out| > c: clip all model gradients to norm c (official run scripts); None = off
+    head_grad_clip: float | None = 1.0
 
-    def __post_init__(self) -> None:
-        if not self.alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha!r}")
-        if self.cap is not None and not self.cap > 0:
-            raise ValueError(f"cap must be None or > 0, got {self.cap!r}")
-        if not isinstance(self.modulation_starts, int) or self.modulation_starts < 0:
-            raise ValueError(f"modulation_starts must be an integer >= 0, got {self.modulation_starts!r}")
-        if not isinstance(self.modulation_ends, int) or self.modulation_ends < self.modulation_starts:
-            raise ValueError(
-                f"modulation_ends must be an integer >= modulation_starts ({self.modulation_starts}), "
-                f"got {self.modulation_ends!r}"
-            )
-        if self.mask not in MASKS:
-            raise ValueError(f"mask must be one of {MASKS}, got {self.mask!r}")
-        if self.head_grad_clip is not None and not self.head_grad_clip > 0:
-            raise ValueError(f"head_grad_clip must be None or > 0, got {self.head_grad_clip!r}")
+    def check(self) -> None:
+        need(self, self.alpha >= 0, "alpha", ">= 0")
+        need(self, isinstance(self.cap, str) or self.cap > 0, "cap", "'auto', 'none' or a number > 0")
+        need(self, self.head_grad_clip is None or self.head_grad_clip > 0, "head_grad_clip", "None or > 0")
 
 
 # -- the arithmetic (hand-checked in tests/methods/test_agm.py) -------------------------------------
@@ -90,30 +97,45 @@ def shapley_coefficients(num_modalities: int) -> tuple[list[tuple[int, ...]], Te
     return subsets, coeff
 
 
-def response_scores(responses: Tensor, target: Tensor, task: Any) -> Tensor:
-    """``s_i`` = mean task loss of response i, ``(M,)``, detached. For cls the official clamped
-    cross-entropy ``−log max(p_y, 1e-8)``; for reg/seg the task loss."""
+def response_scores(responses: Tensor, target: Tensor, task: Any, floor: float = P_FLOOR) -> Tensor:
+    """``s_i`` = mean task loss of response i, ``(M,)``, detached, in float64 (the official scripts
+    take ``score.item()``, a Python double). For cls the cross-entropy ``−log max(p_y, floor)``
+    with ``p_y = softmax(m_i)[y]``: ``floor = 1e-8`` as the two-modality scripts; the
+    three-modality script (``URFunny_main.py``) has no floor, which :class:`AGM` follows with the
+    smallest positive float64 (only an underflowed ``p_y = 0`` changes, to −log 2.2e-308 = 708.4
+    instead of inf). For reg/seg the task loss."""
     with torch.no_grad():
         if task.name == "cls":
-            y = target.long()
+            y = target.long().reshape(-1, 1)
             scores = [
-                (-F.log_softmax(r.float(), dim=1).gather(1, y.reshape(-1, 1))).clamp_max(_LOG_EPS).mean()
+                -torch.log(F.softmax(r.double(), dim=1).gather(1, y).clamp_min(floor)).mean()
                 for r in responses
             ]
         else:
-            scores = [task.loss(r.float(), target) for r in responses]
-        return torch.stack(scores).float()
+            scores = [task.loss(r, target).double() for r in responses]
+        return torch.stack(scores)
 
 
-def agm_coefficients(scores: Tensor, running: Tensor, alpha: float, cap: float) -> tuple[Tensor, Tensor, Tensor]:
+def agm_coefficients(
+    scores: Tensor, running: Tensor, alpha: float, cap: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(k, r, r̃)``: ``r_i = exp(M/(M−1) (s̄ − s_i))`` from this step's scores, ``r̃_i`` the same
-    from the running means of past scores, ``k_i = exp(α · min(r̃_i − r_i, cap))``."""
+    from the running means of past scores, ``k_i = exp(α · min(r̃_i − r_i, cap))`` (no ``min``
+    for ``cap=None``). Computed in the scores' dtype (float64 in :class:`AGM`, as the official
+    ``math.exp`` on Python doubles)."""
     m = scores.shape[0]
     factor = m / (m - 1)
     r = torch.exp(factor * (scores.mean() - scores))
     r_ref = torch.exp(factor * (running.mean() - running))
-    k = torch.exp(alpha * torch.clamp(r_ref - r, max=cap))
-    return k, r, r_ref
+    gap = r_ref - r if cap is None else torch.clamp(r_ref - r, max=cap)
+    return torch.exp(alpha * gap), r, r_ref
+
+
+def running_mean_update_(running: Tensor, count: Tensor, scores: Tensor) -> None:
+    """In place: ``count += 1``, ``running ← running · (n − 1) / n + scores / n`` with the new
+    count n (the official ``train_score * (iteration - 1) / iteration + score / iteration``)."""
+    count += 1
+    running.copy_(running * (count - 1) / count + scores / count)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -142,15 +164,15 @@ class AGM(Balancer):
 
     Config = AGMConfig
     presets = {
-        "cremad": {"alpha": 1.5, "modulation_ends": 1499},  # authors' setting, lihongcs/AGM#3 (continuous modulation)
-        "avmnist": {"alpha": 2.5},  # README training command
+        "cremad": {
+            "alpha": 1.5,
+            "modulation_ends": 1499,
+        },  # authors' setting, lihongcs/AGM#3 (continuous modulation)
+        "avmnist": {"alpha": 2.5, "cap": "none"},  # README training command; AVMNIST_main.py has no cap
     }
-    tasks = frozenset({"cls", "reg", "seg"})
-    min_modalities = 2
-    max_modalities = None
     paper = (
-        "Li, Li, Hu, Lei, Li, Zhou. Boosting Multi-modal Model Performance with Adaptive Gradient Modulation. "
-        "ICCV 2023 (lihong2303/AGM_ICCV2023)"
+        "Li, Li, Hu, Lei, Li, Zhou. Boosting Multi-modal Model Performance with Adaptive Gradient "
+        "Modulation. ICCV 2023 (lihong2303/AGM_ICCV2023)"
     )
     grad_edit_scope = frozenset({"encoders", "fusion", "head"})  # the conditional clip rescales all
 
@@ -158,17 +180,21 @@ class AGM(Balancer):
         super().setup(model, task, optimizer_factory)
         m = len(self.modalities)
         self._subsets, coeff = shapley_coefficients(m)
-        self.register_buffer("shapley", coeff.float(), persistent=False)
-        self.cap = self.config.cap if self.config.cap is not None else (10.0 if m == 2 else 7.0)
-        self.register_buffer("running_score", torch.zeros(m))  # r̃ reference: mean of past s_i
-        self.register_buffer("num_scores", torch.zeros(()))
+        self.register_buffer("shapley", coeff, persistent=False)  # float64, cast to the outputs' dtype
+        cap = self.config.cap
+        if cap == "auto":
+            cap = 10.0 if m == 2 else 7.0
+        self.cap: float | None = None if cap == "none" else float(cap)
+        self.p_floor = P_FLOOR if m == 2 else torch.finfo(torch.float64).tiny  # see response_scores
+        # r̃ reference: running mean of past s_i, and the step count (float64, as Python doubles)
+        self.register_buffer("running_score", torch.zeros(m, dtype=torch.float64))
+        self.register_buffer("num_scores", torch.zeros((), dtype=torch.float64))
         self._epoch = 0
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._out_weight = model.out_layer.weight
-        self._sums: dict[str, Tensor] = {}
-        self._steps = 0
+        self._means = EpochMeans(self.modalities)
 
-    def on_train_epoch_start(self, ctx: Any) -> None:
+    def on_train_epoch_start(self, ctx: EpochContext) -> None:
         self._epoch = ctx.epoch
 
     # -- the masked passes ------------------------------------------------------------------------
@@ -181,7 +207,10 @@ class AGM(Balancer):
         if self.config.mask == "input":
             for t in self._subsets[:-1]:
                 kept = {self.modalities[i] for i in t}
-                masked = {k: (v if k not in self.modalities or k in kept else torch.zeros_like(v)) for k, v in batch.items()}
+                masked = {
+                    k: (v if k not in self.modalities or k in kept else torch.zeros_like(v))
+                    for k, v in batch.items()
+                }
                 outs.append(model(masked).prediction)
         else:
             features, extras = model.encode(batch)
@@ -199,17 +228,16 @@ class AGM(Balancer):
         stacked = torch.stack(outputs)  # (S, B, ...)
         coeff = self.shapley.to(stacked.dtype)
         responses = torch.einsum("ms,s...->m...", coeff, stacked)  # (M, B, ...)
-        scores = response_scores(responses.detach(), batch["target"], self.task)
+        scores = response_scores(responses.detach(), batch["target"], self.task, self.p_floor)
         k, r, r_ref = agm_coefficients(scores, self.running_score, self.config.alpha, self.cap)
-        if not self.config.modulation_starts <= self._epoch <= self.config.modulation_ends:
+        if not self.config.modulates(self._epoch):
             k = torch.ones_like(k)
         # running mean of the scores, updated after the coefficients (as the official order)
-        self.num_scores += 1
-        self.running_score += (scores - self.running_score) / self.num_scores
+        running_mean_update_(self.running_score, self.num_scores, scores)
         prediction = scale_grad(responses[0], k[0])
         for i in range(1, responses.shape[0]):
             prediction = prediction + scale_grad(responses[i], k[i])
-        self._record(k=k, ratio=r, ratio_ref=r_ref, score=scores)
+        self._means.update(coeff=k, ratio=r, ratio_ref=r_ref, score=scores)
         return ModelOutput(prediction, full.features, full.head_input, full.extras)
 
     def on_after_backward(self, ctx: StepContext) -> None:
@@ -219,26 +247,13 @@ class AGM(Balancer):
         c = self.config.head_grad_clip
         if c is None or self._out_weight.grad is None:
             return
-        grads = [p.grad for p in self._params if p.grad is not None]
         exceed = self._out_weight.grad.abs().amax() > c
-        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-        scale = torch.where(exceed, (c / (total + 1e-6)).clamp(max=1.0), torch.ones_like(total))
-        torch._foreach_mul_(grads, scale)
-
-    # -- diagnostics --------------------------------------------------------------------------------
-    def _record(self, **values: Tensor) -> None:
-        for name, v in values.items():
-            v = v.detach()
-            self._sums[name] = v if name not in self._sums else self._sums[name] + v
-        self._steps += 1
+        total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(present_grads(self._params))))
+        scale_grads_(
+            self._params, torch.where(exceed, (c / (total + 1e-6)).clamp(max=1.0), torch.ones_like(total))
+        )
 
     def diagnostics(self) -> dict[str, float]:
-        """Epoch means of k_i (coeff), r_i (ratio), r̃_i (ratio_ref) and s_i (score)."""
-        if not self._sums:
-            return {}
-        out = {}
-        for name, total in self._sums.items():
-            for m, v in zip(self.modalities, (total / self._steps).tolist(), strict=True):
-                out[f"{'coeff' if name == 'k' else name}/{m}"] = v
-        self._sums, self._steps = {}, 0
-        return out
+        """Epoch means of k_i (``coeff/<m>``), r_i (``ratio/<m>``), r̃_i (``ratio_ref/<m>``) and s_i
+        (``score/<m>``)."""
+        return self._means.pop()

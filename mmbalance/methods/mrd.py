@@ -16,32 +16,33 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mmbalance.balancer import Balancer, OptimizerFactory
+from mmbalance.config import need
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
+from mmbalance.methods._config import MethodConfig
+from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.models.base import ModelOutput, MultimodalModel
 
 __all__ = ["MRD", "MRDConfig", "modality_keep_mask", "MODES"]
 
-MODES = ("one", "independent")
+Mode = Literal["one", "independent"]
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 @dataclass(frozen=True)
-class MRDConfig:
+class MRDConfig(MethodConfig):
     p: float = 0.5  # drop probability per sample ("one": of dropping one modality; "independent": of each)
-    mode: str = "one"  # "one" (one uniformly chosen modality) or "independent" (ModDrop, at least one kept)
+    mode: Mode = "one"  # one uniformly chosen modality, or ModDrop (at least one kept)
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.p <= 1.0:
-            raise ValueError(f"p must be in [0, 1], got {self.p!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+    def check(self) -> None:
+        need(self, 0.0 <= self.p <= 1.0, "p", "in [0, 1]")
 
 
 def modality_keep_mask(
@@ -78,20 +79,14 @@ class MRD(Balancer):
     """Per-sample modality dropout at the fusion input (training only)."""
 
     Config = MRDConfig
-    presets = {}
-    tasks = frozenset({"cls", "reg", "seg"})
-    min_modalities = 2
-    max_modalities = None
     paper = (
         "Modality Random Dropout, as compared in Guo et al., Classifier-guided Gradient Modulation, "
         "NeurIPS 2024; mechanism of Neverova et al., ModDrop, TPAMI 2016"
     )
-    grad_edit_scope = frozenset()
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
-        self._dropped_sum: Tensor | None = None
-        self._samples: Tensor | None = None
+        self._means = EpochMeans(self.modalities)
 
     def forward_step(self, model: MultimodalModel, batch: Mapping[str, Tensor]) -> ModelOutput:
         """Encode, zero each sample's dropped modality features, fuse. ``output.features`` keeps the
@@ -100,28 +95,24 @@ class MRD(Balancer):
             return model(batch)
         features, extras = model.encode(batch)
         first = features[self.modalities[0]]
-        keep = modality_keep_mask(first.shape[0], len(self.modalities), self.config.p, self.config.mode, first.device)
+        keep = modality_keep_mask(
+            first.shape[0], len(self.modalities), self.config.p, self.config.mode, first.device
+        )
         masked = {}
         for i, m in enumerate(self.modalities):
             f = features[m]
             masked[m] = f * keep[:, i].reshape((-1,) + (1,) * (f.dim() - 1)).to(f.dtype)
         out = model.fuse(masked, extras)
         out.features = features
-        self._record(keep)
+        # per-step counts; their epoch means' ratio is the per-sample drop rate (partial batches too)
+        self._means.update(
+            dropped=(~keep).sum(dim=0), samples=torch.full((), keep.shape[0], device=keep.device)
+        )
         return out
-
-    def _record(self, keep: Tensor) -> None:
-        dropped = (~keep).sum(dim=0).float()
-        if self._dropped_sum is None:
-            self._dropped_sum = torch.zeros_like(dropped)
-            self._samples = torch.zeros((), device=dropped.device)
-        self._dropped_sum += dropped
-        self._samples += keep.shape[0]
 
     def diagnostics(self) -> dict[str, float]:
         """Fraction of training samples in the epoch whose modality m was dropped."""
-        if self._dropped_sum is None:
+        means = self._means.pop()
+        if not means:
             return {}
-        rates = (self._dropped_sum / self._samples.clamp_min(1)).tolist()
-        self._dropped_sum = self._samples = None
-        return {f"dropped/{m}": r for m, r in zip(self.modalities, rates, strict=True)}
+        return {f"dropped/{m}": means[f"dropped/{m}"] / means["samples"] for m in self.modalities}

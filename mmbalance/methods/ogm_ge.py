@@ -9,7 +9,8 @@ Port of ``GeWu-Lab/OGM-GE_CVPR2022:main.py`` (``train_epoch``). Deviations (deta
 ``methods/ogm_ge.md``): unimodal predictions come from our own linear heads on detached encoder
 features instead of slices of a concat fusion head; by default every encoder parameter is modulated
 (``params="conv"`` restores the official 4-D-weights-only rule); more than two modalities use the
-authors' pairwise-average ratio (OGM-GE#16); regression/segmentation use ``s_u = Σ_i exp(−ℓ_i)``.
+authors' pairwise-average ratio (OGM-GE#16); regression/segmentation use ``s_u = Σ_i exp(−ℓ_i)``;
+scores, ratios, coefficients and the noise scale are computed in float64.
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ from mmbalance.methods._headed import HeadedBalancer
 from mmbalance.methods._heads import head_term
 from mmbalance.models.base import ModelOutput, MultimodalModel
 
-__all__ = ["OGMGE", "OGMGEConfig", "ogm_coefficients", "confidence_score", "pairwise_ratios", "gaussian_enhance_"]
+__all__ = [
+    "OGMGE",
+    "OGMGEConfig",
+    "ogm_coefficients",
+    "confidence_score",
+    "pairwise_ratios",
+    "gaussian_enhance_",
+]
 
 SCORES = ("confidence", "task")
 PARAM_RULES = ("all", "conv")
@@ -46,7 +54,8 @@ class OGMGEConfig(HeadConfig, ModulationWindow):
     modulation_starts: int = 0  # first epoch with modulation (0-based, inclusive; main.py default 0)
     modulation_ends: int = 50  # last epoch with modulation (inclusive; main.py default 50)
     params: str = "all"  # "all" encoder parameters, or "conv": only 4-D weights (official rule)
-    score: str = "confidence"  # s_u: "confidence" Σ p(y|x^u) (cls; Σ exp(−ℓ) for reg/seg) or "task" (task.score)
+    # s_u: "confidence" Σ p(y|x^u) (cls; Σ exp(−ℓ) for reg/seg) or "task" (task.score)
+    score: str = "confidence"
     head_lr: float | None = None  # LR of the unimodal heads (None = the run's LR)
     head_hidden: int | None = None  # None: linear heads, like the official split of a linear fusion head
     sequence_pool: str = "mean"  # pooling of (B, L, d) features for the heads
@@ -61,11 +70,12 @@ class OGMGEConfig(HeadConfig, ModulationWindow):
 def confidence_score(prediction: Tensor, target: Tensor, task: Any) -> Tensor:
     """Σ over the batch of the probability of the target: ``Σ_i softmax(out)_i[y_i]`` for cls (the
     official score), ``Σ_i exp(−ℓ_i)`` with the per-sample task loss otherwise (equal to the former
-    for unsmoothed cross-entropy). 0-d tensor, no host sync."""
+    for unsmoothed cross-entropy). A float64 0-d tensor (``main.py`` sums the probabilities in the
+    parameter dtype: a float64 model gives the official value exactly), no host sync."""
     if task.name == "cls":
-        log_p = F.log_softmax(prediction.float(), dim=1).gather(1, target.long().reshape(-1, 1))
-        return log_p.exp().sum()
-    return torch.exp(-task.loss(prediction.float(), target, reduction="none")).sum()
+        p = F.softmax(prediction.double(), dim=1).gather(1, target.long().reshape(-1, 1))
+        return p.sum()
+    return torch.exp(-task.loss(prediction, target, reduction="none").double()).sum()
 
 
 def pairwise_ratios(scores: Tensor, eps: float = 1e-12) -> Tensor:
@@ -90,6 +100,10 @@ def gaussian_enhance_(
     """In place: ``g ← k·g + N(0, std(g)²)`` for every tensor (std of the unscaled gradient,
     unbiased, + 1e-8 as ``main.py``; a one-element tensor has std 0). ``noise=False``: ``g ← k·g``.
 
+    The per-tensor mean, std and ``std + 1e-8`` are computed in float64 (``main.py``:
+    ``grad.std().item() + 1e-8``, a Python double); ``k·g`` and the noise are in the gradients' dtype
+    (float32 for half-precision gradients), one ``randn_like`` over the concatenated gradients.
+
     ``coefficients`` is 0-d (one k for every tensor) or ``(len(grads),)`` (one k per tensor), so
     all modalities are enhanced in one go. Per-tensor statistics come from one concatenation and
     segmented reductions: a fixed number of kernels however many parameters there are.
@@ -100,20 +114,24 @@ def gaussian_enhance_(
         return
     per_tensor = coefficients.reshape(-1).expand(len(grads)) if coefficients.dim() == 0 else coefficients
     if per_tensor.shape != (len(grads),):
-        raise ConfigError(f"coefficients must be 0-d or have shape ({len(grads)},), got {tuple(coefficients.shape)}")
+        raise ConfigError(
+            f"coefficients must be 0-d or have shape ({len(grads)},), got {tuple(coefficients.shape)}"
+        )
     if not noise:
         torch._foreach_mul_(grads, list(per_tensor.to(grads[0].dtype).unbind()))
         return
     sizes = [g.numel() for g in grads]
-    flat = torch.cat([g.reshape(-1) for g in grads]).float()
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
     n = flat.numel()
     if lengths is None:
         lengths = torch.tensor(sizes, device=flat.device)
-    counts = lengths.to(flat.dtype)
-    mean = torch.segment_reduce(flat, "sum", lengths=lengths) / counts
-    centred = flat - mean.repeat_interleave(lengths, output_size=n)
+    wide = flat.double()
+    counts = lengths.double()
+    mean = torch.segment_reduce(wide, "sum", lengths=lengths) / counts
+    centred = wide - mean.repeat_interleave(lengths, output_size=n)
     var = torch.segment_reduce(centred * centred, "sum", lengths=lengths) / (counts - 1).clamp_min(1)
-    std = var.sqrt() + 1e-8
+    std = (var.sqrt() + 1e-8).to(flat.dtype)
     scaled = flat * per_tensor.to(flat.dtype).repeat_interleave(lengths, output_size=n)
     enhanced = torch.addcmul(scaled, torch.randn_like(flat), std.repeat_interleave(lengths, output_size=n))
     torch._foreach_copy_(grads, [c.view(g.shape) for c, g in zip(enhanced.split(sizes), grads, strict=True)])
@@ -144,8 +162,8 @@ class OGMGE(HeadedBalancer):
                 params = [p for p in params if p.dim() == 4]
                 if not params:
                     raise ConfigError(
-                        f"ogm_ge params='conv' modulates only 4-D conv weights, but modality {m!r}'s encoder has none; "
-                        "use params='all'"
+                        f"ogm_ge params='conv' modulates only 4-D conv weights, but modality {m!r}'s "
+                        "encoder has none; use params='all'"
                     )
             groups[m] = params
         self._groups = groups
@@ -156,21 +174,20 @@ class OGMGE(HeadedBalancer):
     # -- training step ----------------------------------------------------------------------------
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Any) -> dict[str, Tensor]:
         target = batch["target"]
-        out_size = target.shape[-2:] if task.name == "seg" else None
-        unimodal = self.heads(output.features, out_size=out_size)
+        unimodal = self.unimodal_predictions(output, batch)
         terms = {"task": task.loss(output.prediction, target)}
         scores = []
         for m in self.modalities:
             # one per-sample loss serves the head's training term and the reg/seg confidence
             per_sample = task.loss(unimodal[m], target, reduction="none")
             terms[head_term(m)] = per_sample.mean()
-            with torch.no_grad():
+            with torch.no_grad():  # scores in float64 (see confidence_score)
                 if self.config.score == "task":
-                    scores.append(task.score(unimodal[m].detach().float(), target).float())
+                    scores.append(task.score(unimodal[m].detach(), target).double())
                 elif task.name == "cls":
                     scores.append(confidence_score(unimodal[m].detach(), target, task))
                 else:
-                    scores.append(torch.exp(-per_sample.detach().float()).sum())
+                    scores.append(torch.exp(-per_sample.detach().double()).sum())
         self._scores = torch.stack(scores)
         return terms
 

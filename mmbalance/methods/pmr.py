@@ -9,8 +9,11 @@ epoch on. Prototypical logits ``−‖z_m − c_m^k‖`` give a per-modality con
 Port of ``fanyunfeng-bit/Modal-Imbalance-PMR:main_Prototype_grad.py`` (``train_epoch``,
 ``calculate_prototype``, ``main``). Deviations (``methods/pmr.md``): prototypes of classes absent
 from the sampled batches keep their previous value instead of becoming NaN; the 10 % subset is drawn
-by a private seeded loader so the main loop's shuffling is untouched; more than two modalities use
-the pairwise-average ratio of OGM-GE#16. Classification only (prototypes need class labels).
+by a private seeded loader so the main loop's shuffling is untouched; prototypes always come from
+the training split (the official AVE and CGMNIST runs read the validation and test splits);
+prototypes, distances, scores and the ratio are float64 (official: float32 buffers); more than two
+modalities use the pairwise-average ratio of OGM-GE#16. Classification only (prototypes need class
+labels).
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from mmbalance.balancer import Balancer, EpochContext, OptimizerFactory
+from mmbalance.config import need
 from mmbalance.errors import ConfigError, ShapeError
 from mmbalance.methods import register_method
+from mmbalance.methods._config import ModulationWindow
+from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._heads import SEQUENCE_POOLS, pool_features
+from mmbalance.methods._stages import eval_mode, iterate, stage_loader
 from mmbalance.methods.ogm_ge import pairwise_ratios
 from mmbalance.models.base import ModelOutput, MultimodalModel
 
@@ -36,43 +42,41 @@ __all__ = ["PMR", "PMRConfig", "class_prototypes", "prototype_logits", "pmr_weig
 
 
 @dataclass(frozen=True)
-class PMRConfig:
+class PMRConfig(ModulationWindow):
     alpha: float = 1.0  # α: weight of the slower modality's prototypical CE (--alpha)
-    momentum_coef: float = 0.2  # μ: c ← (1 − μ) c_new + μ c_old from the third prototype update on (--momentum_coef)
-    modulation_starts: int = 0  # first epoch with the prototype loss (0-based, inclusive; --modulation_starts)
+    # μ: c ← (1 − μ) c_new + μ c_old from the third prototype update on (--momentum_coef)
+    momentum_coef: float = 0.2
+    # first epoch with the prototype loss (0-based, inclusive; --modulation_starts)
+    modulation_starts: int = 0
     modulation_ends: int = 100  # last epoch with the prototype loss (inclusive; --modulation_ends)
-    proto_fraction: float = 0.1  # share of training batches per prototype update (official: len // 10, at least 1)
+    # share of training batches per prototype update (official: len // 10, at least 1)
+    proto_fraction: float = 0.1
     sequence_pool: str = "mean"  # pooling of (B, L, d) features into the embedding z_m
 
-    def __post_init__(self) -> None:
-        if not self.alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha!r}")
-        if not 0.0 <= self.momentum_coef < 1.0:
-            raise ValueError(f"momentum_coef must be in [0, 1), got {self.momentum_coef!r}")
-        if not isinstance(self.modulation_starts, int) or self.modulation_starts < 0:
-            raise ValueError(f"modulation_starts must be an integer >= 0, got {self.modulation_starts!r}")
-        if not isinstance(self.modulation_ends, int) or self.modulation_ends < self.modulation_starts:
-            raise ValueError(
-                f"modulation_ends must be an integer >= modulation_starts ({self.modulation_starts}), "
-                f"got {self.modulation_ends!r}"
-            )
-        if not 0.0 < self.proto_fraction <= 1.0:
-            raise ValueError(f"proto_fraction must be in (0, 1], got {self.proto_fraction!r}")
-        if self.sequence_pool not in SEQUENCE_POOLS:
-            raise ValueError(f"sequence_pool must be one of {SEQUENCE_POOLS}, got {self.sequence_pool!r}")
+    def check(self) -> None:
+        need(self, self.alpha >= 0, "alpha", ">= 0")
+        need(self, 0.0 <= self.momentum_coef < 1.0, "momentum_coef", "in [0, 1)")
+        need(self, 0.0 < self.proto_fraction <= 1.0, "proto_fraction", "in (0, 1]")
+        need(self, self.sequence_pool in SEQUENCE_POOLS, "sequence_pool", f"one of {SEQUENCE_POOLS}")
 
 
 # -- the arithmetic (hand-checked in tests/methods/test_pmr.py) -------------------------------------
 def class_prototypes(embeddings: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Per-class sums and counts: ``(K, d)`` sums of ``embeddings (N, d)`` by ``labels (N,)``, and
-    ``(K,)`` counts. A one-hot matmul (deterministic on every device, unlike ``index_add_``)."""
-    onehot = F.one_hot(labels.long(), num_classes).to(embeddings.dtype)  # (N, K)
-    return onehot.t() @ embeddings, onehot.sum(dim=0)
+    """Per-class sums and counts, in float64: ``(K, d)`` sums of ``embeddings (N, d)`` by
+    ``labels (N,)``, and ``(K,)`` counts. A one-hot matmul (deterministic on every device, unlike
+    ``index_add_``)."""
+    onehot = F.one_hot(labels.long(), num_classes).double()  # (N, K)
+    return onehot.t() @ embeddings.double(), onehot.sum(dim=0)
 
 
 def prototype_logits(embedding: Tensor, prototypes: Tensor) -> Tensor:
-    """``−‖z_i − c_k‖₂`` for ``embedding (B, d)`` and ``prototypes (K, d)``: ``(B, K)``."""
-    return -torch.cdist(embedding.float().unsqueeze(0), prototypes.float().unsqueeze(0)).squeeze(0)
+    """``−‖z_i − c_k‖₂`` for ``embedding (B, d)`` and ``prototypes (K, d)``: ``(B, K)`` float64.
+
+    Each distance is the root of the summed squared differences (``EU_dist``: ``sqrt(dot(x − c,
+    x − c))``), never ``‖z‖² + ‖c‖² − 2 z·c``, which cancels catastrophically for features close to
+    a prototype (``torch.cdist``'s default for batches over 25)."""
+    z, c = embedding.double().unsqueeze(0), prototypes.double().unsqueeze(0)
+    return -torch.cdist(z, c, compute_mode="donot_use_mm_for_euclid_dist").squeeze(0)
 
 
 def pmr_weights(scores: Tensor, alpha: float) -> Tensor:
@@ -100,17 +104,16 @@ class PMR(Balancer):
     presets = {
         # bash.sh, main_Prototype_grad.py, concat fusion
         "cremad": {"alpha": 2.0, "momentum_coef": 0.0, "modulation_ends": 70},
-        "ave": {"alpha": 2.0, "momentum_coef": 0.0, "modulation_ends": 70},
+        # AVE: calculate_prototype passes over a whole loader (the official one is the validation
+        # loader; ours is always the training split, see methods/pmr.md)
+        "ave": {"alpha": 2.0, "momentum_coef": 0.0, "modulation_ends": 70, "proto_fraction": 1.0},
         "cgmnist": {"alpha": 1.0, "momentum_coef": 0.0, "modulation_ends": 60},
     }
     tasks = frozenset({"cls"})
-    min_modalities = 2
-    max_modalities = None
     paper = (
         "Fan, Xu, Wang, Wang, Guo. PMR: Prototypical Modal Rebalance for Multimodal Learning. CVPR 2023 "
         "(fanyunfeng-bit/Modal-Imbalance-PMR)"
     )
-    grad_edit_scope = frozenset()
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
@@ -120,56 +123,36 @@ class PMR(Balancer):
         self._epoch = 0
         self._updates = 0  # prototype updates so far (the EMA starts at the third)
         self.proto_batches = 0  # forward-only batches spent on prototypes (cost record)
-        self._sum_weight: Tensor | None = None
-        self._sum_ratio: Tensor | None = None
-        self._steps = 0
+        self._means = EpochMeans(self.modalities)
         self.register_load_state_dict_pre_hook(_make_prototype_buffers)
 
     # -- prototypes -------------------------------------------------------------------------------
     def _proto(self, m: str) -> Tensor | None:
         return getattr(self, f"proto_{m}", None)
 
-    def _proto_loader(self, ctx: EpochContext) -> tuple[DataLoader, int]:
-        """A shuffled loader over the training set with its own seeded generator (the runner's
-        loader and the global RNG are untouched), and how many of its batches to use."""
-        src = ctx.train_loader
-        seed = (torch.initial_seed() + 1_000_003 * (ctx.epoch + 1)) % (2**63)
-        loader = DataLoader(
-            src.dataset,
-            batch_size=src.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-            collate_fn=src.collate_fn,
-            drop_last=False,
-        )
-        n = max(1, math.floor(len(loader) * self.config.proto_fraction + 1e-9))
-        return loader, n
-
     @torch.no_grad()
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
         """Recompute the prototypes (eval mode, no grad) from a random ``proto_fraction`` of the
-        training batches, as ``calculate_prototype`` does before epoch 0 and after every epoch."""
+        training batches, as ``calculate_prototype`` does before epoch 0 and after every epoch. The
+        batches come from a private shuffled loader with its own seeded generator, so the runner's
+        loader and the global RNG are untouched."""
         self._epoch = ctx.epoch
-        model = ctx.model
-        was_training = model.training
-        model.eval()
-        loader, n_batches = self._proto_loader(ctx)
+        seed = (torch.initial_seed() + 1_000_003 * (ctx.epoch + 1)) % (2**63)
+        loader = stage_loader(ctx.train_loader, shuffle=True, seed=seed)
+        n_batches = max(1, math.floor(len(loader) * self.config.proto_fraction + 1e-9))
         sums: dict[str, Tensor] = {}
         counts: Tensor | None = None
-        for i, batch in enumerate(loader):
-            if i >= n_batches:
-                break
-            batch = ctx.to_device(batch)
-            features, _ = model.encode(batch)
-            target = batch["target"]
-            for m in self.modalities:
-                z = pool_features(features[m], self.config.sequence_pool).float()
-                s, c = class_prototypes(z, target, self.num_classes)
-                sums[m] = s if m not in sums else sums[m] + s
-            counts = c if counts is None else counts + c
-        model.train(was_training)
+        with eval_mode(ctx.model):
+            for batch in iterate(loader, ctx.to_device, n_batches):
+                features, _ = ctx.model.encode(batch)
+                for m in self.modalities:
+                    z = pool_features(features[m], self.config.sequence_pool)
+                    s, c = class_prototypes(z, batch["target"], self.num_classes)
+                    sums[m] = s if m not in sums else sums[m] + s
+                counts = c if counts is None else counts + c
         self.proto_batches += min(n_batches, len(loader))
-        assert counts is not None
+        if counts is None:
+            raise ConfigError("pmr: the training loader yields no batch; prototypes need at least one")
         seen = (counts > 0)[:, None]
         ema = self._updates >= 2 and self.config.momentum_coef > 0
         for m in self.modalities:
@@ -189,7 +172,7 @@ class PMR(Balancer):
         target = batch["target"]
         terms = {"task": task.loss(output.prediction, target)}
         cfg: PMRConfig = self.config
-        if not cfg.modulation_starts <= self._epoch <= cfg.modulation_ends:
+        if not cfg.modulates(self._epoch):
             return terms
         losses, scores = [], []
         for m in self.modalities:
@@ -198,32 +181,19 @@ class PMR(Balancer):
                 raise ConfigError("pmr: prototypes are computed in on_train_epoch_start, which has not run")
             z = pool_features(output.features[m], cfg.sequence_pool)
             if z.shape[-1] != proto.shape[-1]:
-                raise ShapeError(f"pmr: features[{m!r}] have width {z.shape[-1]}, prototypes {proto.shape[-1]}")
+                raise ShapeError(
+                    f"pmr: features[{m!r}] have width {z.shape[-1]}, prototypes {proto.shape[-1]}"
+                )
             logits = prototype_logits(z, proto)
             losses.append(F.cross_entropy(logits, target.long()))
             with torch.no_grad():
                 scores.append(F.softmax(logits, dim=1).gather(1, target.long().reshape(-1, 1)).sum())
-        weights = pmr_weights(torch.stack(scores), cfg.alpha)
-        terms["proto"] = (weights * torch.stack(losses)).sum()
-        self._record(weights, pairwise_ratios(torch.stack(scores)))
+        weights = pmr_weights(torch.stack(scores), cfg.alpha)  # scores, ratios, weights: float64
+        terms["proto"] = (weights * torch.stack(losses)).sum().to(output.prediction.dtype)
+        self._means.update(proto_weight=weights, ratio=pairwise_ratios(torch.stack(scores)))
         return terms
 
-    def _record(self, weights: Tensor, ratios: Tensor) -> None:
-        if self._sum_weight is None:
-            self._sum_weight = torch.zeros_like(weights)
-            self._sum_ratio = torch.zeros_like(ratios)
-        self._sum_weight += weights.detach()
-        self._sum_ratio += ratios.detach()
-        self._steps += 1
-
     def diagnostics(self) -> dict[str, float]:
-        """Epoch means of the prototype-loss weight and ratio ρ_m, and the prototype batches so far."""
-        out: dict[str, float] = {"proto_batches": float(self.proto_batches)}
-        if self._sum_weight is None or self._steps == 0:
-            return out
-        w, r = (self._sum_weight / self._steps).tolist(), (self._sum_ratio / self._steps).tolist()
-        self._sum_weight = self._sum_ratio = None
-        self._steps = 0
-        for i, m in enumerate(self.modalities):
-            out[f"proto_weight/{m}"], out[f"ratio/{m}"] = w[i], r[i]
-        return out
+        """Epoch means of the prototype-loss weight (``proto_weight/<m>``) and ratio ρ_m
+        (``ratio/<m>``), and the prototype batches so far (``proto_batches``)."""
+        return {"proto_batches": float(self.proto_batches), **self._means.pop()}

@@ -10,24 +10,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
-from mmbalance.balancer import Balancer
+from mmbalance.balancer import Balancer, OptimizerFactory
+from mmbalance.config import need
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
+from mmbalance.methods._config import MethodConfig
 from mmbalance.models.base import ModelOutput, MultimodalModel
 
-__all__ = ["Unimodal"]
+__all__ = ["Unimodal", "UnimodalConfig"]
 
 
 @dataclass(frozen=True)
-class UnimodalConfig:
+class UnimodalConfig(MethodConfig):
     modality: str = ""  # the modality to train; required (e.g. "text")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.modality, str) or not self.modality:
-            raise ValueError(f"modality must name one of the dataset's modalities, got {self.modality!r}")
+    def check(self) -> None:
+        need(self, bool(self.modality), "modality", "the name of one of the dataset's modalities")
 
 
 @register_method("unimodal")
@@ -38,19 +40,18 @@ class Unimodal(Balancer):
     paper = "Single-modality training (baseline)"
     min_modalities = 1
 
-    def setup(self, model, task, optimizer_factory) -> None:
+    def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
         if self.config.modality not in model.modalities:
-            raise ConfigError(
-                f"modality must be one of {model.modalities}, got {self.config.modality!r}"
-            )
-        self.__dict__["_model"] = model  # a reference, not a submodule (stays out of state_dict)
+            raise ConfigError(f"modality must be one of {model.modalities}, got {self.config.modality!r}")
         self._drop = tuple(m for m in model.modalities if m != self.config.modality)
 
     def forward_step(self, model: MultimodalModel, batch: Mapping[str, Tensor]) -> ModelOutput:
         return model(batch, drop=self._drop)
 
     def predict(self, output: ModelOutput) -> Tensor:
-        model: MultimodalModel = self.__dict__["_model"]
-        kept = {m: (f if m == self.config.modality else f.new_zeros(f.shape)) for m, f in output.features.items()}
-        return model.fuse(kept, output.extras).prediction
+        """The model's fusion with every other modality's features zeroed."""
+        kept = {
+            m: (f if m == self.config.modality else f.new_zeros(f.shape)) for m, f in output.features.items()
+        }
+        return self.model.fuse(kept, output.extras).prediction

@@ -15,6 +15,7 @@ from mmbalance.methods.agm import (
     AGMConfig,
     agm_coefficients,
     response_scores,
+    running_mean_update_,
     scale_grad,
     shapley_coefficients,
 )
@@ -39,14 +40,24 @@ def test_shapley_coefficients_three_modalities_match_urfunny_net():
     col = {t: j for j, t in enumerate(subsets)}
     a, v, t = 0, 1, 2  # text response of URFunny_net.Modality_Text:
     # (f(avt) - f(av) + f(t)) / 3 + (f(at) - f(a) + f(vt) - f(v)) / 6
-    expected = {(a, v, t): 1 / 3, (a, v): -1 / 3, (t,): 1 / 3, (a, t): 1 / 6, (a,): -1 / 6, (v, t): 1 / 6, (v,): -1 / 6}
+    expected = {
+        (a, v, t): 1 / 3,
+        (a, v): -1 / 3,
+        (t,): 1 / 3,
+        (a, t): 1 / 6,
+        (a,): -1 / 6,
+        (v, t): 1 / 6,
+        (v,): -1 / 6,
+    }
     for subset, w in expected.items():
         assert c[t, col[subset]].item() == pytest.approx(w)
     # responses add up to f(N): column sums are 0 except the full set's, which is 1
     for m in (2, 3, 4):
         _, cm = shapley_coefficients(m)
         sums = cm.sum(dim=0)
-        assert torch.allclose(sums[:-1], torch.zeros(cm.shape[1] - 1, dtype=cm.dtype), atol=1e-12) and sums[-1].item() == pytest.approx(1)
+        assert torch.allclose(sums[:-1], torch.zeros(cm.shape[1] - 1, dtype=cm.dtype), atol=1e-12) and sums[
+            -1
+        ].item() == pytest.approx(1)
     with pytest.raises(ConfigError, match="at least 2"):
         shapley_coefficients(1)
 
@@ -66,10 +77,55 @@ def test_coefficients_by_hand():
     torch.testing.assert_close(r3, torch.tensor([math.exp(1.5), 1.0, math.exp(-1.5)]))
 
 
-def test_response_scores_use_the_clamped_cross_entropy():
-    logits = torch.tensor([[[0.0, 0.0]], [[0.0, -40.0]]])  # (M=2, B=1, C=2)
-    s = response_scores(logits, torch.tensor([1]), make_task("cls", 2))
-    torch.testing.assert_close(s, torch.tensor([math.log(2.0), -math.log(1e-8)]))
+def test_response_scores_in_float64_with_the_two_modality_floor_only():
+    # responses (M=2, B=1, C=2), target 1: softmax((0, ln 2))[1] = 2/3 -> s = ln 1.5;
+    # softmax((0, -40))[1] = e^-40 / (1 + e^-40) = 4.2e-18 < 1e-8 -> the two-modality scripts give
+    # -ln 1e-8 = 18.420680743952367; URFunny_main.py (no floor) gives 40 + ln(1 + e^-40) = 40.0
+    logits = torch.tensor([[[0.0, math.log(2.0)]], [[0.0, -40.0]]], dtype=torch.float64)
+    task, y = make_task("cls", 2), torch.tensor([1])
+    s = response_scores(logits, y, task)
+    assert s.dtype == torch.float64
+    assert s.tolist() == pytest.approx([math.log(1.5), -math.log(1e-8)], rel=1e-12, abs=0)
+    unfloored = response_scores(logits, y, task, floor=torch.finfo(torch.float64).tiny)
+    assert unfloored.tolist() == pytest.approx([math.log(1.5), 40.0], rel=1e-12, abs=0)
+
+
+def test_running_mean_is_the_official_recurrence_in_float64():
+    # n = 5 -> 6: running (0.2, 3.0), scores (ln 1.5, 1/3): r * 5/6 + s/6
+    running = torch.tensor([0.2, 3.0], dtype=torch.float64)
+    count = torch.tensor(5.0, dtype=torch.float64)
+    running_mean_update_(running, count, torch.tensor([math.log(1.5), 1 / 3], dtype=torch.float64))
+    assert count.item() == 6.0
+    expected = [0.2 * 5 / 6 + math.log(1.5) / 6, 3.0 * 5 / 6 + (1 / 3) / 6]
+    assert running.tolist() == pytest.approx(expected, rel=1e-12, abs=0)
+    # no cap (AVMNIST_main.py): scores (0, 0) -> r = (1, 1); running (4, 0) -> r~_a = exp(2 (2 - 4))
+    # = e^-4, r~_v = e^4, so r~_v - r_v = e^4 - 1 = 53.598 > 10: k_v = exp(0.5 (e^4 - 1)) uncapped,
+    # exp(0.5 * 10) with the CREMA-D cap; k_a = exp(0.5 (e^-4 - 1)) either way
+    scores, running = torch.zeros(2, dtype=torch.float64), torch.tensor([4.0, 0.0], dtype=torch.float64)
+    k, _, r_ref = agm_coefficients(scores, running, 0.5, None)
+    assert r_ref.tolist() == pytest.approx([math.exp(-4), math.exp(4)], rel=1e-12, abs=0)
+    assert k.tolist() == pytest.approx(
+        [math.exp(0.5 * (math.exp(-4) - 1)), math.exp(0.5 * (math.exp(4) - 1))], rel=1e-12, abs=0
+    )
+    capped, _, _ = agm_coefficients(scores, running, 0.5, 10.0)
+    assert capped[1].item() == pytest.approx(math.exp(0.5 * 10.0), rel=1e-12)
+
+
+def test_cap_auto_none_and_the_avmnist_preset():
+    model = tiny_model()
+
+    def factory(params, lr=None, **kw):
+        return torch.optim.SGD(params, lr=0.1)
+
+    auto, none = AGM(AGMConfig()), AGM(AGMConfig(cap="none"))
+    for bal in (auto, none):
+        bal.setup(model, make_task("cls", 3), factory)
+    assert (auto.cap, none.cap, auto.p_floor) == (10.0, None, 1e-8)
+    three = AGM(AGMConfig())
+    three.setup(tiny_model(dims=(("a", 4), ("b", 3), ("c", 2))), make_task("cls", 3), factory)
+    assert three.cap == 7.0 and three.p_floor == torch.finfo(torch.float64).tiny
+    assert METHODS.build("agm", "avmnist").config.cap == "none"
+    assert METHODS.build("agm", "cremad").config.cap == "auto"
 
 
 def test_scale_grad_is_identity_forward_and_scaled_backward():
@@ -86,7 +142,7 @@ def _trainer(balancer, seed=0):
     torch.manual_seed(seed)
     trainer = Trainer(tiny_model(seed=seed), balancer, make_task("cls", 3), cfg, CPU, steps_per_epoch=3)
     data = splits["train"].tensors
-    return trainer, [{k: v[i * 16:(i + 1) * 16] for k, v in data.items()} for i in range(3)]
+    return trainer, [{k: v[i * 16 : (i + 1) * 16] for k, v in data.items()} for i in range(3)]
 
 
 @pytest.mark.parametrize("mask", ["input", "feature"])
@@ -97,7 +153,7 @@ def test_gradient_is_the_k_weighted_sum_of_response_gradients(mask):
     bal.running_score.copy_(torch.tensor([0.2, 3.0]))
     bal.num_scores.fill_(5)
     out = bal.forward_step(model, batch)
-    k = bal._sums["k"].clone()
+    k = bal._means._sums["coeff"].float()
     assert not torch.allclose(k, torch.ones(2))
     torch.testing.assert_close(out.prediction, model(batch).prediction, atol=1e-6, rtol=1e-5)  # Σ m_i = f(N)
     params = list(model.parameters())
@@ -105,7 +161,7 @@ def test_gradient_is_the_k_weighted_sum_of_response_gradients(mask):
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     # surrogate: Σ_i k_i <g_p, m_i> with g_p = ∂L/∂p at the same prediction
     outputs = bal._subset_outputs(model, batch) + [model(batch).prediction]
-    responses = torch.einsum("ms,s...->m...", bal.shapley, torch.stack(outputs))
+    responses = torch.einsum("ms,s...->m...", bal.shapley.float(), torch.stack(outputs))
     p = responses.sum(0).detach().requires_grad_(True)
     (g_p,) = torch.autograd.grad(F.cross_entropy(p, batch["target"]), p)
     surrogate = sum(k[i] * (g_p * responses[i]).sum() for i in range(2))
@@ -130,14 +186,62 @@ def test_alpha0_gradient_equals_joint_up_to_rounding():
 def test_modulation_window_and_running_mean():
     bal = AGM(AGMConfig(alpha=1.0, modulation_starts=1, modulation_ends=2))
     trainer, batches = _trainer(bal)
-    bal.running_score.copy_(torch.tensor([0.2, 3.0]))
+    bal.running_score.copy_(torch.tensor([0.2, 3.0], dtype=torch.float64))
     bal.num_scores.fill_(1)
     bal._epoch = 0
     bal.forward_step(trainer.model, batches[0])
-    assert torch.equal(bal._sums["k"], torch.ones(2))  # outside the window: k = 1
-    s = bal._sums["score"]
-    torch.testing.assert_close(bal.running_score, (torch.tensor([0.2, 3.0]) + s) / 2)
+    k = bal._means._sums["coeff"]
+    assert torch.equal(k, torch.ones(2, dtype=torch.float64))  # outside the window: k = 1
+    s = bal._means._sums["score"]
+    expected = torch.tensor([0.2, 3.0], dtype=torch.float64) * 1 / 2 + s / 2
+    torch.testing.assert_close(bal.running_score, expected, rtol=1e-12, atol=0)
     assert bal.num_scores.item() == 2
+
+
+def _softmax_p(row, y):
+    exps = [math.exp(v) for v in row]
+    return exps[y] / sum(exps)
+
+
+def test_float64_model_follows_the_official_cremad_arithmetic_step_by_step():
+    """A plain re-statement of CREMAD_main.py's AGM branch in Python doubles (masked passes with
+    zeroed inputs, clamped scores, math.exp ratios, min(., 10), iteration-weighted running means)
+    against the balancer on a float64 model, over three steps, to 1e-12."""
+    splits, _ = tiny_splits()
+    model = tiny_model().double()
+    bal = AGM(AGMConfig(alpha=1.5, head_grad_clip=None))
+    bal.setup(model, make_task("cls", 3), lambda params, lr=None, **kw: torch.optim.SGD(params, lr=0.1))
+    data = {k: (v.double() if v.is_floating_point() else v) for k, v in splits["train"].tensors.items()}
+    train_a, train_v = 0.0, 0.0
+    for iteration in range(1, 4):
+        batch = {k: v[(iteration - 1) * 12 : iteration * 12] for k, v in data.items()}  # batch of 12
+        bal.forward_step(model, batch)
+        got = bal.diagnostics()  # one step: the means are this step's values
+        with torch.no_grad():
+            total = model(batch).prediction.tolist()
+            pad_visual = model(dict(batch, b=torch.zeros_like(batch["b"]))).prediction.tolist()
+            pad_audio = model(dict(batch, a=torch.zeros_like(batch["a"]))).prediction.tolist()
+        label = batch["target"].tolist()
+        score_a = score_v = 0.0
+        for k in range(12):
+            out_a = [
+                0.5 * (t - pa + pv) for t, pa, pv in zip(total[k], pad_audio[k], pad_visual[k], strict=True)
+            ]
+            out_v = [
+                0.5 * (t - pv + pa) for t, pa, pv in zip(total[k], pad_audio[k], pad_visual[k], strict=True)
+            ]
+            score_a += -math.log(max(_softmax_p(out_a, label[k]), 1e-8))
+            score_v += -math.log(max(_softmax_p(out_v, label[k]), 1e-8))
+        score_a, score_v = score_a / 12, score_v / 12
+        ratio_a, ratio_v = math.exp(score_v - score_a), math.exp(score_a - score_v)
+        optimal_a, optimal_v = math.exp(train_v - train_a), math.exp(train_a - train_v)
+        coeff_a = math.exp(1.5 * min(optimal_a - ratio_a, 10))
+        coeff_v = math.exp(1.5 * min(optimal_v - ratio_v, 10))
+        train_a = train_a * (iteration - 1) / iteration + score_a / iteration
+        train_v = train_v * (iteration - 1) / iteration + score_v / iteration
+        assert [got["score/a"], got["score/b"]] == pytest.approx([score_a, score_v], rel=1e-12, abs=0)
+        assert [got["coeff/a"], got["coeff/b"]] == pytest.approx([coeff_a, coeff_v], rel=1e-12, abs=0)
+        assert bal.running_score.tolist() == pytest.approx([train_a, train_v], rel=1e-12, abs=0)
 
 
 def test_conditional_clip_only_when_a_head_gradient_exceeds_c():

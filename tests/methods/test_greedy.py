@@ -1,5 +1,6 @@
 """Greedy: conditional learning speed and d_BDR by hand, the curation state machine against a
-transcription of Bias_Mitigation_Strong, the MMTM gates, and state round trips."""
+transcription of Bias_Mitigation_Strong, training with the MMTM, and state round trips (the MMTM
+block itself is tested in tests/models/test_mmtm.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import torch
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS
 from mmbalance.methods.greedy import (
-    MMTM,
     Greedy,
     GreedyConfig,
     bdr_difference,
@@ -33,6 +33,42 @@ def test_conditional_learning_speed_and_bdr_by_hand():
     assert conditional_learning_speed(grads, params).item() == pytest.approx(11 / 9)
     # log10(1 / 10) - log10(10 / 1) = -2
     assert bdr_difference(torch.tensor([1.0, 10.0]), torch.tensor([10.0, 1.0])).item() == pytest.approx(-2.0)
+
+
+def test_speeds_of_float32_tensors_are_float64_exact():
+    # theta = (1 + 2^-20, 3): sum of squares 1 + 2^-19 + 2^-40 + 9 = 10 + 2^-19 + 2^-40 (exact in
+    # float64, not in float32); grads (0.5, 0.25 | 0.125): 0.25 + 0.0625 + 0.015625 = 0.328125
+    params = [torch.tensor([1.0 + 2.0**-20], dtype=torch.float32), torch.tensor([3.0], dtype=torch.float32)]
+    grads = [torch.tensor([0.5], dtype=torch.float32), torch.tensor([0.25, 0.125], dtype=torch.float32)]
+    speed = conditional_learning_speed(grads, params)
+    assert speed.dtype == torch.float64
+    assert speed.item() == pytest.approx(0.328125 / (10 + 2.0**-19 + 2.0**-40), rel=1e-12, abs=0)
+    # a group the loss did not reach: speed 0
+    assert conditional_learning_speed([], params).item() == 0.0
+
+
+def test_buffers_accumulate_the_float64_speeds_of_each_step():
+    bal = Greedy(GreedyConfig(start_epoch=5))  # locked: measure every step
+    trainer, batches = _trainer(bal)
+    expected = torch.zeros(2, 2, dtype=torch.float64)  # rows: main, bypass
+    original = bal.on_after_backward
+
+    def spy(ctx):
+        for i, (main, byp) in enumerate(zip(bal._main, bal._bypass_groups(), strict=True)):
+            for row, group in ((0, main), (1, byp)):
+                gn = sum(float((p.grad.double() ** 2).sum()) for p in group if p.grad is not None)
+                wn = sum(float((p.detach().double() ** 2).sum()) for p in group)
+                expected[row, i] += gn / wn
+        original(ctx)
+
+    bal.on_after_backward = spy
+    for i, b in enumerate(batches[:3]):
+        trainer.train_step(b, 0, i)
+    assert bal.m_main.dtype == bal.m_bypass.dtype == bal.d_bdr.dtype == torch.float64
+    torch.testing.assert_close(bal.m_main, expected[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(bal.m_bypass, expected[1], rtol=1e-12, atol=0)
+    d = math.log10(expected[1, 0] / expected[0, 0]) - math.log10(expected[1, 1] / expected[0, 1])
+    assert bal.d_bdr.item() == pytest.approx(d, rel=1e-12, abs=0)
 
 
 class OfficialStrong:
@@ -72,52 +108,13 @@ def test_curation_state_machine_matches_the_official_callback():
     assert entered > 10
 
 
-@pytest.mark.parametrize(
-    "shapes",
-    [((3, 4), (3, 6)), ((3, 5, 4), (3, 2, 6)), ((3, 4, 2, 2), (3, 6, 3, 3)), ((3, 4), (3, 6, 2, 2))],
-)
-def test_mmtm_gates_each_feature_kind(shapes):
-    state = torch.get_rng_state()
-    mmtm = MMTM(ratio=4, seed=0)
-    feats = tuple(torch.randn(s) for s in shapes)
-    torch.set_rng_state(state)
-    out = mmtm(feats)
-    assert torch.equal(torch.get_rng_state(), state)  # built from a private generator
-    for f, o in zip(feats, out, strict=True):
-        assert o.shape == f.shape
-        gate = o / f
-        assert ((gate > 0) & (gate < 1)).all()
-    assert mmtm.core.fc_squeeze.out_features == int(2 * (4 + 6) / 4)
-
-
-def test_curation_replaces_the_cared_for_gate_by_its_running_average():
-    mmtm = MMTM(ratio=2, seed=0)
-    feats = (torch.randn(8, 4), torch.randn(8, 6))
-    means = []
-    for _ in range(3):
-        out = mmtm(feats)
-        means.append((out[0] / feats[0]).mean(0))
-    torch.testing.assert_close(mmtm.running_gate_0, torch.stack(means).mean(0))
-    assert mmtm.gate_steps.item() == 3
-    out = mmtm(feats, curation=torch.tensor(True), caring=torch.tensor(0))
-    expected_running = (3 * torch.stack(means).mean(0) + means[0]) / 4  # this step's gate enters first
-    torch.testing.assert_close(out[0], feats[0] * expected_running)
-    plain = mmtm(feats, curation=torch.tensor(False), caring=torch.tensor(0))
-    torch.testing.assert_close(out[1], plain[1])  # the other modality keeps its live gate
-    mmtm.eval()
-    steps = mmtm.gate_steps.item()
-    evaluated = mmtm(feats, curation=torch.tensor(True), caring=torch.tensor(0))
-    assert mmtm.gate_steps.item() == steps  # no running-average update at eval
-    torch.testing.assert_close(evaluated[1], plain[1])
-
-
 def _trainer(balancer, seed=0):
     splits, _ = tiny_splits()
     cfg = TrainConfig(batch_size=8, seed=seed, eval_modality_scores=False, cost_steps=0)
     torch.manual_seed(seed)
     trainer = Trainer(tiny_model(seed=seed), balancer, make_task("cls", 3), cfg, CPU, steps_per_epoch=6)
     data = splits["train"].tensors
-    return trainer, [{k: v[i * 8:(i + 1) * 8] for k, v in data.items()} for i in range(6)]
+    return trainer, [{k: v[i * 8 : (i + 1) * 8] for k, v in data.items()} for i in range(6)]
 
 
 def test_training_accumulates_speeds_and_round_trips_state():
@@ -135,7 +132,9 @@ def test_training_accumulates_speeds_and_round_trips_state():
     trainer.train_step(batches[3], 1, 2)  # second curation step: leaves
     assert not bool(bal.curation)
     output = trainer.model(batches[4])
-    expected = trainer.model.fuse(dict(zip(("a", "b"), bal.mmtm((output.features["a"], output.features["b"])), strict=True)))
+    expected = trainer.model.fuse(
+        dict(zip(("a", "b"), bal.mmtm((output.features["a"], output.features["b"])), strict=True))
+    )
     bal.eval()
     torch.testing.assert_close(bal.predict(output), expected.prediction)
     fresh = Greedy(GreedyConfig())

@@ -35,6 +35,22 @@ def test_weights_for_a_conflicting_and_a_non_conflicting_pair():
     assert min_norm_two(T(1.0), T(-1.0), T(2.0)).item() == pytest.approx(0.6)
 
 
+def test_weights_and_cosine_of_float32_gradients_are_float64_exact():
+    # float32 g_mm = (1, 0), g_m = (-1, 1): c = 3/5 = 0.6 and cos = -1/sqrt(2) are not float32
+    # numbers; the official weights are NumPy doubles, so they must hold to 1e-12
+    a_mm, a_m, cos = pareto_weights(T([1.0, 0.0]), T([-1.0, 1.0]))
+    assert a_mm.dtype == a_m.dtype == cos.dtype == torch.float64
+    assert (a_mm.item(), a_m.item()) == pytest.approx((0.6, 0.4), rel=1e-12, abs=0)
+    assert cos.item() == pytest.approx(-1 / math.sqrt(2), rel=1e-12, abs=0)
+    # inner products of float32 values wider than float32: g_mm = (1 + 2^-20, 0), g_m = (-1, 2^-12)
+    # <.,.> = -(1 + 2^-20), |g_mm|^2 = 1 + 2^-19 + 2^-40, |g_m|^2 = 1 + 2^-24
+    # c = (|g_m|^2 - <.,.>) / (|g_mm|^2 + |g_m|^2 - 2 <.,.>)
+    x = 1.0 + 2.0**-20
+    a_mm, _, _ = pareto_weights(T([x, 0.0]), T([-1.0, 2.0**-12]))
+    c = (1 + 2.0**-24 + x) / (x * x + 1 + 2.0**-24 + 2 * x)
+    assert a_mm.item() == pytest.approx(c, rel=1e-12, abs=0)
+
+
 def test_combined_gradient_by_hand_with_rescale_to_the_summed_norm():
     # g_mm = (1, 0), g_m = (-1, 1): c = 0.6 -> ĝ = 2 (0.2, 0.4) = (0.4, 0.8), |ĝ| = sqrt(0.8)
     # |g_mm + g_m| = |(0, 1)| = 1 > |ĝ| -> ĝ / sqrt(0.8), then x γ = 1.5
@@ -48,7 +64,8 @@ def test_combined_gradient_by_hand_with_rescale_to_the_summed_norm():
 def test_zero_combined_tensor_keeps_zero_where_the_official_code_writes_nan():
     # tensors of sizes 1 and 1: g_mm = (1 | 1), g_m = (1 | -3): <.,.> = -2, |g_mm|^2 = 2, |g_m|^2 = 10
     # c = (10 + 2) / (2 + 10 + 4) = 0.75 -> ĝ = 2 (0.75 g_mm + 0.25 g_m) = (2 | 0) exactly
-    # tensor 1: |sum| = 2 = |ĝ_1| -> 2 x γ; tensor 2: |sum| = 2, |ĝ_2| = 0 -> official diff = inf, inf * 0 = NaN
+    # tensor 1: |sum| = 2 = |ĝ_1| -> 2 x γ
+    # tensor 2: |sum| = 2, |ĝ_2| = 0 -> official diff = inf, inf * 0 = NaN
     new, a_mm, _ = pareto_combine(T([1.0, 1.0]), T([1.0, -3.0]), [1, 1], gamma=1.5)
     assert a_mm.item() == 0.75
     torch.testing.assert_close(new, T([3.0, 0.0]))
@@ -127,6 +144,10 @@ def test_config_errors_and_missing_terms():
     with pytest.raises(ConfigError, match="sequence_pool"):
         METHODS.build("mmpareto", None, sequence_pool="max")
     balancer = MMPareto()
-    balancer.setup(tiny_model(), make_task("cls", 3), lambda params, lr=None, **kw: torch.optim.SGD(params, lr=0.1))
+    balancer.setup(
+        tiny_model(), make_task("cls", 3), lambda params, lr=None, **kw: torch.optim.SGD(params, lr=0.1)
+    )
     with pytest.raises(ConfigError, match="unimodal/a"):
-        balancer.backward({"task": torch.zeros((), requires_grad=True)}, torch.amp.GradScaler("cpu", enabled=False))
+        balancer.backward(
+            {"task": torch.zeros((), requires_grad=True)}, torch.amp.GradScaler("cpu", enabled=False)
+        )

@@ -55,7 +55,7 @@ def _trainer(balancer, seed=0):
     torch.manual_seed(seed)
     trainer = Trainer(tiny_model(seed=seed), balancer, make_task("cls", 3), cfg, CPU, steps_per_epoch=3)
     data = splits["train"].tensors
-    return trainer, [{k: v[i * 16:(i + 1) * 16] for k, v in data.items()} for i in range(3)]
+    return trainer, [{k: v[i * 16 : (i + 1) * 16] for k, v in data.items()} for i in range(3)]
 
 
 def test_forward_zeroes_exactly_the_dropped_features_per_sample():
@@ -67,7 +67,9 @@ def test_forward_zeroes_exactly_the_dropped_features_per_sample():
     torch.manual_seed(3)
     keep = modality_keep_mask(16, 2, 1.0, "one")
     features, extras = model.encode(batch)
-    expected = model.fuse({m: torch.where(keep[:, i, None], f, 0.0) for i, (m, f) in enumerate(features.items())}, extras)
+    expected = model.fuse(
+        {m: torch.where(keep[:, i, None], f, 0.0) for i, (m, f) in enumerate(features.items())}, extras
+    )
     torch.testing.assert_close(out.prediction, expected.prediction)
     assert torch.equal(out.features["a"], features["a"])  # features stay un-dropped
     out.prediction.sum().backward()

@@ -31,9 +31,11 @@ def _trainer(balancer, seed=0, **cfg):
     base = dict(batch_size=16, seed=seed, eval_modality_scores=False, cost_steps=0)
     base.update(cfg)
     torch.manual_seed(seed)
-    trainer = Trainer(tiny_model(seed=seed), balancer, make_task("cls", 3), TrainConfig(**base), CPU, steps_per_epoch=3)
+    trainer = Trainer(
+        tiny_model(seed=seed), balancer, make_task("cls", 3), TrainConfig(**base), CPU, steps_per_epoch=3
+    )
     data = splits["train"].tensors if hasattr(splits["train"], "tensors") else None
-    batches = [{k: v[i * 16:(i + 1) * 16] for k, v in data.items()} for i in range(3)]
+    batches = [{k: v[i * 16 : (i + 1) * 16] for k, v in data.items()} for i in range(3)]
     return trainer, batches
 
 
@@ -63,6 +65,40 @@ def test_confidence_score_is_the_summed_target_probability():
     # regression: sum of exp(-|pred - y|) with the L1 task loss
     pred, y = torch.tensor([[0.5], [2.0]]), torch.tensor([0.0, 2.0])
     assert confidence_score(pred, y, make_task("reg", 1)).item() == pytest.approx(math.exp(-0.5) + 1.0)
+
+
+def test_float64_scores_ratios_and_coefficients_match_the_official_doubles():
+    # A float64 model: main.py sums softmax(out)[i][y_i] in the parameter dtype and forms the ratio
+    # and 1 - tanh(alpha * rho) from it, so the official values are these doubles (to 1e-12).
+    ln2 = math.log(2.0)
+    audio = torch.tensor([[0.0, ln2], [ln2, 0.0]], dtype=torch.float64)  # p(y) = 1/3, 1/3 -> s_a = 2/3
+    visual = torch.tensor([[ln2, 0.0], [0.0, ln2]], dtype=torch.float64)  # p(y) = 2/3, 2/3 -> s_v = 4/3
+    y = torch.tensor([0, 1])
+    task = make_task("cls", 2)
+    scores = torch.stack([confidence_score(audio, y, task), confidence_score(visual, y, task)])
+    assert scores.dtype == torch.float64
+    assert scores.tolist() == pytest.approx([2 / 3, 4 / 3], rel=1e-12, abs=0)
+    ratios = pairwise_ratios(scores)  # rho_a = (2/3) / (4/3) = 1/2, rho_v = 2
+    assert ratios.tolist() == pytest.approx([0.5, 2.0], rel=1e-12, abs=0)
+    k = ogm_coefficients(ratios, alpha=0.1)  # k_v = 1 - tanh(0.2) = 0.8026246797750961
+    assert k.tolist() == pytest.approx([1.0, 1 - math.tanh(0.2)], rel=1e-12, abs=0)
+    # (float32 arithmetic is off by ~1e-8 here: 1/3 is not a float32 number)
+
+
+def test_noise_scale_is_the_float64_std_plus_1e8():
+    # g = (1, 2, 4): mean 7/3, unbiased variance ((4/3)^2 + (1/3)^2 + (5/3)^2) / 2 = 7/3,
+    # so the noise std is sqrt(7/3) + 1e-8 = 1.5275252416...; a one-element tensor has std 0 -> 1e-8.
+    g = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    one = torch.tensor([5.0], dtype=torch.float64)
+    grads = [g.clone(), one.clone()]
+    torch.manual_seed(3)
+    gaussian_enhance_(grads, torch.tensor([0.5, 1.0], dtype=torch.float64), noise=True)
+    torch.manual_seed(3)
+    z = torch.randn(4, dtype=torch.float64)  # one draw over the concatenated gradients
+    std = math.sqrt(7 / 3) + 1e-8
+    expected = [0.5 * 1.0 + z[0].item() * std, 0.5 * 2.0 + z[1].item() * std, 0.5 * 4.0 + z[2].item() * std]
+    assert grads[0].tolist() == pytest.approx(expected, rel=1e-12, abs=0)
+    assert grads[1].item() == pytest.approx(5.0 + z[3].item() * 1e-8, rel=1e-12, abs=0)
 
 
 def test_gaussian_enhancement_scales_and_adds_noise_with_each_tensors_std():

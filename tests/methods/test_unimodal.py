@@ -48,7 +48,7 @@ def test_prediction_ignores_other_modalities():
 
 
 def test_modality_is_required_and_checked():
-    with pytest.raises(ConfigError, match="modality must name one of the dataset's modalities"):
+    with pytest.raises(ConfigError, match="modality must be the name of one of the dataset.s modalities"):
         METHODS.build("unimodal")
     with pytest.raises(ConfigError, match=r"modality must be one of \('a', 'b'\), got 'c'"):
         _trainer("c")
