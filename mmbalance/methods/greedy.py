@@ -133,9 +133,23 @@ class Greedy(Balancer):
         self.register_buffer("curation_step", torch.zeros((), dtype=torch.long))
         self._epoch = 0
         self._means = EpochMeans(self.modalities)
+        # a state dict builds the MMTM from its saved layout; its optimizer must exist before a
+        # training state's optimizer state is loaded into it
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._make_optimizer())
+
+    def _make_optimizer(self) -> None:
+        """The MMTM's own optimizer, once the block is built (first forward or a loaded state)."""
+        if self.mmtm_optimizer is None and self.mmtm.built:
+            self.mmtm_optimizer = self._optimizer_factory(list(self.mmtm.parameters()), lr=self.config.mmtm_lr)
 
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
         self._epoch = ctx.epoch
+
+    def host_state(self) -> dict[str, int]:
+        return {"epoch": self._epoch}
+
+    def load_host_state(self, state: Mapping[str, Any]) -> None:
+        self._epoch = int(state["epoch"])
 
     @property
     def unlocked(self) -> bool:
@@ -146,9 +160,7 @@ class Greedy(Balancer):
         features, extras = model.encode(batch)
         a, b = self.modalities
         gated = self.mmtm((features[a], features[b]), self.curation, self.caring)
-        if self.mmtm_optimizer is None:
-            params = list(self.mmtm.parameters())
-            self.mmtm_optimizer = self._optimizer_factory(params, lr=self.config.mmtm_lr)
+        self._make_optimizer()
         out = model.fuse({a: gated[0], b: gated[1]}, extras)
         out.features = features
         return out

@@ -126,6 +126,14 @@ class PMR(Balancer):
         self._means = EpochMeans(self.modalities)
         self.register_load_state_dict_pre_hook(_make_prototype_buffers)
 
+    def host_state(self) -> dict[str, int]:
+        """The epoch and the number of prototype updates so far (the EMA starts at the third)."""
+        return {"epoch": self._epoch, "updates": self._updates, "proto_batches": self.proto_batches}
+
+    def load_host_state(self, state: Mapping[str, Any]) -> None:
+        self._epoch, self._updates = int(state["epoch"]), int(state["updates"])
+        self.proto_batches = int(state["proto_batches"])
+
     # -- prototypes -------------------------------------------------------------------------------
     def _proto(self, m: str) -> Tensor | None:
         return getattr(self, f"proto_{m}", None)

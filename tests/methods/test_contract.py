@@ -152,13 +152,10 @@ STATE_GAPS: dict[str, str] = {
     "cggm": "heads and cls_optimizer are built on the first loss_terms and not rebuilt by load_state_dict; "
     "the previous step's L_gm (_stale_gm, official direction) is not in the state",
     "g_blending": _LAZY_OPTIMIZER.format("head_optimizer"),
-    "greedy": _LAZY_OPTIMIZER.format("mmtm_optimizer"),
     "mla": _LAZY_OPTIMIZER.format("head_optimizer") + "; _batch_index (the projection's alpha) is not in "
     "the state",
-    "mmpareto": _LAZY_OPTIMIZER.format("head_optimizer"),
     "mses": _LAZY_OPTIMIZER.format("head_optimizer"),
     "mslr": _LAZY_OPTIMIZER.format("head_optimizer"),
-    "pmr": "_updates (prototype updates so far; the EMA starts at the third) is not in the host state",
     "qmf": _LAZY_OPTIMIZER.format("head_optimizer"),
     "reconboost": "rectify_optimizer is created only at a stage's first epoch, so a resume inside a stage "
     "has none to load into",
