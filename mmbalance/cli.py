@@ -18,17 +18,21 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tabulate import tabulate
 
 import mmbalance
+from mmbalance.config import parse_set
 from mmbalance.datasets import DATASETS
 from mmbalance.datasets.fixtures import add_fixtures_command
 from mmbalance.errors import MMBalanceError, ResultError
-from mmbalance.matrix import load_spec, parse_set, parse_shard, run_matrix
+from mmbalance.matrix import load_spec, parse_shard
+from mmbalance.matrix_run import run_matrix
 from mmbalance.methods import METHODS
 from mmbalance.models import MODELS
+from mmbalance.resolve import RunSpec, resolve_run
 from mmbalance.results import load_plan, load_rows, read_row, write_row
-from mmbalance.runner import RunSpec, run_one
+from mmbalance.runner import run_one
 from mmbalance.tables import FORMATS, LAYOUTS, SPLITS, render_tables
 
 __all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_OUT"]
@@ -138,7 +142,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         method=args.method, dataset=args.dataset, model=args.model, preset=args.preset,
         seed=args.seed, overrides=parse_set(args.sets), data_root=args.data_root,
     )
-    row = run_one(spec, device=args.device, quiet=args.quiet, command=args.command_line)
+    row = run_one(resolve_run(spec), device=args.device, quiet=args.quiet, command=args.command_line)
     path = write_row(args.out, row)
     _print_metrics(row)
     print(f"row written to {path}")
@@ -387,8 +391,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = _command_line(argv)
     if args.threads is not None:
-        import torch
-
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))

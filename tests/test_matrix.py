@@ -12,20 +12,19 @@ from pathlib import Path
 import pytest
 
 from mmbalance.balancer import Balancer
+from mmbalance.config import format_set, parse_set
 from mmbalance.errors import ConfigError, RegistryError
 from mmbalance.matrix import (
-    format_set,
     load_spec,
-    parse_set,
     parse_shard,
     parse_spec,
     plan_matrix,
-    run_matrix,
     select_shard,
 )
+from mmbalance.matrix_run import run_matrix
 from mmbalance.methods import METHODS, register_method
+from mmbalance.resolve import ResolvedRun
 from mmbalance.results import PLAN_DIR, load_plan, load_rows
-from mmbalance.runner import resolve_run
 from mmbalance.tables import metric_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +55,8 @@ class FakeRun:
         self.calls: list[str] = []
         self.fail, self.interrupt = set(fail), set(interrupt)
 
-    def __call__(self, spec, *, device, quiet, command):
-        resolved = resolve_run(spec)
+    def __call__(self, resolved, *, device, quiet, command):
+        assert isinstance(resolved, ResolvedRun)  # the plan's resolution is used, not redone
         self.calls.append(resolved.run_id)
         if resolved.label in self.interrupt:
             raise KeyboardInterrupt
@@ -282,7 +281,9 @@ def test_progress_lines(tmp_path, capsys):
     assert "ok in" in err[1] and err[1].endswith("test acc 25.00%")
     run_matrix(spec, tmp_path, set_overrides=TINY, device="cpu", run_fn=FakeRun())
     err = capsys.readouterr().err.splitlines()
-    assert "retrying failed run, ok in" in err[0] and err[1].endswith("ok, already done")
+    # runs already done are reported first, then the runs that train, in plan order
+    assert err[0].startswith("[2/3] unimodal[strong]") and err[0].endswith("ok, already done")
+    assert err[2].startswith("[1/3] joint") and "retrying failed run, ok in" in err[2]
     run_matrix(spec, tmp_path, set_overrides=TINY, device="cpu", quiet=True, run_fn=FakeRun())
     assert capsys.readouterr().err == ""
 

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             missing += 1
             print(f"MISSING  {run.label} on {run.dataset} seed {run.seed}: no reference row")
             continue
-        row = run_one(run.spec, device="cpu", quiet=True, command="check_unchanged")
+        row = run_one(run.resolved, device="cpu", quiet=True, command="check_unchanged")
         problems = []
         if row["run_id"] != ref["run_id"]:
             problems.append(f"run id {ref['run_id']} -> {row['run_id']}")
