@@ -73,13 +73,16 @@ def test_method_cost(benchmark, method, task):
         val_set=ds.split("val"), cfg=cfg, device=CPU,
     )
     batches = batches[: steps + warmup]
-    cost = compare_cost(trainers["method"], trainers["joint"], batches, steps=steps, warmup=warmup, device=CPU)
+    method_trainer, joint_trainer = trainers["method"], trainers["joint"]
+    cost = compare_cost(method_trainer, joint_trainer, batches, steps=steps, warmup=warmup, device=CPU)
     expected = _hand_count_bytes(trainers["method"].balancer)
     assert cost["mem_overhead_bytes"] == expected  # joint adds nothing, so the overhead is exactly this
     benchmark.extra_info.update(
-        method=method, task=task, ratio_vs_joint=cost["step_time_ratio"], mem_overhead_bytes=cost["mem_overhead_bytes"],
-        step_ms_median=cost["step_ms_median"], joint_step_ms_median=cost["joint_step_ms_median"],
+        method=method, task=task, ratio_vs_joint=cost["step_time_ratio"],
+        mem_overhead_bytes=cost["mem_overhead_bytes"], step_ms_median=cost["step_ms_median"],
+        joint_step_ms_median=cost["joint_step_ms_median"],
     )
     step = trainers["method"]
-    benchmark.pedantic(step.train_step, args=(batches[0], 0, 0), rounds=steps if not benchmark.disabled else 1, iterations=1)
+    rounds = steps if not benchmark.disabled else 1
+    benchmark.pedantic(step.train_step, args=(batches[0], 0, 0), rounds=rounds, iterations=1)
     step.flush_terms()

@@ -180,7 +180,9 @@ def compare_cost(
     if device.type == "cuda":
         peak_j = peak_memory_bytes(joint_trainer, batches, steps=min(5, max(1, steps)), device=device)
         peak_m = peak_memory_bytes(method_trainer, batches, steps=min(5, max(1, steps)), device=device)
-        cost.update(peak_mem_bytes=peak_m, mem_overhead_bytes=int(peak_m - peak_j), memory_kind="cuda_peak_allocated")
+        cost.update(
+            peak_mem_bytes=peak_m, mem_overhead_bytes=int(peak_m - peak_j), memory_kind="cuda_peak_allocated"
+        )
     else:
         b_m = method_trainer.balancer
         b_j = joint_trainer.balancer

@@ -113,7 +113,8 @@ class Registry(Generic[T]):
         def decorator(cls: T) -> T:
             if not (isinstance(cls, type) and issubclass(cls, self.base)):
                 raise RegistryError(
-                    f"{self.kind} {name!r}: {cls!r} must subclass {self.base.__module__}.{self.base.__qualname__}"
+                    f"{self.kind} {name!r}: {cls!r} must subclass "
+                    f"{self.base.__module__}.{self.base.__qualname__}"
                 )
             if name in self._entries:
                 first = self._entries[name]
@@ -174,7 +175,8 @@ class Registry(Generic[T]):
                 first = self._entries[ep.name]
                 raise RegistryError(
                     f"plugin {ep.name!r} ({ep.value}, entry-point group {self.entry_point_group!r}) collides "
-                    f"with the {self.kind} {ep.name!r} already registered by {first.__module__}.{first.__qualname__}; "
+                    f"with the {self.kind} {ep.name!r} already registered by "
+                    f"{first.__module__}.{first.__qualname__}; "
                     "rename the plugin's entry point or uninstall it"
                 )
             self._plugin_names.add(ep.name)

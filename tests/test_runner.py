@@ -18,8 +18,15 @@ from mmbalance.runner import run_one
 from mmbalance.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"epochs": 1, "max_train_batches": 2, "cost_steps": 0, "eval_modality_scores": False,
-        "dataset.n_train": 64, "dataset.n_val": 32, "dataset.n_test": 32}
+TINY = {
+    "epochs": 1,
+    "max_train_batches": 2,
+    "cost_steps": 0,
+    "eval_modality_scores": False,
+    "dataset.n_train": 64,
+    "dataset.n_val": 32,
+    "dataset.n_test": 32,
+}
 
 
 def test_planned_run_ids_equal_the_committed_rows():
@@ -35,7 +42,9 @@ def test_planned_run_ids_equal_the_committed_rows():
 
 
 def test_resolved_run_holds_the_config_objects():
-    resolved = resolve_run(RunSpec("cggm", "synthetic_cls3", seed=4, overrides={"rho": 1.5, "train.lr": 0.01}))
+    resolved = resolve_run(
+        RunSpec("cggm", "synthetic_cls3", seed=4, overrides={"rho": 1.5, "train.lr": 0.01})
+    )
     assert isinstance(resolved.method_config, METHODS.get("cggm").Config)
     assert isinstance(resolved.train_config, TrainConfig)
     assert isinstance(resolved.dataset_config, DATASETS.get("synthetic_cls3").Config)
@@ -49,7 +58,11 @@ def test_resolved_run_holds_the_config_objects():
         "model": dataclasses.asdict(resolved.model_config),
     }
     assert (resolved.model, resolved.preset, resolved.task, resolved.modalities) == (
-        "small_mlp", "synthetic", "cls", ("strong", "weak", "redundant"))
+        "small_mlp",
+        "synthetic",
+        "cls",
+        ("strong", "weak", "redundant"),
+    )
 
 
 def test_run_id_depends_on_the_run_only():
@@ -57,12 +70,17 @@ def test_run_id_depends_on_the_run_only():
     same = [
         RunSpec("joint", "mosi", overrides={"lr": 0.01, "epochs": 2}),  # order of --set
         RunSpec("joint", "mosi", overrides={"train.epochs": 2, "train.lr": 0.01}),  # prefixed keys
-        RunSpec("joint", "mosi", overrides={"epochs": 2, "lr": 0.01}, data_root="/elsewhere"),  # data location
+        RunSpec(
+            "joint", "mosi", overrides={"epochs": 2, "lr": 0.01}, data_root="/elsewhere"
+        ),  # data location
         RunSpec("joint", "mosi", overrides={"epochs": 2, "lr": 0.01, "seed": 666}),  # the preset's own seed
     ]
     assert {resolve_run(s).run_id for s in same} == {base.run_id}
-    other = [RunSpec("joint", "mosi", overrides={"epochs": 3, "lr": 0.01}), RunSpec("joint", "mosi", seed=1),
-             RunSpec("joint", "mosei", overrides={"epochs": 2, "lr": 0.01})]
+    other = [
+        RunSpec("joint", "mosi", overrides={"epochs": 3, "lr": 0.01}),
+        RunSpec("joint", "mosi", seed=1),
+        RunSpec("joint", "mosei", overrides={"epochs": 2, "lr": 0.01}),
+    ]
     assert len({resolve_run(s).run_id for s in other} | {base.run_id}) == 4
 
 
@@ -82,21 +100,35 @@ def test_resolving_builds_nothing(monkeypatch):
 
 
 def test_a_dataset_class_must_declare_what_the_runner_reads():
-    with pytest.raises(RegistryError, match="class attribute default_model must name a model builder, got None"):
+    with pytest.raises(
+        RegistryError, match="class attribute default_model must name a model builder, got None"
+    ):
+
         @register_dataset("test_no_default_model")
         class NoDefaults(MultimodalDataset):
             Config = DATASETS.get("synthetic_cls2").Config
             task = "cls"
             modality_names = ("a", "b")
+
     assert "test_no_default_model" not in DATASETS.names()
 
 
 def test_split_overrides_routes_and_rejects():
-    classes = {"method": METHODS.get("cggm").Config, "train": TrainConfig,
-               "dataset": DATASETS.get("synthetic_cls2").Config, "model": MODELS.get("small_mlp").Config}
-    routed = split_overrides({"rho": 1.2, "lr": 0.1, "n_train": 8, "model.dropout": 0.1, "train.seed": 3}, classes)
-    assert routed == {"method": {"rho": 1.2}, "train": {"lr": 0.1, "seed": 3}, "dataset": {"n_train": 8},
-                      "model": {"dropout": 0.1}}
+    classes = {
+        "method": METHODS.get("cggm").Config,
+        "train": TrainConfig,
+        "dataset": DATASETS.get("synthetic_cls2").Config,
+        "model": MODELS.get("small_mlp").Config,
+    }
+    routed = split_overrides(
+        {"rho": 1.2, "lr": 0.1, "n_train": 8, "model.dropout": 0.1, "train.seed": 3}, classes
+    )
+    assert routed == {
+        "method": {"rho": 1.2},
+        "train": {"lr": 0.1, "seed": 3},
+        "dataset": {"n_train": 8},
+        "model": {"dropout": 0.1},
+    }
     with pytest.raises(ConfigError, match=r"'seed' is ambiguous; use one of train.seed, dataset.seed"):
         split_overrides({"seed": 3}, classes)
     with pytest.raises(ConfigError, match=r"prefix must be one of .* got 'optim'"):
@@ -131,8 +163,14 @@ def test_run_one_forms_agree():
     spec = RunSpec("unimodal", "synthetic_cls2", seed=2, overrides={**TINY, "modality": "weak"})
     a = run_one(spec, device="cpu", command="a")
     b = run_one(resolve_run(spec), device="cpu", command="a")
-    c = run_one(method="unimodal", dataset="synthetic_cls2", seed=2, overrides={**TINY, "modality": "weak"},
-                device="cpu", command="a")
+    c = run_one(
+        method="unimodal",
+        dataset="synthetic_cls2",
+        seed=2,
+        overrides={**TINY, "modality": "weak"},
+        device="cpu",
+        command="a",
+    )
     assert a["run_id"] == b["run_id"] == c["run_id"] and a["label"] == "unimodal[weak]"
     assert a["metrics"] == b["metrics"] == c["metrics"]
     with pytest.raises(ConfigError, match="either a RunSpec or keyword arguments"):

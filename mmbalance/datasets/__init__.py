@@ -13,7 +13,14 @@ from mmbalance.datasets.base import (
 )
 from mmbalance.registry import Registry
 
-__all__ = ["DATASETS", "register_dataset", "DatasetSpec", "MultimodalDataset", "TensorDictDataset", "check_batch"]
+__all__ = [
+    "DATASETS",
+    "register_dataset",
+    "DatasetSpec",
+    "MultimodalDataset",
+    "TensorDictDataset",
+    "check_batch",
+]
 
 BUILTIN_DATASETS: tuple[str, ...] = ("synthetic", "food101", "mosi", "iemocap", "brats2021")
 

@@ -120,13 +120,19 @@ def check_dataset_class(cls: type) -> None:
         raise RegistryError(f"{where}: class attribute task must be 'cls', 'reg' or 'seg', got {task!r}")
     names = getattr(cls, "modality_names", None)
     if not (isinstance(names, tuple) and names and all(isinstance(n, str) and n for n in names)):
-        raise RegistryError(f"{where}: class attribute modality_names must be a non-empty tuple of names, got {names!r}")
+        raise RegistryError(
+            f"{where}: class attribute modality_names must be a non-empty tuple of names, got {names!r}"
+        )
     model = getattr(cls, "default_model", None)
     if not (isinstance(model, str) and model):
-        raise RegistryError(f"{where}: class attribute default_model must name a model builder, got {model!r}")
+        raise RegistryError(
+            f"{where}: class attribute default_model must name a model builder, got {model!r}"
+        )
     preset = getattr(cls, "default_preset", None)
     if not (preset is None or (isinstance(preset, str) and preset)):
-        raise RegistryError(f"{where}: class attribute default_preset must be None or a preset name, got {preset!r}")
+        raise RegistryError(
+            f"{where}: class attribute default_preset must be None or a preset name, got {preset!r}"
+        )
     config = getattr(cls, "Config", None)
     if not dataclasses.is_dataclass(config):
         raise RegistryError(f"{where}: class attribute Config must be a dataclass, got {config!r}")
@@ -169,7 +175,9 @@ def check_batch(batch: Mapping[str, Tensor], spec: DatasetSpec, *, source: str =
     """
     for m, shape in spec.modalities.items():
         if m not in batch:
-            raise ShapeError(f"{source}: batch lacks modality {m!r}; expected keys {list(spec.modalities)} + 'target'")
+            raise ShapeError(
+                f"{source}: batch lacks modality {m!r}; expected keys {list(spec.modalities)} + 'target'"
+            )
         got = tuple(batch[m].shape[1:])
         if len(got) != len(shape) or any(s != -1 and s != g for s, g in zip(shape, got, strict=False)):
             raise ShapeError(f"{source}: modality {m!r} has per-sample shape {got}, expected {tuple(shape)}")
@@ -177,4 +185,6 @@ def check_batch(batch: Mapping[str, Tensor], spec: DatasetSpec, *, source: str =
         raise ShapeError(f"{source}: batch lacks 'target'")
     got_t = tuple(batch["target"].shape[1:])
     if got_t != tuple(spec.target_shape):
-        raise ShapeError(f"{source}: target has per-sample shape {got_t}, expected {tuple(spec.target_shape)}")
+        raise ShapeError(
+            f"{source}: target has per-sample shape {got_t}, expected {tuple(spec.target_shape)}"
+        )
