@@ -106,7 +106,8 @@ def check_types(config: Any) -> None:
     """Check every field of a Config dataclass instance against its declared type.
 
     Raises:
-        ValueError: naming the first field whose value does not match, the value and the expected type.
+        ConfigError: (a ``ValueError``) naming the first field whose value does not match, the value
+            and the expected type.
     """
     hints = _hints(type(config))
     for f in dataclasses.fields(config):
@@ -114,13 +115,17 @@ def check_types(config: Any) -> None:
         value = getattr(config, f.name)
         if not _matches(value, annotation):
             expected = type_name(annotation)
-            raise ValueError(f"{f.name} must be {expected}, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"{f.name} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
 def need(config: Any, ok: bool, field_name: str, expected: str) -> None:
-    """Range check helper for :meth:`ConfigBase.check`: raise naming the field, value and expectation."""
+    """Range check helper for :meth:`ConfigBase.check`: raise naming the field, value and expectation.
+
+    Raises:
+        ConfigError: (a ``ValueError``) unless ``ok``.
+    """
     if not ok:
-        raise ValueError(f"{field_name} must be {expected}, got {getattr(config, field_name)!r}")
+        raise ConfigError(f"{field_name} must be {expected}, got {getattr(config, field_name)!r}")
 
 
 def finite(value: Any) -> bool:

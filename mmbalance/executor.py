@@ -8,7 +8,8 @@ not done yet, then writes each row as its future completes, so an executor decid
 
 Contract of :meth:`Executor.submit` / :meth:`Executor.as_completed`:
 
-* a run's failure (any ``Exception``) is set on its future; the executor goes on with the next run;
+* a run's failure (any ``Exception``, and a ``SystemExit`` raised by a method or plugin) is set on
+  its future; the executor goes on with the next run;
 * a ``KeyboardInterrupt`` (the user's Ctrl-C) is never captured: it propagates out of
   ``as_completed`` and stops the matrix;
 * ``on_start(run)``, when given, is called just before the run begins (in this process for
@@ -67,7 +68,9 @@ class LocalExecutor(Executor):
 
     def submit(self, run: PlannedRun, on_start: Callable[[PlannedRun], None] | None = None) -> Future:
         if run.resolved is None:
-            raise ValueError(f"run {run.run_id} ({run.label} on {run.dataset}) is unsupported; nothing to train")
+            raise ValueError(
+                f"run {run.run_id} ({run.label} on {run.dataset}) is unsupported; nothing to train"
+            )
         future: Future = Future()
         self._pending[future] = (run, on_start)
         return future
@@ -86,7 +89,7 @@ class LocalExecutor(Executor):
             on_start(run)
         try:
             row = self.run_fn(run.resolved, device=self.device, quiet=True, command=run.command())
-        except Exception as exc:  # KeyboardInterrupt propagates: the user stops the matrix
+        except (Exception, SystemExit) as exc:  # KeyboardInterrupt propagates: the user stops the matrix
             future.set_exception(exc)
         else:
             future.set_result(row)

@@ -156,7 +156,9 @@ def parse_spec(data: Mapping[str, Any], source: str = "<matrix spec>") -> Matrix
     """
     unknown = [k for k in data if k not in SPEC_KEYS]
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(SPEC_KEYS)}")
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(SPEC_KEYS)}"
+        )
     methods = _names(data, "methods", source)
     datasets = _names(data, "datasets", source)
     seeds = data.get("seeds")
@@ -181,12 +183,15 @@ def parse_spec(data: Mapping[str, Any], source: str = "<matrix spec>") -> Matrix
     for key, allowed in (("dataset_overrides", datasets), ("method_overrides", methods)):
         tables = data.get(key, {})
         if not isinstance(tables, dict) or not all(isinstance(v, dict) for v in tables.values()):
-            raise ConfigError(f"{source}: {key!r} must hold one table per name ([{key}.NAME]), got {tables!r}")
+            raise ConfigError(
+                f"{source}: {key!r} must hold one table per name ([{key}.NAME]), got {tables!r}"
+            )
         stray = [n for n in tables if n not in allowed]
         if stray:
             kind = key.split("_")[0] + "s"
             raise ConfigError(
-                f"{source}: [{key}.{stray[0]}] names {stray[0]!r}, which is not in {kind} ({', '.join(allowed)})"
+                f"{source}: [{key}.{stray[0]}] names {stray[0]!r}, which is not in {kind} "
+                f"({', '.join(allowed)})"
             )
         per[key] = {n: _flatten(t, f"{source} [{key}.{n}]") for n, t in tables.items()}
     return MatrixSpec(
@@ -208,13 +213,18 @@ def load_spec(path: str | os.PathLike[str]) -> MatrixSpec:
     """Read and validate a TOML matrix spec.
 
     Raises:
-        ConfigError: missing file, TOML syntax error (with its position), or an invalid spec.
+        ConfigError: naming the path: missing or unreadable file, not UTF-8 text, TOML syntax error
+            (with its position), or an invalid spec.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"matrix spec {str(path)!r} cannot be read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"matrix spec {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        ) from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -248,7 +258,8 @@ class PlannedRun:
 
     def command(self) -> str:
         """The ``mmbalance run`` command that reproduces this run alone."""
-        parts = ["mmbalance", "run", shlex.quote(self.spec.method), shlex.quote(self.spec.dataset), "--seed", str(self.seed)]
+        parts = ["mmbalance", "run", shlex.quote(self.spec.method), shlex.quote(self.spec.dataset)]
+        parts += ["--seed", str(self.seed)]
         if self.spec.preset:
             parts += ["--preset", shlex.quote(self.spec.preset)]
         if self.spec.model:
@@ -272,7 +283,8 @@ class PlannedRun:
 
 
 def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()[:12]
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def plan_hash(runs: Sequence[PlannedRun]) -> str:
@@ -337,6 +349,12 @@ def plan_matrix(
             preset, a value of the wrong type or out of range, or two runs that resolve to the same
             run id. Nothing has run at that point.
     """
+    for key, registry, names in (("methods", METHODS, spec.methods), ("datasets", DATASETS, spec.datasets)):
+        for name in names:
+            try:
+                registry.get(name)
+            except RegistryError as exc:
+                raise RegistryError(f"{spec.source}: {key}: {exc}") from exc
     root = data_root if data_root is not None else spec.data_root
     runs: list[PlannedRun] = []
     seen: dict[str, PlannedRun] = {}
@@ -357,7 +375,8 @@ def plan_matrix(
                     if planned.run_id in seen:
                         other = seen[planned.run_id]
                         raise ConfigError(
-                            f"{spec.source}: {planned.label} on {dataset} seed {seed} resolves to the same run "
+                            f"{spec.source}: {planned.label} on {dataset} seed {seed} resolves to the same "
+                            "run "
                             f"({planned.run_id}) as {other.label} on {other.dataset} seed {other.seed}"
                         )
                     seen[planned.run_id] = planned
@@ -366,8 +385,17 @@ def plan_matrix(
 
 
 def select_shard(runs: Sequence[PlannedRun], shard: tuple[int, int] | None) -> list[PlannedRun]:
-    """Every N-th run from the K-th (1-based); the whole list without a shard."""
+    """Every N-th run from the K-th (1-based); the whole list without a shard.
+
+    Raises:
+        ConfigError: K is beyond the number of runs (the shard would be empty).
+    """
     if shard is None:
         return list(runs)
     k, n = shard
+    if k > len(runs):
+        raise ConfigError(
+            f"--shard {k}/{n} selects no run: the matrix has {len(runs)} run(s), so K must be at most "
+            f"{len(runs)} (use N <= {len(runs)})"
+        )
     return list(runs[k - 1 :: n])

@@ -34,7 +34,7 @@ from mmbalance.methods import METHODS
 from mmbalance.models import MODELS
 from mmbalance.presets import TRAIN_PRESETS
 from mmbalance.registry import config_fields, resolve_dataclass
-from mmbalance.train import TrainConfig
+from mmbalance.train import DIVERGENCE_FACTOR, TrainConfig
 
 __all__ = [
     "RunSpec",
@@ -51,7 +51,7 @@ __all__ = [
 SECTIONS = ("method", "train", "dataset", "model")
 MACHINE_PATH_FIELDS = frozenset({"root", "cache_dir"})  # where data lives is not what the run is
 # Fields added after results were published: left out of the run id while they hold this value.
-IDENTITY_DEFAULTS: Mapping[str, Mapping[str, Any]] = {}
+IDENTITY_DEFAULTS: Mapping[str, Mapping[str, Any]] = {"train": {"divergence_factor": DIVERGENCE_FACTOR}}
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,8 @@ def _config_dicts(method: Any, train: Any, dataset: Any, model: Any) -> dict[str
     def as_dict(config: Any) -> dict[str, Any]:
         return dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
 
-    return {"method": as_dict(method), "train": as_dict(train), "dataset": as_dict(dataset), "model": as_dict(model)}
+    configs = {"method": method, "train": train, "dataset": dataset, "model": model}
+    return {section: as_dict(config) for section, config in configs.items()}
 
 
 def canonical_json(obj: Any) -> str:
@@ -176,7 +177,10 @@ def resolve_run(spec: RunSpec) -> ResolvedRun:
     model_cls = MODELS.get(model_name)
     routed = split_overrides(
         spec.overrides,
-        {"method": method_cls.Config, "train": TrainConfig, "dataset": dataset_cls.Config, "model": model_cls.Config},
+        {
+            "method": method_cls.Config, "train": TrainConfig,
+            "dataset": dataset_cls.Config, "model": model_cls.Config,
+        },
     )
     if spec.data_root is not None:
         if "root" not in config_fields(dataset_cls.Config):
@@ -189,7 +193,9 @@ def resolve_run(spec: RunSpec) -> ResolvedRun:
     if preset is not None and not (
         preset in TRAIN_PRESETS or preset in _presets_of(method_cls) or preset in _presets_of(model_cls)
     ):
-        raise RegistryError(f"unknown preset {preset!r}; training presets: {', '.join(sorted(TRAIN_PRESETS))}")
+        raise RegistryError(
+            f"unknown preset {preset!r}; training presets: {', '.join(sorted(TRAIN_PRESETS))}"
+        )
     train_values = dict(TRAIN_PRESETS.get(preset, {})) if preset else {}
     train_values.update(routed["train"])
     if spec.seed is not None:
@@ -205,12 +211,14 @@ def resolve_run(spec: RunSpec) -> ResolvedRun:
     if not method_cls.supports(task=task, modalities=len(modalities)):
         hi = "any" if method_cls.max_modalities is None else method_cls.max_modalities
         raise UnsupportedError(
-            f"method {spec.method!r} supports tasks {sorted(method_cls.tasks)} with {method_cls.min_modalities} "
+            f"method {spec.method!r} supports tasks {sorted(method_cls.tasks)} with "
+            f"{method_cls.min_modalities} "
             f"to {hi} modalities; dataset {spec.dataset!r} is task {task!r} with {len(modalities)} modalities"
         )
     modality = getattr(method_cfg, "modality", None)
     label = f"{spec.method}[{modality}]" if modality else spec.method
-    run_id = run_identity(spec.method, spec.dataset, model_name, _config_dicts(method_cfg, train_cfg, ds_cfg, model_cfg))
+    configs = _config_dicts(method_cfg, train_cfg, ds_cfg, model_cfg)
+    run_id = run_identity(spec.method, spec.dataset, model_name, configs)
     return ResolvedRun(
         spec=spec, run_id=run_id, method=spec.method, dataset=spec.dataset, model=model_name, preset=preset,
         task=task, modalities=modalities, label=label, method_config=method_cfg, train_config=train_cfg,

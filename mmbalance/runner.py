@@ -5,6 +5,11 @@ The configuration is resolved once, by :func:`mmbalance.resolve.resolve_run`; :f
 takes a :class:`~mmbalance.resolve.RunSpec` (and resolves it) or an already
 :class:`~mmbalance.resolve.ResolvedRun` (a matrix plan's run), and builds the dataset, the model
 builder, the model and the balancer once each, from the resolved Config objects.
+
+A run whose training diverges (:class:`~mmbalance.errors.DivergedError`: the loss rose above
+``TrainConfig.divergence_factor`` times its start, or a loss term became NaN or inf) is not an
+error of the tool: its row has status ``diverged``, no metrics, the history of the epochs it
+finished, and ``divergence: {"step", "epoch", "reason"}``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 
 import mmbalance
 from mmbalance.datasets import DATASETS
-from mmbalance.errors import ConfigError
+from mmbalance.errors import ConfigError, DivergedError
 from mmbalance.measure import compare_cost
 from mmbalance.methods import METHODS
 from mmbalance.models import MODELS
@@ -44,7 +49,8 @@ def _git_state() -> tuple[str | None, bool | None]:
     root = Path(mmbalance.__file__).resolve().parent.parent
     try:
         commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
         ).stdout.strip()
         status = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
@@ -98,7 +104,7 @@ def run_one(
     """Train, select on validation, test once, measure cost vs joint; return the result row.
 
     ``run_one(RunSpec("cggm", "synthetic_cls3"))``, ``run_one(method="cggm", dataset=...)``, or
-    ``run_one(resolved_run)``.
+    ``run_one(resolved_run)``. A diverged run returns a ``diverged`` row (module docstring).
     """
     if spec is None:
         spec = RunSpec(**spec_kwargs)
@@ -134,7 +140,18 @@ def run_one(
         "env": environment(dev),
         "command": command if command is not None else " ".join(sys.argv),
     }
-    result = fit(model, balancer, splits, data_spec, task, train_cfg, dev, quiet=quiet)
+    epochs: list[dict[str, Any]] = []
+    try:
+        result = fit(
+            model, balancer, splits, data_spec, task, train_cfg, dev, quiet=quiet, on_epoch_end=epochs.append
+        )
+    except DivergedError as exc:
+        row.update(
+            status="diverged",
+            history=[_jsonable_record(h) for h in epochs],
+            divergence={"step": exc.step, "epoch": exc.epoch, "type": type(exc).__name__, "reason": str(exc)},
+        )
+        return row
 
     cost: dict[str, Any] = {}
     if train_cfg.cost_steps > 0:
@@ -173,7 +190,9 @@ def measure_run_cost(
     method_trainer.model.train()
     method_trainer.balancer.train()
     joint_trainer.model.train()
-    return compare_cost(method_trainer, joint_trainer, batches, steps=cfg.cost_steps, warmup=cfg.cost_warmup, device=device)
+    return compare_cost(
+        method_trainer, joint_trainer, batches, steps=cfg.cost_steps, warmup=cfg.cost_warmup, device=device
+    )
 
 
 def _jsonable_record(record: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ MAE and Corr as they are. Marks for a cell without a finished run:
 * ``-``   unsupported (the method does not declare the dataset's task or modality count), or not
           part of the matrix (e.g. ``unimodal[audio]`` on a dataset without audio);
 * ``x``   failed (``mmbalance show RUN_ID`` gives the error; the notes under the table list them);
+* ``div`` diverged (the loss exploded or became NaN; the notes under the table give the step);
 * ``...`` missing: expected but not (yet) there.
 
 Which cells are expected: with a matrix plan in the folder (``_matrix/``, written by ``mmbalance
@@ -82,7 +83,8 @@ PAPER_TABLES: Mapping[str, tuple[str, tuple[tuple[str, str], ...]]] = {
 _PERCENT = frozenset(m for task in TASK_METRICS.values() for m in task if m not in ("mae", "corr"))
 _MIB = float(2**20)
 MARK_UNSUPPORTED, MARK_FAILED, MARK_MISSING, MARK_NA = "-", "x", "...", "n/a"
-_LEGEND = "Marks: - unsupported, x failed, ... missing"
+MARK_DIVERGED = "div"
+_LEGEND = "Marks: - unsupported, x failed, ... missing"  # div (diverged) is explained by its note
 
 
 # -- the grid: which cells exist and what is in them -----------------------------------------------
@@ -90,6 +92,7 @@ _LEGEND = "Marks: - unsupported, x failed, ... missing"
 class _Cell:
     ok: list[ResultRow] = field(default_factory=list)
     failed: list[ResultRow] = field(default_factory=list)
+    diverged: list[ResultRow] = field(default_factory=list)
     unsupported: bool = False
     expected: bool = False
 
@@ -136,6 +139,8 @@ def _build_grid(rows: Sequence[ResultRow], plan: Plan | None) -> _Grid:
             cell.ok.append(row)
         elif row.status == "failed":
             cell.failed.append(row)
+        elif row.status == "diverged":
+            cell.diverged.append(row)
         else:
             cell.unsupported = True
     labels = order_labels([lb for lb, _ in cells], plan.labels)
@@ -152,6 +157,8 @@ def _mark(cell: _Cell) -> str:
         return MARK_UNSUPPORTED
     if cell.failed:
         return MARK_FAILED
+    if cell.diverged:
+        return MARK_DIVERGED
     return MARK_MISSING if cell.expected else MARK_UNSUPPORTED
 
 
@@ -410,6 +417,11 @@ def _notes(rows: Sequence[ResultRow], fmt: str) -> list[str]:
         message = str(err.get("message", "")).strip().splitlines()
         first = message[0] if message else ""
         notes.append(f"x {row.label} on {row.dataset}, seed {row.seed} (run {row.run_id}): {err.get('type', '?')}: {first}")
+    diverged = sorted((r for r in rows if r.status == "diverged"), key=lambda r: (r.label, r.dataset, r.seed))
+    for row in diverged:
+        reason = str((row.data.get("divergence") or {}).get("reason", "")).strip()
+        where = f"{row.label} on {row.dataset}, seed {row.seed} (run {row.run_id})"
+        notes.append(f"div {where}: diverged: {reason}")
     notes += [f"warning: {c}" for c in config_conflicts(rows)]
     if fmt == "latex":
         return [f"% {n}" for n in notes]

@@ -129,9 +129,17 @@ def test_matrix_command_prints_tables_and_records_failures(tmp_path, capsys):
         def loss_terms(self, output, batch, task):
             return {"task": task.loss(output.prediction, batch["target"]) * torch.nan}
 
+    @register_method("test_raises")
+    class Raises(Balancer):
+        tasks = frozenset({"reg"})
+        paper = "test method: raises in its first step"
+
+        def loss_terms(self, output, batch, task):
+            raise RuntimeError("boom in a step")
+
     spec = tmp_path / "m.toml"
     spec.write_text(textwrap.dedent("""
-        methods = ["joint", "test_nan_loss"]
+        methods = ["joint", "test_nan_loss", "test_raises"]
         datasets = ["synthetic_cls2", "synthetic_reg3"]
         seeds = [0]
         [overrides]
@@ -146,12 +154,16 @@ def test_matrix_command_prints_tables_and_records_failures(tmp_path, capsys):
         code = main(["matrix", str(spec), "--out", str(tmp_path / "out"), "--device", "cpu"])
     finally:
         METHODS.unregister("test_nan_loss")
+        METHODS.unregister("test_raises")
     out, err = capsys.readouterr()
     assert code == 1  # a run failed
-    assert "4 runs: 2 ok, 1 unsupported, 1 failed; 0 already done" in err
-    assert "NonFiniteLossError: loss term 'task' is nan" in err
+    assert "6 runs: 2 ok, 2 unsupported, 1 failed, 1 diverged; 0 already done" in err
+    assert "diverged in" in err and "loss term 'task' is nan at step 0" in err
+    assert "RuntimeError: boom in a step" in err
     lines = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in out.splitlines() if ln.startswith("| ")}
-    assert lines["test_nan_loss"][:2] == ["x", "x"] and lines["test_nan_loss"][2] == "-"
+    assert lines["test_nan_loss"][:2] == ["div", "div"] and lines["test_nan_loss"][2] == "-"
+    assert lines["test_raises"][:2] == ["-", "-"] and lines["test_raises"][2] == "x"
+    assert "div test_nan_loss on synthetic_cls2, seed 0" in out and "diverged: loss term 'task' is nan" in out
     assert "Cost against joint" in out
     assert main(["matrix", str(spec), "--out", str(tmp_path / "out"), "--shard", "1/2", "--no-tables", "-q"]) == 2
     assert "unknown method 'test_nan_loss'" in capsys.readouterr().err
@@ -167,7 +179,7 @@ def test_unknown_names(capsys):
 
 def test_unknown_key_and_out_of_range(capsys):
     _user_error(capsys, ["run", "joint", "synthetic_cls2", "--set", "epoch=1"], "unknown config key 'epoch'", "did you mean 'epochs'")
-    _user_error(capsys, ["run", "joint", "synthetic_cls2", "--set", "lr=-1"], "lr must be > 0, got -1")
+    _user_error(capsys, ["run", "joint", "synthetic_cls2", "--set", "lr=-1"], "lr must be > 0 and finite, got -1")
     _user_error(capsys, ["run", "cggm", "synthetic_cls2", "--set", "rho=-2"], "rho")
 
 

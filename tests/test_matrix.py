@@ -127,11 +127,15 @@ def test_parse_shard_malformed(text):
 def test_shards_partition_the_plan():
     runs = plan_matrix(_spec(), set_overrides=TINY)
     ids = [r.run_id for r in runs]
-    for n in (1, 2, 3, 5, len(ids) + 2):
+    for n in (1, 2, 3, 5, len(ids)):
         parts = [[r.run_id for r in select_shard(runs, (k, n))] for k in range(1, n + 1)]
         flat = [i for p in parts for i in p]
         assert sorted(flat) == sorted(ids) and len(set(flat)) == len(flat)  # a partition: no overlap
         assert max(map(len, parts)) - min(map(len, parts)) <= 1  # balanced
+    n = len(ids) + 2  # more shards than runs: the first len(ids) get one run each, K beyond is an error
+    assert [len(select_shard(runs, (k, n))) for k in range(1, len(ids) + 1)] == [1] * len(ids)
+    with pytest.raises(ConfigError, match=rf"--shard {n}/{n} selects no run: the matrix has {len(ids)} run"):
+        select_shard(runs, (n, n))
 
 
 def test_parse_set_values_and_round_trip():
