@@ -277,7 +277,12 @@ def _record(
     quiet: bool,
     stream: TextIO,
 ) -> None:
-    write_row(out, row)
+    try:
+        write_row(out, row)
+    except OutputError:
+        if not quiet:  # end the progress line; the error itself is the caller's one line
+            print("not written", file=stream, flush=True)
+        raise
     status = row["status"]
     report.outcomes.append((run, status, False))
     if not quiet:

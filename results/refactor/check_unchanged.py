@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         differ += bool(problems)
         print(f"{'DIFFERS' if problems else 'same   '}  {run.label} on {run.dataset} seed {run.seed}"
               + (": " + "; ".join(problems) if problems else ""), flush=True)
-    print(f"{len(runs)} runs checked in {time.perf_counter() - t0:.0f} s: {differ} differ, {missing} without reference")
+    took = time.perf_counter() - t0
+    print(f"{len(runs)} runs checked in {took:.0f} s: {differ} differ, {missing} without reference")
     return 1 if differ or missing else 0
 
 
