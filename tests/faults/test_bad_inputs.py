@@ -76,7 +76,7 @@ def _truncated_iemocap(ctx: Ctx) -> Path:
 
 # (id, argv(ctx), fragments(ctx)): every fragment must be in the one error line.
 CASES = [
-    # -- config values of the wrong type or out of range (issue 12's list, then more) --
+    # -- config values of the wrong type or out of range --
     (
         "batch_size_bool",
         lambda c: c.run("joint", "synthetic_cls2", "--set", "batch_size=true"),
