@@ -130,7 +130,8 @@ def _expected_bytes(balancer: CGGM) -> int:
     """Persistent bytes from the heads' shapes: fp32 parameters, the optimizer's state (Adam /
     AdamW: two moments per element and a fp32 step per tensor; SGD: one momentum buffer),
     the map heads' BatchNorm statistics (two fp32 vectors and an int64 counter per layer), CGGM's
-    buffers (ε^{t-1} and the diagnostic sums: 8M + 3 floats). Gradients are freed each step."""
+    buffers (ε^{t-1} and the diagnostic sums: 8M + 3 floats), and a fp32 gradient per parameter (freed
+    after each step, allocated again by every backward)."""
     params = list(balancer.heads.parameters())
     n = sum(p.numel() for p in params)
     opt = balancer.cls_optimizer
@@ -142,7 +143,7 @@ def _expected_bytes(balancer: CGGM) -> int:
         raise AssertionError(f"unexpected head optimizer {type(opt).__name__}")
     norms = sum(8 * mod.num_features + 8 for mod in balancer.heads.modules() if isinstance(mod, torch.nn.BatchNorm2d))
     m = len(balancer.modalities)
-    return 4 * n + state + norms + 4 * (8 * m + 3)
+    return 4 * n + 4 * n + state + norms + 4 * (8 * m + 3)
 
 
 @pytest.mark.parametrize("task_name, direction", CASES)

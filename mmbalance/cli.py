@@ -4,7 +4,8 @@ Each subcommand is one ``_add_<name>(subparsers)`` function that defines its opt
 ``func`` (``func(args) -> exit status``); adding a subcommand is one such function plus one entry
 in :data:`COMMANDS`. User errors (:class:`~mmbalance.errors.MMBalanceError`) print one line,
 ``mmbalance: error: ...``, to stderr and exit with status 2, without a traceback; anything else is
-a bug and keeps its traceback. ``matrix`` exits with 1 when a run of this invocation failed.
+a bug and keeps its traceback. ``matrix`` exits with 1 when a run of this invocation failed, ``run``
+when its method called ``sys.exit``; a diverged run is a result (exit 0). Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -18,18 +19,24 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from tabulate import tabulate
 
 import mmbalance
+from mmbalance.config import parse_set
 from mmbalance.datasets import DATASETS
 from mmbalance.datasets.fixtures import add_fixtures_command
 from mmbalance.errors import ConfigError, MMBalanceError, ResultError
-from mmbalance.matrix import load_spec, parse_set, parse_shard, run_matrix
+from mmbalance.matrix import load_spec, parse_shard
+from mmbalance.matrix_run import check_thread_count, run_matrix
 from mmbalance.methods import METHODS
 from mmbalance.models import MODELS
+from mmbalance.output import prepare_output
+from mmbalance.resolve import RunSpec, resolve_run
 from mmbalance.results import load_plan, load_rows, read_row, write_row
-from mmbalance.runner import RunSpec, run_one
+from mmbalance.runner import run_one
 from mmbalance.tables import DEFAULT_MAX_WIDTH, FORMATS, LAYOUTS, SPLITS, render_tables
+from mmbalance.train import resolve_device
 
 __all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_OUT"]
 
@@ -50,7 +57,8 @@ def _int_at_least(option: str, minimum: int = 1) -> Callable[[str], int]:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{option} must be an integer >= {minimum}, got {text!r}") from None
+            message = f"{option} must be an integer >= {minimum}, got {text!r}"
+            raise argparse.ArgumentTypeError(message) from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{option} must be an integer >= {minimum}, got {value}")
         return value
@@ -106,8 +114,10 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern on the name (default: *)")
     p.add_argument("--task", choices=("cls", "reg", "seg"), help="only entries supporting this task")
-    p.add_argument("--modalities", type=_int_at_least("--modalities"), metavar="N", help="only entries supporting N modalities")
-    p.add_argument("--kind", choices=("methods", "datasets", "models"), help="one registry only (default: all three)")
+    p.add_argument("--modalities", type=_int_at_least("--modalities"), metavar="N",
+                   help="only entries supporting N modalities")
+    p.add_argument("--kind", choices=("methods", "datasets", "models"),
+                   help="one registry only (default: all three)")
     p.set_defaults(func=_cmd_list)
 
 
@@ -116,12 +126,14 @@ def _add_list(sub: argparse._SubParsersAction) -> None:
 
 def _add_device(p: argparse.ArgumentParser, default: str | None) -> None:
     p.add_argument("--device", default=default, metavar="auto|cpu|cuda[:N]",
-                   help="where to train (default: %(default)s)" if default else "where to train (default: the spec's, else auto)")
+                   help="where to train (default: %(default)s)" if default
+                   else "where to train (default: the spec's, else auto)")
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, repeatable: epochs=3, method.rho=1.2, dataset.n_train=256 (values are TOML; bare words are strings)")
+                   help="config override, repeatable: epochs=3, method.rho=1.2, dataset.n_train=256 "
+                   "(values are TOML; bare words are strings)")
 
 
 def _print_metrics(row: dict[str, Any]) -> None:
@@ -129,7 +141,8 @@ def _print_metrics(row: dict[str, Any]) -> None:
     test = row["metrics"]["test"]
     names = [k for k in test if not k.startswith("score/")] + [k for k in test if k.startswith("score/")]
     body = [[k, _fmt(val.get(k)), _fmt(test.get(k))] for k in names]
-    print(f"{row['label']} on {row['dataset']}, seed {row['seed']} (run {row['run_id']}), best epoch {row['metrics']['best_epoch']}")
+    print(f"{row['label']} on {row['dataset']}, seed {row['seed']} (run {row['run_id']}), "
+          f"best epoch {row['metrics']['best_epoch']}")
     print(tabulate(body, headers=["metric", "val", "test"], tablefmt="simple", disable_numparse=True))
 
 
@@ -138,9 +151,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
         method=args.method, dataset=args.dataset, model=args.model, preset=args.preset,
         seed=args.seed, overrides=parse_set(args.sets), data_root=args.data_root,
     )
-    row = run_one(spec, device=args.device, quiet=args.quiet, command=args.command_line)
-    path = write_row(args.out, row)
-    _print_metrics(row)
+    resolved = resolve_run(spec)
+    device = resolve_device(args.device)
+    out = prepare_output(args.out)  # before training: a result that cannot be written is not trained
+    check_thread_count(load_rows(out).rows, device, torch.get_num_threads(), out)
+    try:
+        row = run_one(resolved, device=device, quiet=args.quiet, command=args.command_line)
+    except SystemExit as exc:  # a method or plugin exiting is a failed run, not the end of this command
+        print(f"mmbalance: error: run {resolved.run_id} failed: the run called sys.exit({exc.code!r}); "
+              "nothing was written", file=sys.stderr)
+        return 1
+    path = write_row(out, row)
+    if row["status"] == "diverged":
+        print(f"{row['label']} on {row['dataset']}, seed {row['seed']} (run {row['run_id']}): DIVERGED: "
+              f"{row['divergence']['reason']}")
+    else:
+        _print_metrics(row)
     print(f"row written to {path}")
     return 0
 
@@ -166,17 +192,17 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 # -- matrix ----------------------------------------------------------------------------------------
 def _print_tables(out: Path, **options: Any) -> None:
-    """Print the tables of the rows in ``out``; ``options`` go to :func:`~mmbalance.tables.render_tables`."""
-
+    """Print the tables of the rows in ``out`` (``options`` go to
+    :func:`~mmbalance.tables.render_tables`); each unreadable file is a warning line naming it (one
+    error line naming the first of them when nothing is left to show)."""
     loaded = load_rows(out)
     plan, plan_problems = load_plan(out)
-    for problem in (*loaded.problems, *plan_problems):
-        print(f"mmbalance: warning: skipped {problem}", file=sys.stderr)
+    problems = (*loaded.problems, *plan_problems)
     if not loaded.rows and not plan:
-        raise ResultError(
-            f"no result rows in {str(out)!r}"
-            + (f" ({len(loaded.problems)} unreadable file(s) skipped)" if loaded.problems else "")
-        )
+        skipped = f" ({len(problems)} unreadable file(s) skipped, e.g. {problems[0]})" if problems else ""
+        raise ResultError(f"no result rows in {str(out)!r}{skipped}")
+    for problem in problems:
+        print(f"mmbalance: warning: skipped {problem}", file=sys.stderr)
     sys.stdout.write(render_tables(loaded.rows, plan=plan, **options))
     sys.stdout.flush()
 
@@ -203,7 +229,8 @@ def _add_matrix(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("spec", help="matrix spec (TOML), e.g. matrices/default.toml")
     p.add_argument("--out", help=f"results folder (default: {DEFAULT_OUT}/<spec name>)")
-    p.add_argument("--shard", metavar="K/N", help="run only shard K of N (1-based, every N-th run from the K-th)")
+    p.add_argument("--shard", metavar="K/N",
+                   help="run only shard K of N (1-based, every N-th run from the K-th)")
     _add_set(p)
     p.add_argument("--data-root", help="folder holding the dataset files (overrides the spec's data_root)")
     _add_device(p, None)
@@ -225,7 +252,8 @@ def _cmd_table(args: argparse.Namespace) -> int:
 def _add_table(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "table", help="render the metric and cost tables of a results folder",
-        description="Render the metric table (mean ± std (n) over seeds; - unsupported, x failed, ... missing) "
+        description="Render the metric table (mean ± std (n) over seeds; - unsupported, x failed, "
+        "div diverged, ... missing) "
         "and the cost table of the rows in DIR. Unreadable files are reported on stderr and skipped.",
     )
     p.add_argument("dir", help="results folder (as written by `mmbalance matrix` or `mmbalance run`)")
@@ -307,11 +335,15 @@ def _cmd_show(args: argparse.Namespace) -> int:
     ]
     if row.status == "unsupported":
         lines.append(f"reason: {d.get('reason', '')}")
+    if row.status == "diverged":
+        div = d["divergence"]
+        lines.append(f"diverged at step {div.get('step')} (epoch {div.get('epoch')}): {div['reason']}")
     if row.status == "failed" and row.error:
-        lines += [f"error: {row.error.get('type')}: {row.error.get('message')}", str(row.error.get("traceback", "")).rstrip()]
+        lines += [f"error: {row.error.get('type')}: {row.error.get('message')}",
+                  str(row.error.get("traceback", "")).rstrip()]
     if row.config:
-        lines += ["", "config:", tabulate([(k, repr(v) if v is None or isinstance(v, str) else v) for k, v in _flat("", row.config)],
-                                         tablefmt="plain", disable_numparse=True)]
+        config = [(k, repr(v) if v is None or isinstance(v, str) else v) for k, v in _flat("", row.config)]
+        lines += ["", "config:", tabulate(config, tablefmt="plain", disable_numparse=True)]
     if row.status == "ok":
         val, test = row.metrics["val"], row.metrics["test"]
         names = list(dict.fromkeys([*test, *val]))
@@ -319,7 +351,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
                   tabulate([[k, _fmt(val.get(k)), _fmt(test.get(k))] for k in names],
                            headers=["metric", "val", "test"], tablefmt="simple", disable_numparse=True)]
         if row.cost:
-            lines += ["", "cost:", tabulate([[k, _fmt(v)] for k, v in row.cost.items()], tablefmt="plain", disable_numparse=True)]
+            cost = [[k, _fmt(v)] for k, v in row.cost.items()]
+            lines += ["", "cost:", tabulate(cost, tablefmt="plain", disable_numparse=True)]
     if row.history:
         hist = []
         keys: list[str] = []
@@ -328,7 +361,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
             hist.append((record.get("epoch"), flat))
             keys += [k for k in flat if k not in keys]
         body = [[epoch, *(_fmt(flat.get(k)) for k in keys)] for epoch, flat in hist]
-        lines += ["", "history:", tabulate(body, headers=["epoch", *keys], tablefmt="simple", disable_numparse=True)]
+        lines += ["", "history:",
+                  tabulate(body, headers=["epoch", *keys], tablefmt="simple", disable_numparse=True)]
     print("\n".join(lines))
     return 0
 
@@ -336,7 +370,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def _add_show(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "show", help="summarise one result row",
-        description="Print one result row: status, command, environment, config, metrics, cost and per-epoch history.",
+        description="Print one result row: status, command, environment, config, metrics, cost and per-epoch "
+        "history.",
     )
     p.add_argument("target", metavar="RUN_ID_OR_FILE", help="a row file, or a run id (prefix) under --dir")
     _add_dir(p, "--out")
@@ -416,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``mmbalance`` argument parser with every subcommand of :data:`COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="mmbalance",
-        description="Multimodal imbalance: balancing methods behind one interface, and a resumable benchmark.",
+        description="Multimodal imbalance: balancing methods behind one interface, and a resumable "
+        "benchmark.",
     )
     parser.add_argument("--version", action="version", version=f"mmbalance {mmbalance.__version__}")
     parser.add_argument(
@@ -436,8 +472,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_line = _command_line(argv)
     if args.threads is not None:
-        import torch
-
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))

@@ -9,18 +9,30 @@ all fail the same way, with the field, the value and the expected type.
 Supported annotations: ``bool``, ``int``, ``float`` (an int is accepted), ``str``, ``X | None``,
 ``Literal[...]``, ``tuple[X, ...]`` / ``list[X]`` (a list or tuple of X), ``dict[str, X]`` /
 ``Mapping[str, X]``, ``Any``. ``bool`` is never accepted for ``int`` or ``float``.
+
+The textual form of a config value is TOML: :func:`parse_set` reads ``--set key=value`` options
+and :func:`format_set` writes one back, so a run's command line reproduces its resolved values.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
+import shlex
+import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Union
 
-__all__ = ["ConfigBase", "check_types", "type_name", "need", "finite"]
+from mmbalance.errors import ConfigError
+
+__all__ = ["ConfigBase", "check_types", "type_name", "need", "finite", "parse_set", "format_set"]
+
+_BARE_WORD = re.compile(r"^[^\s\"'\[\]{}=,#]+$")
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
 _HINTS: dict[type, dict[str, Any]] = {}
 
@@ -67,9 +79,9 @@ def _matches(value: Any, annotation: Any) -> bool:
         return any(value == choice and type(value) is type(choice) for choice in typing.get_args(annotation))
     if origin in (tuple, list):
         args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
-        return isinstance(value, list | tuple) and all(_matches(v, args[0]) for v in value) if args else isinstance(
-            value, list | tuple
-        )
+        if not isinstance(value, list | tuple):
+            return False
+        return not args or all(_matches(v, args[0]) for v in value)
     if origin in (dict, Mapping, typing.Mapping) or annotation in (dict, Mapping):
         args = typing.get_args(annotation)
         if not isinstance(value, Mapping):
@@ -94,20 +106,26 @@ def check_types(config: Any) -> None:
     """Check every field of a Config dataclass instance against its declared type.
 
     Raises:
-        ValueError: naming the first field whose value does not match, the value and the expected type.
+        ConfigError: (a ``ValueError``) naming the first field whose value does not match, the value
+            and the expected type.
     """
     hints = _hints(type(config))
     for f in dataclasses.fields(config):
         annotation = hints.get(f.name, Any)
         value = getattr(config, f.name)
         if not _matches(value, annotation):
-            raise ValueError(f"{f.name} must be {type_name(annotation)}, got {value!r} ({type(value).__name__})")
+            expected = type_name(annotation)
+            raise ConfigError(f"{f.name} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
 def need(config: Any, ok: bool, field_name: str, expected: str) -> None:
-    """Range check helper for :meth:`ConfigBase.check`: raise naming the field, value and expectation."""
+    """Range check helper for :meth:`ConfigBase.check`: raise naming the field, value and expectation.
+
+    Raises:
+        ConfigError: (a ``ValueError``) unless ``ok``.
+    """
     if not ok:
-        raise ValueError(f"{field_name} must be {expected}, got {getattr(config, field_name)!r}")
+        raise ConfigError(f"{field_name} must be {expected}, got {getattr(config, field_name)!r}")
 
 
 def finite(value: Any) -> bool:
@@ -128,3 +146,66 @@ class ConfigBase:
 
     def check(self) -> None:
         """Range rules of the config's own fields; raise ``ValueError`` naming the field."""
+
+
+# -- the textual form: ``--set key=value`` ---------------------------------------------------------
+def _toml_value(text: str) -> Any:
+    return tomllib.loads(f"v = {text}")["v"]
+
+
+def parse_set(items: Sequence[str], *, option: str = "--set") -> dict[str, Any]:
+    """``["epochs=3", "method.rho=1.2", "modality=text"]`` -> ``{"epochs": 3, ...}``.
+
+    Values are TOML values (``3``, ``1e-3``, ``true``, ``"text"``, ``[1, 2]``); a bare word without
+    spaces or quotes (``text``, ``/data/mosi``) is a string. Later items win. Whether a value fits
+    its field is checked when the run is resolved (the Config's declared type).
+
+    Raises:
+        ConfigError: naming ``option``, the item and the expected form ``key=value``.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key or not raw:
+            raise ConfigError(f"{option} expects key=value (e.g. {option} epochs=3); got {item!r}")
+        if not _KEY_RE.match(key):
+            raise ConfigError(
+                f"{option} key must be a config field, optionally prefixed (epochs, method.rho); "
+                f"got {key!r} in {item!r}"
+            )
+        try:
+            value = _toml_value(raw)
+        except tomllib.TOMLDecodeError:
+            if not _BARE_WORD.match(raw):
+                raise ConfigError(
+                    f"{option} value in {item!r} is not a TOML value (number, true/false, \"string\", "
+                    "[array]) or a bare word; quote strings that contain spaces or special characters"
+                ) from None
+            value = raw
+        if isinstance(value, dict):
+            raise ConfigError(f"{option} value in {item!r} must be a scalar or an array, not a table")
+        out[key] = value
+    return out
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value) if not isinstance(value, float) or value == value else "nan"
+    if isinstance(value, str):
+        if _BARE_WORD.match(value):
+            try:
+                _toml_value(value)
+            except tomllib.TOMLDecodeError:
+                return value  # parses back as the same bare word
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_format_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write override value {value!r} ({type(value).__name__}) as --set")
+
+
+def format_set(key: str, value: Any) -> str:
+    """One shell-quoted ``--set`` argument that :func:`parse_set` reads back as ``{key: value}``."""
+    return shlex.quote(f"{key}={_format_value(value)}")

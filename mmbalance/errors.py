@@ -13,8 +13,10 @@ __all__ = [
     "DataError",
     "ShapeError",
     "UnsupportedError",
+    "DivergedError",
     "NonFiniteLossError",
     "ResultError",
+    "OutputError",
 ]
 
 
@@ -45,9 +47,27 @@ class UnsupportedError(MMBalanceError):
     """A method used on a task or modality count it does not declare."""
 
 
-class NonFiniteLossError(MMBalanceError, FloatingPointError):
+class DivergedError(MMBalanceError):
+    """Training diverged: a step's loss rose above the run's bound (see
+    ``TrainConfig.divergence_factor``), or a loss term became non-finite (:class:`NonFiniteLossError`).
+
+    ``step`` is the 0-based global training step, ``epoch`` its 0-based epoch; the message names the
+    loss and the bound (or the term). A runner records such a run with status ``diverged``.
+    """
+
+    def __init__(self, message: str, *, step: int | None = None, epoch: int | None = None) -> None:
+        super().__init__(message)
+        self.step, self.epoch = step, epoch
+
+
+class NonFiniteLossError(DivergedError, FloatingPointError):
     """A loss term became NaN or inf; the message names the term and the step."""
 
 
 class ResultError(MMBalanceError):
     """A corrupt, truncated or invalid result file."""
+
+
+class OutputError(MMBalanceError, OSError):
+    """The output folder or a result file cannot be created or written (file in the way, read-only
+    folder, no permission, full disk); the message names the path and the errno."""

@@ -29,13 +29,12 @@ Runs are ordered seed-major (all cells of seed 0, then seed 1, ...), so an inter
 whole tables of its first seeds. ``--shard K/N`` (1-based) takes every N-th run starting at the
 K-th: shards never overlap, their union is the matrix, and each gets a mix of datasets and methods.
 
-Each run is written to ``<out>/<run_id>.json`` atomically (see :func:`mmbalance.results.write_json_atomic`).
-Re-running the same matrix skips runs whose file says ``ok`` or ``unsupported``, and retries
-``failed`` runs and unreadable files. A method that does not support a dataset's task or modality
-count gets an ``unsupported`` row without training (the table shows ``-``). A run that raises is
-recorded as ``failed`` with its error and traceback, and the matrix goes on. The whole plan is
-resolved before anything runs, so an unknown name or key stops the matrix at once. The plan itself
-goes to ``<out>/_matrix/<hash>.json``, from which tables know the expected cells.
+This module plans: it parses the spec, expands and resolves every run (each run's configuration
+is resolved once, here, and carried by its :class:`PlannedRun`), assigns run ids and shards. The
+whole plan is resolved before anything runs, so an unknown name or key stops the matrix at once,
+with the spec's path in the message. Running a plan (resume, one JSON row per run, failures
+recorded) is :func:`mmbalance.matrix_run.run_matrix`, through an executor
+(:mod:`mmbalance.executor`).
 """
 
 from __future__ import annotations
@@ -45,112 +44,39 @@ import json
 import os
 import re
 import shlex
-import sys
-import time
 import tomllib
-import traceback
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
+from mmbalance.config import format_set
 from mmbalance.datasets import DATASETS
-from mmbalance.errors import ConfigError, RegistryError, ResultError, UnsupportedError
+from mmbalance.errors import ConfigError, RegistryError, UnsupportedError
 from mmbalance.methods import METHODS
 from mmbalance.registry import config_fields
-from mmbalance.results import PLAN_DIR, read_row, write_json_atomic, write_row
-from mmbalance.runner import ResolvedRun, RunSpec, environment, resolve_run, run_one
-from mmbalance.train import resolve_device
+from mmbalance.resolve import ResolvedRun, RunSpec, resolve_run
 
 __all__ = [
     "MatrixSpec",
     "PlannedRun",
-    "MatrixReport",
     "SPEC_KEYS",
     "load_spec",
     "parse_spec",
     "parse_shard",
-    "parse_set",
-    "format_set",
     "plan_matrix",
+    "plan_hash",
     "select_shard",
-    "run_matrix",
-    "PRIMARY_METRIC",
 ]
 
 SPEC_KEYS = (
     "methods", "datasets", "seeds", "preset", "model", "device", "data_root",
     "overrides", "dataset_overrides", "method_overrides",
 )
-# The metric the progress line shows, per task.
-PRIMARY_METRIC = {"cls": "acc", "reg": "mae", "seg": "dice_mean"}
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-_BARE_WORD = re.compile(r"^[^\s\"'\[\]{}=,#]+$")
-_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
 
 
 # -- parsing ---------------------------------------------------------------------------------------
-def _toml_value(text: str) -> Any:
-    return tomllib.loads(f"v = {text}")["v"]
-
-
-def parse_set(items: Sequence[str], *, option: str = "--set") -> dict[str, Any]:
-    """``["epochs=3", "method.rho=1.2", "modality=text"]`` -> ``{"epochs": 3, ...}``.
-
-    Values are TOML values (``3``, ``1e-3``, ``true``, ``"text"``, ``[1, 2]``); a bare word without
-    spaces or quotes (``text``, ``/data/mosi``) is a string. Later items win.
-
-    Raises:
-        ConfigError: naming ``option``, the item and the expected form ``key=value``.
-    """
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key, raw = key.strip(), raw.strip()
-        if not sep or not key or not raw:
-            raise ConfigError(f"{option} expects key=value (e.g. {option} epochs=3); got {item!r}")
-        if not _KEY_RE.match(key):
-            raise ConfigError(
-                f"{option} key must be a config field, optionally prefixed (epochs, method.rho); got {key!r} in {item!r}"
-            )
-        try:
-            value = _toml_value(raw)
-        except tomllib.TOMLDecodeError:
-            if not _BARE_WORD.match(raw):
-                raise ConfigError(
-                    f"{option} value in {item!r} is not a TOML value (number, true/false, \"string\", [array]) "
-                    "or a bare word; quote strings that contain spaces or special characters"
-                ) from None
-            value = raw
-        if isinstance(value, dict):
-            raise ConfigError(f"{option} value in {item!r} must be a scalar or an array, not a table")
-        out[key] = value
-    return out
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value) if not isinstance(value, float) or value == value else "nan"
-    if isinstance(value, str):
-        if _BARE_WORD.match(value):
-            try:
-                _toml_value(value)
-            except tomllib.TOMLDecodeError:
-                return value  # parses back as the same bare word
-        return json.dumps(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_format_value(v) for v in value) + "]"
-    raise ConfigError(f"cannot write override value {value!r} ({type(value).__name__}) as --set")
-
-
-def format_set(key: str, value: Any) -> str:
-    """One shell-quoted ``--set`` argument that :func:`parse_set` reads back as ``{key: value}``."""
-    return shlex.quote(f"{key}={_format_value(value)}")
-
-
 def parse_shard(text: str | None) -> tuple[int, int] | None:
     """``"2/4"`` -> ``(2, 4)``; None stays None.
 
@@ -230,7 +156,9 @@ def parse_spec(data: Mapping[str, Any], source: str = "<matrix spec>") -> Matrix
     """
     unknown = [k for k in data if k not in SPEC_KEYS]
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(SPEC_KEYS)}")
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(SPEC_KEYS)}"
+        )
     methods = _names(data, "methods", source)
     datasets = _names(data, "datasets", source)
     seeds = data.get("seeds")
@@ -255,12 +183,15 @@ def parse_spec(data: Mapping[str, Any], source: str = "<matrix spec>") -> Matrix
     for key, allowed in (("dataset_overrides", datasets), ("method_overrides", methods)):
         tables = data.get(key, {})
         if not isinstance(tables, dict) or not all(isinstance(v, dict) for v in tables.values()):
-            raise ConfigError(f"{source}: {key!r} must hold one table per name ([{key}.NAME]), got {tables!r}")
+            raise ConfigError(
+                f"{source}: {key!r} must hold one table per name ([{key}.NAME]), got {tables!r}"
+            )
         stray = [n for n in tables if n not in allowed]
         if stray:
             kind = key.split("_")[0] + "s"
             raise ConfigError(
-                f"{source}: [{key}.{stray[0]}] names {stray[0]!r}, which is not in {kind} ({', '.join(allowed)})"
+                f"{source}: [{key}.{stray[0]}] names {stray[0]!r}, which is not in {kind} "
+                f"({', '.join(allowed)})"
             )
         per[key] = {n: _flatten(t, f"{source} [{key}.{n}]") for n, t in tables.items()}
     return MatrixSpec(
@@ -282,13 +213,18 @@ def load_spec(path: str | os.PathLike[str]) -> MatrixSpec:
     """Read and validate a TOML matrix spec.
 
     Raises:
-        ConfigError: missing file, TOML syntax error (with its position), or an invalid spec.
+        ConfigError: naming the path: missing or unreadable file, not UTF-8 text, TOML syntax error
+            (with its position), or an invalid spec.
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise ConfigError(f"matrix spec {str(path)!r} cannot be read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"matrix spec {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        ) from exc
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -322,7 +258,8 @@ class PlannedRun:
 
     def command(self) -> str:
         """The ``mmbalance run`` command that reproduces this run alone."""
-        parts = ["mmbalance", "run", shlex.quote(self.spec.method), shlex.quote(self.spec.dataset), "--seed", str(self.seed)]
+        parts = ["mmbalance", "run", shlex.quote(self.spec.method), shlex.quote(self.spec.dataset)]
+        parts += ["--seed", str(self.seed)]
         if self.spec.preset:
             parts += ["--preset", shlex.quote(self.spec.preset)]
         if self.spec.model:
@@ -346,29 +283,57 @@ class PlannedRun:
 
 
 def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()[:12]
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def plan_hash(runs: Sequence[PlannedRun]) -> str:
+    """Name of a plan's file under ``<out>/_matrix/``: a hash of its run ids, in order."""
+    return _hash([r.run_id for r in runs])
 
 
 def _modality_variants(method: str, dataset: str, overrides: Mapping[str, Any]) -> list[str | None]:
     """[None] for an ordinary method; the dataset's modalities for one with a ``modality`` field."""
-    method_cls = METHODS.get(method)
-    if "modality" not in config_fields(method_cls.Config):
+    if "modality" not in config_fields(METHODS.get(method).Config):
         return [None]
     fixed = overrides.get("method.modality", overrides.get("modality"))
-    dataset_cls = DATASETS.get(dataset)
-    modalities = tuple(getattr(dataset_cls, "modality_names", ()) or ())
-    if not modalities:
-        raise ConfigError(
-            f"dataset {dataset!r} declares no modality_names, so method {method!r} cannot be expanded per "
-            "modality; fix the dataset class or set modality=... in [method_overrides]"
-        )
+    modalities = tuple(DATASETS.get(dataset).modality_names)
     if fixed is not None:
         if fixed not in modalities:
             raise ConfigError(
-                f"override modality={fixed!r} for method {method!r}, but dataset {dataset!r} has modalities {modalities}"
+                f"override modality={fixed!r} for method {method!r}, but dataset {dataset!r} has "
+                f"modalities {modalities}"
             )
         return [None]  # the override already names it
     return list(modalities)
+
+
+def _plan_cell(
+    spec: MatrixSpec, method: str, dataset: str, seed: int, overrides: Mapping[str, Any], root: str | None
+) -> list[PlannedRun]:
+    """The runs of one (seed, dataset, method) cell: one, or one per modality."""
+    out = []
+    for modality in _modality_variants(method, dataset, overrides):
+        run_overrides = dict(overrides)
+        if modality is not None:
+            run_overrides["modality"] = modality
+        run_spec = RunSpec(
+            method=method, dataset=dataset, model=spec.model, preset=spec.preset,
+            seed=seed, overrides=run_overrides, data_root=root,
+        )
+        try:
+            resolved = resolve_run(run_spec)
+        except (ConfigError, RegistryError) as exc:
+            what = f"{method}{f'[{modality}]' if modality else ''} on {dataset}, seed {seed}"
+            raise type(exc)(f"{what}: {exc}") from exc
+        except UnsupportedError as exc:
+            identity = {"unsupported": True, "method": method, "dataset": dataset, "model": spec.model,
+                        "preset": spec.preset, "seed": seed, "overrides": run_overrides}
+            task = DATASETS.get(dataset).task
+            out.append(PlannedRun(run_spec, _hash(identity), method, task, None, str(exc)))
+        else:
+            out.append(PlannedRun(run_spec, resolved.run_id, resolved.label, resolved.task, resolved))
+    return out
 
 
 def plan_matrix(
@@ -380,9 +345,16 @@ def plan_matrix(
     """Expand and resolve every run of the matrix, in order (seed, dataset, method, modality).
 
     Raises:
-        RegistryError / ConfigError: an unknown name, key or preset, an out-of-range value, or two
-            runs that resolve to the same run id. Nothing has run at that point.
+        RegistryError / ConfigError: naming the spec's path and the run: an unknown name, key or
+            preset, a value of the wrong type or out of range, or two runs that resolve to the same
+            run id. Nothing has run at that point.
     """
+    for key, registry, names in (("methods", METHODS, spec.methods), ("datasets", DATASETS, spec.datasets)):
+        for name in names:
+            try:
+                registry.get(name)
+            except RegistryError as exc:
+                raise RegistryError(f"{spec.source}: {key}: {exc}") from exc
     root = data_root if data_root is not None else spec.data_root
     runs: list[PlannedRun] = []
     seen: dict[str, PlannedRun] = {}
@@ -395,31 +367,16 @@ def plan_matrix(
                     **spec.method_overrides.get(method, {}),
                     **(set_overrides or {}),
                 }
-                for modality in _modality_variants(method, dataset, merged):
-                    overrides = dict(merged)
-                    if modality is not None:
-                        overrides["modality"] = modality
-                    run_spec = RunSpec(
-                        method=method, dataset=dataset, model=spec.model, preset=spec.preset,
-                        seed=seed, overrides=overrides, data_root=root,
-                    )
-                    try:
-                        resolved = resolve_run(run_spec)
-                    except (ConfigError, RegistryError) as exc:
-                        what = f"{method}{f'[{modality}]' if modality else ''} on {dataset}, seed {seed}"
-                        raise type(exc)(f"{spec.source}: {what}: {exc}") from exc
-                    except UnsupportedError as exc:
-                        dataset_cls = DATASETS.get(dataset)
-                        identity = {"unsupported": True, "method": method, "dataset": dataset, "model": spec.model,
-                                    "preset": spec.preset, "seed": seed, "overrides": overrides}
-                        planned = PlannedRun(run_spec, _hash(identity), method, str(getattr(dataset_cls, "task", "")),
-                                             None, str(exc))
-                    else:
-                        planned = PlannedRun(run_spec, resolved.run_id, resolved.label, resolved.task, resolved)
+                try:
+                    cell = _plan_cell(spec, method, dataset, seed, merged, root)
+                except (ConfigError, RegistryError) as exc:
+                    raise type(exc)(f"{spec.source}: {exc}") from exc
+                for planned in cell:
                     if planned.run_id in seen:
                         other = seen[planned.run_id]
                         raise ConfigError(
-                            f"{spec.source}: {planned.label} on {dataset} seed {seed} resolves to the same run "
+                            f"{spec.source}: {planned.label} on {dataset} seed {seed} resolves to the same "
+                            "run "
                             f"({planned.run_id}) as {other.label} on {other.dataset} seed {other.seed}"
                         )
                     seen[planned.run_id] = planned
@@ -428,158 +385,17 @@ def plan_matrix(
 
 
 def select_shard(runs: Sequence[PlannedRun], shard: tuple[int, int] | None) -> list[PlannedRun]:
-    """Every N-th run from the K-th (1-based); the whole list without a shard."""
+    """Every N-th run from the K-th (1-based); the whole list without a shard.
+
+    Raises:
+        ConfigError: K is beyond the number of runs (the shard would be empty).
+    """
     if shard is None:
         return list(runs)
     k, n = shard
-    return list(runs[k - 1 :: n])
-
-
-# -- running ---------------------------------------------------------------------------------------
-@dataclass
-class MatrixReport:
-    """What one invocation of :func:`run_matrix` did."""
-
-    out: Path
-    planned: int
-    selected: int
-    outcomes: list[tuple[PlannedRun, str, bool]] = field(default_factory=list)  # (run, status, skipped)
-
-    @property
-    def counts(self) -> Counter[str]:
-        return Counter(status for _, status, _ in self.outcomes)
-
-    @property
-    def skipped(self) -> int:
-        return sum(1 for *_, skipped in self.outcomes if skipped)
-
-    @property
-    def failed(self) -> list[PlannedRun]:
-        return [run for run, status, _ in self.outcomes if status == "failed"]
-
-    def summary(self) -> str:
-        c = self.counts
-        shard = f" (shard of {self.planned})" if self.selected != self.planned else ""
-        return (
-            f"{self.selected} runs{shard}: {c['ok']} ok, {c['unsupported']} unsupported, {c['failed']} failed; "
-            f"{self.skipped} already done; results in {self.out}"
+    if k > len(runs):
+        raise ConfigError(
+            f"--shard {k}/{n} selects no run: the matrix has {len(runs)} run(s), so K must be at most "
+            f"{len(runs)} (use N <= {len(runs)})"
         )
-
-
-def _base_row(run: PlannedRun, status: str, env: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "run_id": run.run_id,
-        "status": status,
-        "method": run.method,
-        "label": run.label,
-        "dataset": run.dataset,
-        "task": run.task,
-        "seed": run.seed,
-        "config": dict(run.resolved.config) if run.resolved else {},
-        "metrics": {},
-        "history": [],
-        "cost": {},
-        "env": dict(env),
-        "command": run.command(),
-    }
-
-
-def _previous_status(path: Path) -> tuple[str | None, str | None]:
-    """(status of an existing row file, reason it is unusable)."""
-    if not path.exists():
-        return None, None
-    try:
-        return read_row(path).status, None
-    except ResultError as exc:
-        return None, str(exc)
-
-
-def _outcome_text(row: Mapping[str, Any], task: str) -> str:
-    if row.get("status") != "ok":
-        err = row.get("error") or {}
-        return f"{err.get('type', 'error')}: {str(err.get('message', '')).splitlines()[0] if err.get('message') else ''}"
-    key = PRIMARY_METRIC.get(task, "")
-    value = (row.get("metrics", {}).get("test") or {}).get(key)
-    if value is None:
-        return ""
-    return f"test {key} {value * 100:.2f}%" if key != "mae" else f"test {key} {value:.4f}"
-
-
-def run_matrix(
-    spec: MatrixSpec,
-    out: str | os.PathLike[str],
-    *,
-    shard: tuple[int, int] | None = None,
-    set_overrides: Mapping[str, Any] | None = None,
-    data_root: str | None = None,
-    device: str | None = None,
-    quiet: bool = False,
-    stream: TextIO | None = None,
-    run_fn: Callable[..., dict[str, Any]] = run_one,
-) -> MatrixReport:
-    """Run (or resume) the matrix's runs of ``shard`` into ``out``; one progress line per run.
-
-    ``run_fn(spec, device=..., quiet=..., command=...)`` trains one run (default
-    :func:`mmbalance.runner.run_one`). ``KeyboardInterrupt`` stops the matrix without recording the
-    interrupted run; any other exception is recorded as a ``failed`` row.
-
-    Raises:
-        ConfigError / RegistryError: invalid spec, shard, override or device (before any run).
-    """
-    stream = stream if stream is not None else sys.stderr
-    dev_name = device if device is not None else spec.device
-    dev = resolve_device(dev_name)
-    runs = plan_matrix(spec, set_overrides=set_overrides, data_root=data_root)
-    selected = select_shard(runs, shard)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    plan = {"spec": spec.to_dict(), "spec_file": spec.source, "runs": [r.plan_entry() for r in runs]}
-    write_json_atomic(out / PLAN_DIR / f"{_hash([r.run_id for r in runs])}.json", plan)
-    report = MatrixReport(out=out, planned=len(runs), selected=len(selected))
-    env: dict[str, Any] | None = None
-    width = len(str(len(selected)))
-    for i, run in enumerate(selected, 1):
-        path = out / f"{run.run_id}.json"
-        head = f"[{i:>{width}}/{len(selected)}] {run.label} on {run.dataset}, seed {run.seed} ({run.run_id}): "
-        previous, unreadable = _previous_status(path)
-        if previous in ("ok", "unsupported"):
-            report.outcomes.append((run, previous, True))
-            if not quiet:
-                print(head + f"{previous}, already done", file=stream, flush=True)
-            continue
-        if not quiet:
-            note = "retrying failed run, " if previous == "failed" else f"re-running ({unreadable}), " if unreadable else ""
-            print(head + note, end="", file=stream, flush=True)
-        if env is None:
-            env = environment(dev)
-        t0 = time.perf_counter()
-        if run.resolved is None:
-            row = _base_row(run, "unsupported", env)
-            row["reason"] = run.unsupported_reason
-        else:
-            try:
-                row = run_fn(run.spec, device=dev, quiet=True, command=run.command())
-            except KeyboardInterrupt:
-                if not quiet:
-                    print("interrupted", file=stream, flush=True)
-                raise
-            except Exception as exc:  # any failure of one run is recorded; the matrix goes on
-                row = _base_row(run, "failed", env)
-                row["error"] = {
-                    "type": type(exc).__name__,
-                    "message": str(exc),
-                    "traceback": traceback.format_exc(),
-                }
-            else:
-                if row.get("run_id") != run.run_id:
-                    raise RuntimeError(
-                        f"run_one returned run_id {row.get('run_id')!r} for planned run {run.run_id}; "
-                        "run ids must not depend on anything outside the resolved run"
-                    )
-                row.setdefault("label", run.label)
-        write_row(out, row)
-        status = row["status"]
-        report.outcomes.append((run, status, False))
-        if not quiet:
-            print(f"{status} in {time.perf_counter() - t0:.1f} s {_outcome_text(row, run.task)}".rstrip(), file=stream, flush=True)
-    return report
+    return list(runs[k - 1 :: n])

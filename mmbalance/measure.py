@@ -8,8 +8,9 @@ Contract (DESIGN "Performance contract"):
   median and the inter-quartile range (IQR) of the remaining steps are reported in milliseconds;
 * memory: on CUDA, the peak allocated bytes during the method's steps (after
   ``reset_peak_memory_stats``) minus joint's, measured in separate passes; on CPU, where no
-  allocator peak exists, the exact persistent bytes of what the method adds: its own parameters,
-  their gradients, its buffers and its optimizers' state (``persistent_state_bytes``).
+  allocator peak exists, the exact bytes of what the method keeps across steps: its own parameters,
+  a gradient for each trainable one (allocated by every step's backward, even when the gradients
+  are set to None between steps), its buffers and its optimizers' state (``persistent_state_bytes``).
 """
 
 from __future__ import annotations
@@ -74,7 +75,10 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 def persistent_state_bytes(module: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()) -> int:
     """Exact bytes of a module's parameters, their gradients, its buffers, and optimizer state.
 
-    Shared tensors are counted once. For a balancer: ``persistent_state_bytes(b, b.auxiliary_optimizers())``.
+    A trainable parameter (``requires_grad``) counts its gradient whether or not ``p.grad`` is set
+    right now: optimizers set gradients to None after each step, but every backward allocates them
+    again, so they are part of what the module costs per step. Shared tensors are counted once. For a
+    balancer: ``persistent_state_bytes(b, b.auxiliary_optimizers())``.
     """
     seen: set[int] = set()
     total = 0
@@ -82,7 +86,8 @@ def persistent_state_bytes(module: nn.Module, optimizers: Iterable[torch.optim.O
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += _tensor_bytes(p) + _tensor_bytes(p.grad)
+        grad = _tensor_bytes(p.grad) if p.grad is not None else (_tensor_bytes(p) if p.requires_grad else 0)
+        total += _tensor_bytes(p) + grad
     for b in module.buffers():
         if id(b) not in seen:
             seen.add(id(b))
@@ -175,7 +180,9 @@ def compare_cost(
     if device.type == "cuda":
         peak_j = peak_memory_bytes(joint_trainer, batches, steps=min(5, max(1, steps)), device=device)
         peak_m = peak_memory_bytes(method_trainer, batches, steps=min(5, max(1, steps)), device=device)
-        cost.update(peak_mem_bytes=peak_m, mem_overhead_bytes=int(peak_m - peak_j), memory_kind="cuda_peak_allocated")
+        cost.update(
+            peak_mem_bytes=peak_m, mem_overhead_bytes=int(peak_m - peak_j), memory_kind="cuda_peak_allocated"
+        )
     else:
         b_m = method_trainer.balancer
         b_j = joint_trainer.balancer

@@ -10,8 +10,13 @@ Contracts (see DESIGN.md "Registries"):
 * an unknown name raises with the available names and a close-match suggestion, never a fallback;
 * :meth:`Registry.resolve_config` merges ``Config`` defaults <- preset <- overrides and raises on an
   unknown key, listing the valid fields;
+* built-in entries are imported by an explicit loader on first use; if one fails to import, every
+  lookup raises (chained to the import error) instead of serving a silently partial registry;
 * third-party entries come from an entry-point group; a plugin that fails to import is listed as
-  ``broken`` and re-raises (chained) when requested.
+  ``broken`` and re-raises (chained) when requested; a plugin whose name is already taken by another
+  entry raises, naming both, when the plugins are loaded (never silently skipped);
+* an optional ``validate(cls)`` checks each class at registration (e.g. a dataset's declared
+  task, modalities and defaults, which the runner reads without building the dataset).
 """
 
 from __future__ import annotations
@@ -74,6 +79,7 @@ class Registry(Generic[T]):
         base: every registered class must subclass it.
         entry_point_group: group scanned once, lazily, for third-party entries.
         loader: callable importing the built-in entries (explicit imports), run lazily on first use.
+        validate: called with each class at registration; raises (e.g. RegistryError) to refuse it.
     """
 
     def __init__(
@@ -83,14 +89,19 @@ class Registry(Generic[T]):
         *,
         entry_point_group: str | None = None,
         loader: Callable[[], None] | None = None,
+        validate: Callable[[type], None] | None = None,
     ) -> None:
         self.kind = kind
         self.base = base
         self.entry_point_group = entry_point_group
         self._loader = loader
+        self._validate = validate
         self._entries: dict[str, type] = {}
         self._broken: dict[str, _Broken] = {}
+        self._plugin_names: set[str] = set()
         self._loaded = False
+        self._load_error: BaseException | None = None
+        self._plugin_error: RegistryError | None = None
         self._plugins_loaded = False
 
     # -- registration -----------------------------------------------------------------------
@@ -102,7 +113,8 @@ class Registry(Generic[T]):
         def decorator(cls: T) -> T:
             if not (isinstance(cls, type) and issubclass(cls, self.base)):
                 raise RegistryError(
-                    f"{self.kind} {name!r}: {cls!r} must subclass {self.base.__module__}.{self.base.__qualname__}"
+                    f"{self.kind} {name!r}: {cls!r} must subclass "
+                    f"{self.base.__module__}.{self.base.__qualname__}"
                 )
             if name in self._entries:
                 first = self._entries[name]
@@ -110,6 +122,8 @@ class Registry(Generic[T]):
                     f"duplicate {self.kind} name {name!r}: already registered by "
                     f"{first.__module__}.{first.__qualname__}, again by {cls.__module__}.{cls.__qualname__}"
                 )
+            if self._validate is not None:
+                self._validate(cls)
             cls.name = name
             self._entries[name] = cls
             return cls
@@ -120,24 +134,52 @@ class Registry(Generic[T]):
         """Remove an entry (tests and interactive use)."""
         self._entries.pop(name, None)
         self._broken.pop(name, None)
+        self._plugin_names.discard(name)
 
     # -- lookup -------------------------------------------------------------------------------
     def _ensure_loaded(self) -> None:
         if not self._loaded:
             self._loaded = True
             if self._loader is not None:
-                self._loader()
+                try:
+                    self._loader()
+                except Exception as exc:  # any import failure; kept, so that every lookup re-raises it
+                    self._load_error = exc
+        if self._load_error is not None:
+            raise RegistryError(
+                f"built-in {self.kind}s failed to import, so the {self.kind} registry would be incomplete: "
+                f"{self._load_error!r}"
+            ) from self._load_error
         if not self._plugins_loaded:
             self._plugins_loaded = True
-            self.load_plugins()
+            try:
+                self.load_plugins()
+            except RegistryError as exc:  # a name collision: kept, so that every lookup re-raises it
+                self._plugin_error = exc
+        if self._plugin_error is not None:
+            raise RegistryError(str(self._plugin_error)) from self._plugin_error
 
     def load_plugins(self) -> None:
-        """Import the entry points of ``entry_point_group``; failures are recorded as broken."""
+        """Import the entry points of ``entry_point_group``; failures are recorded as broken.
+
+        Raises:
+            RegistryError: an entry point's name is already registered by another entry (a built-in
+                or another plugin), naming both.
+        """
         if self.entry_point_group is None:
             return
         for ep in metadata.entry_points(group=self.entry_point_group):
+            if ep.name in self._plugin_names:
+                continue  # loaded by an earlier scan
             if ep.name in self._entries:
-                continue
+                first = self._entries[ep.name]
+                raise RegistryError(
+                    f"plugin {ep.name!r} ({ep.value}, entry-point group {self.entry_point_group!r}) collides "
+                    f"with the {self.kind} {ep.name!r} already registered by "
+                    f"{first.__module__}.{first.__qualname__}; "
+                    "rename the plugin's entry point or uninstall it"
+                )
+            self._plugin_names.add(ep.name)
             try:
                 obj = ep.load()
             except Exception as exc:  # a plugin can fail in any way; keep it listed, re-raise on use

@@ -1,20 +1,26 @@
 """Result rows: the on-disk record of one run, loading with validation, and aggregation over seeds.
 
-One run is one JSON file ``<dir>/<run_id>.json`` (written by :func:`write_row`: a temporary file in
-the same folder, ``fsync``, ``os.replace``, so a reader or a killed writer never sees half a file).
+One run is one JSON file ``<dir>/<run_id>.json`` (written by :func:`write_row` through
+:func:`mmbalance.output.write_json_atomic`, so a reader or a killed writer never sees half a file).
 The row's fields are fixed by issue 3 (:data:`ROW_FIELDS`), plus ``label`` (the display name of the
-method, e.g. ``unimodal[text]``), ``error`` on a failed row and ``reason`` on an unsupported one::
+method, e.g. ``unimodal[text]``), ``error`` on a failed row, ``reason`` on an unsupported one and
+``divergence`` on a diverged one::
 
-    run_id    12 hex digits, hash of the resolved run (also the file name)
-    status    "ok" | "failed" | "unsupported"
+    run_id      12 hex digits, hash of the resolved run (also the file name)
+    status      "ok" | "failed" | "unsupported" | "diverged"
     method, label, dataset, task ("cls" | "reg" | "seg"), seed
-    config    {"method": {...}, "train": {...}, "dataset": {...}, "model": {...}} (resolved)
-    metrics   {"val": {name: float}, "test": {name: float}, "best_epoch": int}
-    history   [per-epoch dict: losses, val metrics, balancer diagnostics, per-modality scores]
-    cost      {"step_ms_median", "step_ms_iqr", "step_time_ratio", "peak_mem_bytes", "mem_overhead_bytes", ...}
-    env       {"device", "torch", "mmbalance", "git_commit", "dirty", ...}
-    command   the command that reproduces the run
-    error     failed rows: {"type", "message", "traceback"}
+    config      {"method": {...}, "train": {...}, "dataset": {...}, "model": {...}} (resolved)
+    metrics     {"val": {name: float}, "test": {name: float}, "best_epoch": int}
+    history     [per-epoch object: losses, "val" metrics, "diagnostics", per-modality scores]
+    cost        {"step_ms_median", "step_ms_iqr", "step_time_ratio", "peak_mem_bytes", ...}
+    env         {"device", "device_type", "threads", "torch", "mmbalance", "git_commit", "dirty", ...}
+    command     the command that reproduces the run
+    error       failed rows: {"type", "message", "traceback"}
+    divergence  diverged rows: {"step": int | null, "epoch": int | null, "type", "reason"}
+
+Validation is a schema with type and depth limits (:data:`MAX_DEPTH`): a row nested deeper, or
+with a field of the wrong type (a history entry that is not an object, ...), is reported as
+malformed with its path, never a crash of the reader.
 
 Non-finite floats (a Pearson correlation of a constant prediction) are stored as ``null`` so the
 files are strict JSON; aggregation reads ``null`` metrics as NaN.
@@ -38,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from mmbalance.errors import ResultError
+from mmbalance.output import strict_json, write_json_atomic
 
 __all__ = [
     "ROW_FIELDS",
@@ -61,59 +68,19 @@ __all__ = [
     "config_conflicts",
 ]
 
-ROW_FIELDS = ("run_id", "status", "method", "dataset", "task", "seed", "config", "metrics", "history", "cost", "env", "command")
-STATUSES = ("ok", "failed", "unsupported")
+ROW_FIELDS = (
+    "run_id", "status", "method", "dataset", "task", "seed",
+    "config", "metrics", "history", "cost", "env", "command",
+)
+STATUSES = ("ok", "failed", "unsupported", "diverged")
 TASKS = ("cls", "reg", "seg")
 # The cost fields tables aggregate (numbers or null).
 COST_FIELDS = ("step_ms_median", "step_ms_iqr", "step_time_ratio", "peak_mem_bytes", "mem_overhead_bytes")
 PLAN_DIR = "_matrix"  # sub-folder of a results folder holding matrix plans (not rows)
 
+MAX_DEPTH = 32  # nesting limit of a row's JSON (ours reach about 7)
+
 _RUN_ID_RE = re.compile(r"^[0-9a-f]{12}$")
-
-
-# -- writing -------------------------------------------------------------------------------------
-def _strict_json(value: Any) -> Any:
-    """Replace non-finite floats by None, recursively (strict JSON has no NaN)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _strict_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict_json(v) for v in value]
-    return value
-
-
-def write_json_atomic(path: str | os.PathLike[str], data: Any) -> Path:
-    """Write ``data`` as JSON to ``path`` atomically: temp file in the same folder, fsync, replace.
-
-    A process killed at any point leaves either the previous file or the new one, never a mix;
-    at worst a hidden ``.<name>.<pid>.tmp`` file remains, which :func:`load_rows` ignores.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    text = json.dumps(_strict_json(data), indent=1, allow_nan=False)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass  # some file systems refuse fsync on a directory; the replace is still atomic
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 # -- the row -------------------------------------------------------------------------------------
@@ -128,6 +95,66 @@ def _is_int(v: Any) -> bool:
 
 def _is_number_or_null(v: Any) -> bool:
     return v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of decoded JSON, without recursion (a scalar is 0, ``[]`` is 1)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d + 1)
+            if deepest > MAX_DEPTH:
+                return deepest
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _check_history(history: list[Any]) -> None:
+    for i, record in enumerate(history):
+        _need(isinstance(record, dict), f"history[{i}] must be an object, got {type(record).__name__}")
+        epoch = record.get("epoch")
+        _need(epoch is None or _is_int(epoch), f"history[{i}].epoch must be an integer, got {epoch!r}")
+        for key in ("val", "diagnostics", "terms"):
+            value = record.get(key)
+            _need(value is None or isinstance(value, dict),
+                  f"history[{i}].{key} must be an object, got {type(value).__name__}")
+            for name, v in (value or {}).items():
+                _need(_is_number_or_null(v), f"history[{i}].{key}.{name} must be a number or null, got {v!r}")
+
+
+def _check_status_fields(data: Mapping[str, Any], status: str) -> None:
+    """The fields a status requires: metrics and cost of an ok row, error, reason, divergence."""
+    metrics, cost = data["metrics"], data["cost"]
+    if status == "ok":
+        for split in ("val", "test"):
+            values = metrics.get(split)
+            _need(isinstance(values, dict) and bool(values), f"metrics.{split} must be a non-empty object")
+            for k, v in values.items():
+                _need(_is_number_or_null(v), f"metrics.{split}.{k} must be a number or null, got {v!r}")
+        best = metrics.get("best_epoch")
+        _need(_is_int(best), f"metrics.best_epoch must be an integer, got {best!r}")
+        for k in COST_FIELDS:
+            _need(_is_number_or_null(cost.get(k)), f"cost.{k} must be a number or null, got {cost.get(k)!r}")
+    error = data.get("error")
+    if status == "failed":
+        _need(
+            isinstance(error, dict)
+            and isinstance(error.get("type"), str)
+            and isinstance(error.get("message"), str),
+            "a failed row needs error.type and error.message strings",
+        )
+    if status == "unsupported":
+        reason = data.get("reason")
+        _need(reason is None or isinstance(reason, str),
+              f"reason must be a string, got {type(reason).__name__}")
+    if status == "diverged":
+        div = data.get("divergence")
+        _need(isinstance(div, dict) and isinstance(div.get("reason"), str),
+              "a diverged row needs a divergence object with a reason string")
+        for key in ("step", "epoch"):
+            _need(div.get(key) is None or _is_int(div.get(key)),
+                  f"divergence.{key} must be an integer or null, got {div.get(key)!r}")
 
 
 @dataclass(frozen=True)
@@ -158,37 +185,30 @@ class ResultRow:
             ResultError: naming the first field that is missing or has the wrong type or value.
         """
         _need(isinstance(data, dict), f"expected a JSON object, got {type(data).__name__}")
+        _need(_depth(data) <= MAX_DEPTH, f"nested deeper than {MAX_DEPTH} levels")
         missing = [f for f in ROW_FIELDS if f not in data]
         _need(not missing, f"missing field(s) {', '.join(missing)}")
         run_id, status = data["run_id"], data["status"]
-        _need(isinstance(run_id, str) and bool(_RUN_ID_RE.match(run_id)), f"run_id must be 12 hex digits, got {run_id!r}")
-        _need(status in STATUSES, f"status must be one of {STATUSES}, got {status!r}")
+        _need(isinstance(run_id, str) and bool(_RUN_ID_RE.match(run_id)),
+              f"run_id must be 12 hex digits, got {run_id!r}")
+        _need(isinstance(status, str) and status in STATUSES,
+              f"status must be one of {STATUSES}, got {status!r}")
         for name in ("method", "dataset"):
-            _need(isinstance(data[name], str) and bool(data[name]), f"{name} must be a non-empty string, got {data[name]!r}")
+            _need(isinstance(data[name], str) and bool(data[name]),
+                  f"{name} must be a non-empty string, got {data[name]!r}")
         label = data.get("label", data["method"])
         _need(isinstance(label, str) and bool(label), f"label must be a non-empty string, got {label!r}")
-        _need(data["task"] in TASKS, f"task must be one of {TASKS}, got {data['task']!r}")
+        _need(isinstance(data["task"], str) and data["task"] in TASKS,
+              f"task must be one of {TASKS}, got {data['task']!r}")
         _need(_is_int(data["seed"]), f"seed must be an integer, got {data['seed']!r}")
         for name in ("config", "metrics", "cost", "env"):
             _need(isinstance(data[name], dict), f"{name} must be an object, got {type(data[name]).__name__}")
-        _need(isinstance(data["history"], list), f"history must be a list, got {type(data['history']).__name__}")
+        _need(isinstance(data["history"], list),
+              f"history must be a list, got {type(data['history']).__name__}")
         _need(data["command"] is None or isinstance(data["command"], str), "command must be a string or null")
-        metrics, cost = data["metrics"], data["cost"]
-        if status == "ok":
-            for split in ("val", "test"):
-                values = metrics.get(split)
-                _need(isinstance(values, dict) and bool(values), f"metrics.{split} must be a non-empty object")
-                for k, v in values.items():
-                    _need(_is_number_or_null(v), f"metrics.{split}.{k} must be a number or null, got {v!r}")
-            _need(_is_int(metrics.get("best_epoch")), f"metrics.best_epoch must be an integer, got {metrics.get('best_epoch')!r}")
-            for k in COST_FIELDS:
-                _need(_is_number_or_null(cost.get(k)), f"cost.{k} must be a number or null, got {cost.get(k)!r}")
-        error = data.get("error")
-        if status == "failed":
-            _need(
-                isinstance(error, dict) and isinstance(error.get("type"), str) and isinstance(error.get("message"), str),
-                "a failed row needs error.type and error.message strings",
-            )
+        _check_history(data["history"])
+        _check_status_fields(data, status)
+        metrics, cost, error = data["metrics"], data["cost"], data.get("error")
         return cls(
             run_id=run_id,
             status=status,
@@ -227,7 +247,7 @@ class ResultRow:
 
 def write_row(directory: str | os.PathLike[str], row: Mapping[str, Any]) -> Path:
     """Validate ``row`` and write it atomically to ``<directory>/<run_id>.json``."""
-    validated = ResultRow.from_dict(_strict_json(row))
+    validated = ResultRow.from_dict(strict_json(row))
     return write_json_atomic(Path(directory) / f"{validated.run_id}.json", row)
 
 
@@ -249,11 +269,17 @@ def read_row(path: str | os.PathLike[str]) -> ResultRow:
         raise ResultError(f"{path}: empty file")
     try:
         data = json.loads(text)
+    except RecursionError as exc:
+        raise ResultError(f"{path}: malformed row: JSON nested too deep to read") from exc
     except json.JSONDecodeError as exc:
         stripped = text.rstrip()
         # A cut-off file ends inside a value: the parser fails at the end, inside an unterminated
         # string, or the text lacks the closing bracket of a complete document.
-        truncated = exc.pos >= len(stripped) or exc.msg.startswith("Unterminated string") or not stripped.endswith(("}", "]"))
+        truncated = (
+            exc.pos >= len(stripped)
+            or exc.msg.startswith("Unterminated string")
+            or not stripped.endswith(("}", "]"))
+        )
         what = "truncated JSON" if truncated else "invalid JSON"
         raise ResultError(f"{path}: {what} ({exc.msg}: line {exc.lineno} column {exc.colno})") from exc
     try:
@@ -370,7 +396,7 @@ def load_plan(directory: str | os.PathLike[str]) -> tuple[Plan, tuple[Problem, .
                     unsupported=bool(e["unsupported"]),
                 )
                 cells.setdefault(cell.run_id, cell)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             problems.append(Problem(path, f"unreadable matrix plan ({type(exc).__name__}: {exc})"))
     return Plan(tuple(cells.values())), tuple(problems)
 

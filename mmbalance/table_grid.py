@@ -24,6 +24,7 @@ __all__ = [
     "MARK_FAILED",
     "MARK_MISSING",
     "MARK_NA",
+    "MARK_DIVERGED",
     "LEGEND",
     "COST_COLUMNS",
     "Cell",
@@ -102,7 +103,8 @@ COST_COLUMNS = (
     ("mem MiB", "mem_overhead_bytes", 1.0 / _MIB, 2),
 )
 MARK_UNSUPPORTED, MARK_FAILED, MARK_MISSING, MARK_NA = "-", "x", "...", "n/a"
-LEGEND = "Marks: - unsupported, x failed, ... missing"
+MARK_DIVERGED = "div"
+LEGEND = "Marks: - unsupported, x failed, ... missing"  # div (diverged) is explained by its note
 
 
 # -- the grid: which cells exist and what is in them -----------------------------------------------
@@ -110,6 +112,7 @@ LEGEND = "Marks: - unsupported, x failed, ... missing"
 class Cell:
     ok: list[ResultRow] = field(default_factory=list)
     failed: list[ResultRow] = field(default_factory=list)
+    diverged: list[ResultRow] = field(default_factory=list)
     unsupported: bool = False
     expected: bool = False
 
@@ -156,6 +159,8 @@ def build_grid(rows: Sequence[ResultRow], plan: Plan | None) -> Grid:
             cell.ok.append(row)
         elif row.status == "failed":
             cell.failed.append(row)
+        elif row.status == "diverged":
+            cell.diverged.append(row)
         else:
             cell.unsupported = True
     labels = order_labels([lb for lb, _ in cells], plan.labels)
@@ -172,6 +177,8 @@ def cell_mark(cell: Cell) -> str:
         return MARK_UNSUPPORTED
     if cell.failed:
         return MARK_FAILED
+    if cell.diverged:
+        return MARK_DIVERGED
     return MARK_MISSING if cell.expected else MARK_UNSUPPORTED
 
 

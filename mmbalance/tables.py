@@ -10,6 +10,7 @@ MAE and Corr as they are. Marks for a cell without a finished run:
 * ``-``   unsupported (the method does not declare the dataset's task or modality count), or not
           part of the matrix (e.g. ``unimodal[audio]`` on a dataset without audio);
 * ``x``   failed (``mmbalance show RUN_ID`` gives the error; the notes under the table list them);
+* ``div`` diverged (the loss exploded or became NaN; the notes under the table give the step);
 * ``...`` missing: expected but not (yet) there.
 
 Which cells are expected: with a matrix plan in the folder (``_matrix/``, written by ``mmbalance
@@ -377,6 +378,10 @@ def _notes(rows: Sequence[ResultRow], fmt: str) -> list[str]:
         first = message[0] if message else ""
         where = f"{row.label} on {row.dataset}, seed {row.seed} (run {row.run_id})"
         notes.append(f"x {where}: {err.get('type', '?')}: {first}")
+    for row in sorted((r for r in rows if r.status == "diverged"), key=lambda r: (r.label, r.dataset, r.seed)):
+        reason = str((row.data.get("divergence") or {}).get("reason", "")).strip()
+        where = f"{row.label} on {row.dataset}, seed {row.seed} (run {row.run_id})"
+        notes.append(f"div {where}: diverged: {reason}")
     notes += [f"warning: {c}" for c in config_conflicts(rows)]
     if fmt == "latex":
         return [f"% {n}" for n in notes]

@@ -103,12 +103,6 @@ class Task(ABC):
         """Hard prediction (class ids / values / label maps)."""
         return prediction
 
-    def check_prediction(self, prediction: Tensor, target: Tensor) -> None:
-        if prediction.shape[0] != target.shape[0]:
-            raise ShapeError(
-                f"prediction batch {prediction.shape[0]} differs from target batch {target.shape[0]}"
-            )
-
 
 class ClassificationTask(Task):
     """Cross-entropy over ``(B, C)`` logits; targets are class ids ``(B,)``."""

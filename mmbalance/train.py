@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import math
 import time
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mmbalance.balancer import Balancer, EpochContext, StepContext
+from mmbalance.config import ConfigBase, finite, need
 from mmbalance.datasets.base import DatasetSpec, check_batch
-from mmbalance.errors import ConfigError, NonFiniteLossError
+from mmbalance.errors import ConfigError, DivergedError, NonFiniteLossError
 from mmbalance.evaluation import evaluate, is_better, restore, snapshot
 from mmbalance.models.base import MultimodalModel
 from mmbalance.runtime import autocast, batch_to_device, make_loader, resolve_device, seed_everything
@@ -49,29 +51,36 @@ __all__ = [
     "seed_everything",
 ]
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("none", "plateau", "cosine")
-AMP_MODES = ("none", "bf16", "fp16")
+OptimizerName = Literal["adam", "adamw", "sgd"]
+SchedulerName = Literal["none", "plateau", "cosine"]  # plateau: ReduceLROnPlateau on the val loss;
+# cosine: per step, linear warm-up from warmup_start_lr, then cosine to final_lr
+AmpMode = Literal["none", "bf16", "fp16"]  # autocast on CUDA; fp16 adds a GradScaler
+OPTIMIZERS = typing.get_args(OptimizerName)
+DIVERGENCE_FACTOR = 1e3  # default TrainConfig.divergence_factor (left out of run ids at this value)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Training setup of a run. Dataset presets (``mmbalance.presets``) hold the papers' values."""
+class TrainConfig(ConfigBase):
+    """Training setup of a run. Dataset presets (``mmbalance.presets``) hold the papers' values.
+
+    Every field is checked against its declared type (:class:`mmbalance.config.ConfigBase`), then
+    against the ranges of :meth:`check`.
+    """
 
     epochs: int = 10  # passes over the training split
     batch_size: int = 64  # training and evaluation batch size
-    optimizer: str = "adam"  # adam | adamw | sgd (the main optimizer)
+    optimizer: OptimizerName = "adam"  # the main optimizer
     lr: float = 1e-3  # base (peak, for cosine) learning rate
     weight_decay: float = 0.0  # decoupled for adamw, L2 for adam/sgd
     momentum: float = 0.9  # sgd only
-    scheduler: str = "none"  # none | plateau (ReduceLROnPlateau on val loss) | cosine (per step, warm-up)
+    scheduler: SchedulerName = "none"  # LR schedule (see SchedulerName)
     plateau_patience: int = 10  # epochs without val-loss improvement before the LR drops (CGGM `when`)
     plateau_factor: float = 0.1  # LR multiplier on plateau
     warmup_epochs: int = 0  # cosine: linear warm-up length in epochs
     warmup_start_lr: float = 0.0  # cosine: LR at step 0
     final_lr: float = 0.0  # cosine: LR at the last step
     clip_grad_norm: float | None = None  # global L2 norm clip of the model's gradients (after hooks)
-    amp: str = "none"  # none | bf16 | fp16 autocast (CUDA); fp16 uses a GradScaler
+    amp: AmpMode = "none"  # mixed precision on CUDA (see AmpMode)
     seed: int = 0  # seeds Python, NumPy, torch and the train loader's shuffling
     deterministic: bool = True  # torch.use_deterministic_algorithms (warn only)
     num_workers: int = 0  # DataLoader workers (persistent, pinned memory on CUDA)
@@ -80,28 +89,31 @@ class TrainConfig:
     eval_modality_scores: bool = True  # per-modality val score with the other modalities zeroed
     cost_steps: int = 30  # timed steps of the side-by-side cost measurement (0 = skip)
     cost_warmup: int = 5  # discarded warm-up steps before timing
+    divergence_factor: float | None = DIVERGENCE_FACTOR  # diverged: a step's loss (its "task" term, else
+    # the sum of terms) above divergence_factor * max(|first step's loss|, 1); None = never (NaN/inf always)
 
-    def __post_init__(self) -> None:
-        def need(cond: bool, field_name: str, expected: str) -> None:
-            if not cond:
-                raise ValueError(f"{field_name} must be {expected}, got {getattr(self, field_name)!r}")
-
-        need(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "an integer >= 1")
-        need(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1")
-        need(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")
-        need(self.lr > 0, "lr", "> 0")
-        need(self.weight_decay >= 0, "weight_decay", ">= 0")
-        need(0 <= self.momentum < 1, "momentum", "in [0, 1)")
-        need(self.scheduler in SCHEDULERS, "scheduler", f"one of {SCHEDULERS}")
-        need(self.plateau_patience >= 0, "plateau_patience", ">= 0")
-        need(0 < self.plateau_factor < 1, "plateau_factor", "in (0, 1)")
-        need(self.warmup_epochs >= 0, "warmup_epochs", ">= 0")
-        need(self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm", "None or > 0")
-        need(self.amp in AMP_MODES, "amp", f"one of {AMP_MODES}")
-        need(self.finite_check_every >= 1, "finite_check_every", ">= 1")
-        need(self.max_train_batches is None or self.max_train_batches >= 1, "max_train_batches", "None or >= 1")
-        need(self.cost_steps >= 0, "cost_steps", ">= 0")
-        need(self.cost_warmup >= 0, "cost_warmup", ">= 0")
+    def check(self) -> None:
+        need(self, self.epochs >= 1, "epochs", "an integer >= 1")
+        need(self, self.batch_size >= 1, "batch_size", "an integer >= 1")
+        need(self, finite(self.lr) and self.lr > 0, "lr", "> 0 and finite")
+        for name in ("weight_decay", "warmup_start_lr", "final_lr"):
+            need(self, finite(getattr(self, name)) and getattr(self, name) >= 0, name, ">= 0 and finite")
+        need(self, 0 <= self.momentum < 1, "momentum", "in [0, 1)")
+        need(self, self.plateau_patience >= 0, "plateau_patience", "an integer >= 0")
+        need(self, 0 < self.plateau_factor < 1, "plateau_factor", "in (0, 1)")
+        need(self, self.warmup_epochs >= 0, "warmup_epochs", "an integer >= 0")
+        clip = self.clip_grad_norm
+        need(self, clip is None or (finite(clip) and clip > 0), "clip_grad_norm", "None or > 0 and finite")
+        need(self, 0 <= self.seed < 2**63, "seed", "an integer in [0, 2**63)")
+        need(self, self.num_workers >= 0, "num_workers", "an integer >= 0")
+        need(self, self.finite_check_every >= 1, "finite_check_every", "an integer >= 1")
+        cap = self.max_train_batches
+        need(self, cap is None or cap >= 1, "max_train_batches", "None or an integer >= 1")
+        need(self, self.cost_steps >= 0, "cost_steps", "an integer >= 0")
+        need(self, self.cost_warmup >= 0, "cost_warmup", "an integer >= 0")
+        factor = self.divergence_factor
+        ok = factor is None or (finite(factor) and factor > 1)
+        need(self, ok, "divergence_factor", "None or > 1 and finite")
 
 
 # -- optimizer and schedule ------------------------------------------------------------------------
@@ -187,6 +199,7 @@ class Trainer:
         self._term_sums: dict[str, float] = {}
         self._term_counts: dict[str, int] = {}
         self._epoch = 0
+        self._start_loss: float | None = None  # summed terms of the first step (divergence bound)
 
     # The hot path. No .item(), no host reads.
     def train_step(self, batch: Mapping[str, Tensor], epoch: int, step_in_epoch: int) -> None:
@@ -247,12 +260,38 @@ class Trainer:
             raise NonFiniteLossError(
                 f"loss term {name!r} is {rows[bad_row, bad_col].item()} at step "
                 f"{self._buf_first_step + bad_row} (epoch {self._epoch}); terms at that step: "
-                + ", ".join(f"{n}={rows[bad_row, i].item():.4g}" for i, n in enumerate(self._term_names))
+                + ", ".join(f"{n}={rows[bad_row, i].item():.4g}" for i, n in enumerate(self._term_names)),
+                step=self._buf_first_step + bad_row,
+                epoch=self._epoch,
             )
+        self._check_divergence(rows)
         sums = rows.sum(dim=0).tolist()
         for n, s in zip(self._term_names, sums, strict=True):
             self._term_sums[n] = self._term_sums.get(n, 0.0) + s
             self._term_counts[n] = self._term_counts.get(n, 0) + len(rows)
+
+    def _check_divergence(self, rows: Tensor) -> None:
+        """Raise DivergedError at the first step whose loss exceeds the bound (``rows``: host tensor,
+        steps x terms). The loss is the ``task`` term when there is one (auxiliary terms such as
+        CGGM's L_gm may grow by orders of magnitude by design), else the sum of the terms."""
+        names = self._term_names or ()
+        losses = rows[:, names.index("task")] if "task" in names else rows.sum(dim=1)
+        if self._start_loss is None:
+            self._start_loss = float(losses[0])
+        if self.cfg.divergence_factor is None:
+            return
+        bound = self.cfg.divergence_factor * max(abs(self._start_loss), 1.0)
+        over = (losses > bound).nonzero()
+        if len(over):
+            i = int(over[0, 0])
+            step = self._buf_first_step + i
+            raise DivergedError(
+                f"loss {float(losses[i]):.4g} at step {step} (epoch {self._epoch}) is above "
+                f"divergence_factor {self.cfg.divergence_factor:g} x max(|first step's loss "
+                f"{self._start_loss:.4g}|, 1)",
+                step=step,
+                epoch=self._epoch,
+            )
 
     def pop_epoch_terms(self) -> dict[str, float]:
         self.flush_terms()

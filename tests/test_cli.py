@@ -15,8 +15,20 @@ from mmbalance.methods import METHODS, register_method
 from mmbalance.results import load_rows, write_row
 from tests.result_rows import make_row
 
-TINY = ["--set", "epochs=1", "--set", "cost_steps=2", "--set", "cost_warmup=1",
-        "--set", "n_train=64", "--set", "n_val=32", "--set", "n_test=32"]
+TINY = [
+    "--set",
+    "epochs=1",
+    "--set",
+    "cost_steps=2",
+    "--set",
+    "cost_warmup=1",
+    "--set",
+    "n_train=64",
+    "--set",
+    "n_val=32",
+    "--set",
+    "n_test=32",
+]
 
 
 def _user_error(capsys, argv, *fragments):
@@ -82,7 +94,9 @@ def test_list_shows_broken_plugin(tmp_path, monkeypatch, capsys):
         assert main(["list", "--kind", "methods"]) == 0
         line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("broken_cli"))
         assert "BROKEN" in line and "needs a missing package" in line
-        _user_error(capsys, ["run", "broken_cli", "synthetic_cls2"], "plugin 'broken_cli'", "failed to import")
+        _user_error(
+            capsys, ["run", "broken_cli", "synthetic_cls2"], "plugin 'broken_cli'", "failed to import"
+        )
     finally:
         METHODS.unregister("broken_cli")
         sys.modules.pop("broken_cli_plugin", None)
@@ -91,8 +105,26 @@ def test_list_shows_broken_plugin(tmp_path, monkeypatch, capsys):
 # -- run / show / table ----------------------------------------------------------------------------
 def test_run_show_table(tmp_path, capsys):
     out_dir = tmp_path / "runs"
-    assert main(["run", "unimodal", "synthetic_cls2", *TINY, "--set", "modality=weak", "--seed", "3",
-                 "--device", "cpu", "--out", str(out_dir), "-q"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "unimodal",
+                "synthetic_cls2",
+                *TINY,
+                "--set",
+                "modality=weak",
+                "--seed",
+                "3",
+                "--device",
+                "cpu",
+                "--out",
+                str(out_dir),
+                "-q",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.startswith("unimodal[weak] on synthetic_cls2, seed 3 (run ")
     assert "acc" in out and "f1_weighted" in out and "row written to" in out
@@ -101,13 +133,24 @@ def test_run_show_table(tmp_path, capsys):
     row = rows[0]
     assert row.status == "ok" and row.seed == 3 and row.label == "unimodal[weak]"
     assert row.command.startswith("mmbalance run unimodal synthetic_cls2 --set epochs=1")
-    assert set(row.cost) >= {"step_ms_median", "step_ms_iqr", "step_time_ratio", "peak_mem_bytes", "mem_overhead_bytes"}
+    assert set(row.cost) >= {
+        "step_ms_median",
+        "step_ms_iqr",
+        "step_time_ratio",
+        "peak_mem_bytes",
+        "mem_overhead_bytes",
+    }
     assert set(row.env) >= {"device", "torch", "mmbalance", "git_commit", "dirty"}
 
     assert main(["show", row.run_id[:6], "--out", str(out_dir)]) == 0
     shown = capsys.readouterr().out
     assert shown.startswith(f"run {row.run_id}: unimodal[weak] on synthetic_cls2 (cls), seed 3: OK")
-    assert "method.modality" in shown and "'weak'" in shown and "history:" in shown and "step_time_ratio" in shown
+    assert (
+        "method.modality" in shown
+        and "'weak'" in shown
+        and "history:" in shown
+        and "step_time_ratio" in shown
+    )
     assert main(["show", str(out_dir / f"{row.run_id}.json")]) == 0
     assert capsys.readouterr().out == shown
 
@@ -129,9 +172,18 @@ def test_matrix_command_prints_tables_and_records_failures(tmp_path, capsys):
         def loss_terms(self, output, batch, task):
             return {"task": task.loss(output.prediction, batch["target"]) * torch.nan}
 
+    @register_method("test_raises")
+    class Raises(Balancer):
+        tasks = frozenset({"reg"})
+        paper = "test method: raises in its first step"
+
+        def loss_terms(self, output, batch, task):
+            raise RuntimeError("boom in a step")
+
     spec = tmp_path / "m.toml"
-    spec.write_text(textwrap.dedent("""
-        methods = ["joint", "test_nan_loss"]
+    spec.write_text(
+        textwrap.dedent("""
+        methods = ["joint", "test_nan_loss", "test_raises"]
         datasets = ["synthetic_cls2", "synthetic_reg3"]
         seeds = [0]
         [overrides]
@@ -141,23 +193,32 @@ def test_matrix_command_prints_tables_and_records_failures(tmp_path, capsys):
         "dataset.n_train" = 64
         "dataset.n_val" = 32
         "dataset.n_test" = 32
-    """))
+    """)
+    )
     try:
         code = main(["matrix", str(spec), "--out", str(tmp_path / "out"), "--device", "cpu"])
     finally:
         METHODS.unregister("test_nan_loss")
+        METHODS.unregister("test_raises")
     out, err = capsys.readouterr()
     assert code == 1  # a run failed
-    assert "4 runs: 2 ok, 1 unsupported, 1 failed; 0 already done" in err
-    assert "NonFiniteLossError: loss term 'task' is nan" in err
+    assert "6 runs: 2 ok, 2 unsupported, 1 failed, 1 diverged; 0 already done" in err
+    assert "diverged in" in err and "loss term 'task' is nan at step 0" in err
+    assert "RuntimeError: boom in a step" in err
+
     def cells(table: str) -> dict[str, list[str]]:
         return {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in table.splitlines()}
 
     # wider than 100 characters: one table per dataset, metric tables first
     tables = [cells(t) for t in out.split("\n\n") if t.startswith("| method")]
-    assert tables[0]["test_nan_loss"] == ["x", "x"] and tables[1]["test_nan_loss"] == ["-", "-", "-"]
+    assert tables[0]["test_nan_loss"] == ["div", "div"] and tables[1]["test_nan_loss"] == ["-", "-", "-"]
+    assert tables[0]["test_raises"] == ["-", "-"] and tables[1]["test_raises"] == ["x", "x", "x"]
+    assert "div test_nan_loss on synthetic_cls2, seed 0" in out and "diverged: loss term 'task' is nan" in out
     assert "Cost against joint" in out
-    assert main(["matrix", str(spec), "--out", str(tmp_path / "out"), "--shard", "1/2", "--no-tables", "-q"]) == 2
+    assert (
+        main(["matrix", str(spec), "--out", str(tmp_path / "out"), "--shard", "1/2", "--no-tables", "-q"])
+        == 2
+    )
     assert "unknown method 'test_nan_loss'" in capsys.readouterr().err
 
 
@@ -165,13 +226,27 @@ def test_matrix_command_prints_tables_and_records_failures(tmp_path, capsys):
 def test_unknown_names(capsys):
     _user_error(capsys, ["run", "cgmm", "synthetic_cls2"], "unknown method 'cgmm'", "Did you mean 'cggm'")
     _user_error(capsys, ["run", "joint", "synthetic_cls5"], "unknown dataset 'synthetic_cls5'", "Available:")
-    _user_error(capsys, ["run", "joint", "synthetic_cls2", "--model", "resnet"], "unknown model 'resnet'", "Available:")
-    _user_error(capsys, ["run", "joint", "synthetic_cls2", "--preset", "imagenet"], "unknown preset 'imagenet'")
+    _user_error(
+        capsys,
+        ["run", "joint", "synthetic_cls2", "--model", "resnet"],
+        "unknown model 'resnet'",
+        "Available:",
+    )
+    _user_error(
+        capsys, ["run", "joint", "synthetic_cls2", "--preset", "imagenet"], "unknown preset 'imagenet'"
+    )
 
 
 def test_unknown_key_and_out_of_range(capsys):
-    _user_error(capsys, ["run", "joint", "synthetic_cls2", "--set", "epoch=1"], "unknown config key 'epoch'", "did you mean 'epochs'")
-    _user_error(capsys, ["run", "joint", "synthetic_cls2", "--set", "lr=-1"], "lr must be > 0, got -1")
+    _user_error(
+        capsys,
+        ["run", "joint", "synthetic_cls2", "--set", "epoch=1"],
+        "unknown config key 'epoch'",
+        "did you mean 'epochs'",
+    )
+    _user_error(
+        capsys, ["run", "joint", "synthetic_cls2", "--set", "lr=-1"], "lr must be > 0 and finite, got -1"
+    )
     _user_error(capsys, ["run", "cggm", "synthetic_cls2", "--set", "rho=-2"], "rho")
 
 
@@ -181,8 +256,12 @@ def test_unsupported_task(capsys):
         tasks = frozenset({"seg"})
 
     try:
-        _user_error(capsys, ["run", "test_seg_only_cli", "synthetic_cls2"],
-                    "method 'test_seg_only_cli' supports tasks ['seg']", "dataset 'synthetic_cls2' is task 'cls'")
+        _user_error(
+            capsys,
+            ["run", "test_seg_only_cli", "synthetic_cls2"],
+            "method 'test_seg_only_cli' supports tasks ['seg']",
+            "dataset 'synthetic_cls2' is task 'cls'",
+        )
     finally:
         METHODS.unregister("test_seg_only_cli")
 
@@ -195,8 +274,17 @@ def test_malformed_options(tmp_path, capsys):
     _user_error(capsys, ["matrix", str(spec), "--set", "epochs"], "--set expects key=value", "got 'epochs'")
     _user_error(capsys, ["run", "joint", "synthetic_cls2", "--set", "=1"], "--set expects key=value")
     _user_error(capsys, ["matrix", str(tmp_path / "missing.toml")], "missing.toml", "cannot be read")
-    _user_error(capsys, ["run", "joint", "synthetic_cls2", "--device", "tpu"], "device must be 'auto', 'cpu' or 'cuda[:N]', got 'tpu'")
-    _user_error(capsys, ["run", "joint", "synthetic_cls2", "--data-root", str(tmp_path)], "--data-root given", "reads no files")
+    _user_error(
+        capsys,
+        ["run", "joint", "synthetic_cls2", "--device", "tpu"],
+        "device must be 'auto', 'cpu' or 'cuda[:N]', got 'tpu'",
+    )
+    _user_error(
+        capsys,
+        ["run", "joint", "synthetic_cls2", "--data-root", str(tmp_path)],
+        "--data-root given",
+        "reads no files",
+    )
     with pytest.raises(SystemExit) as exit_info:  # argparse's own checks: usage + exit 2
         main(["run", "joint", "synthetic_cls2", "--seed", "-1"])
     assert exit_info.value.code == 2 and "--seed must be an integer >= 0" in capsys.readouterr().err

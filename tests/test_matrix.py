@@ -12,28 +12,38 @@ from pathlib import Path
 import pytest
 
 from mmbalance.balancer import Balancer
+from mmbalance.config import format_set, parse_set
 from mmbalance.errors import ConfigError, RegistryError
 from mmbalance.matrix import (
-    format_set,
     load_spec,
-    parse_set,
     parse_shard,
     parse_spec,
     plan_matrix,
-    run_matrix,
     select_shard,
 )
+from mmbalance.matrix_run import run_matrix
 from mmbalance.methods import METHODS, register_method
+from mmbalance.resolve import ResolvedRun
 from mmbalance.results import PLAN_DIR, load_plan, load_rows
-from mmbalance.runner import resolve_run
 from mmbalance.tables import metric_table
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"epochs": 1, "cost_steps": 2, "cost_warmup": 1, "dataset.n_train": 96, "dataset.n_val": 48, "dataset.n_test": 48}
+TINY = {
+    "epochs": 1,
+    "cost_steps": 2,
+    "cost_warmup": 1,
+    "dataset.n_train": 96,
+    "dataset.n_val": 48,
+    "dataset.n_test": 48,
+}
 
 
 def _spec(**extra):
-    data = {"methods": ["joint", "unimodal"], "datasets": ["synthetic_cls2", "synthetic_reg3"], "seeds": [0, 1]}
+    data = {
+        "methods": ["joint", "unimodal"],
+        "datasets": ["synthetic_cls2", "synthetic_reg3"],
+        "seeds": [0, 1],
+    }
     data.update(extra)
     return parse_spec(data, "test.toml")
 
@@ -56,8 +66,8 @@ class FakeRun:
         self.calls: list[str] = []
         self.fail, self.interrupt = set(fail), set(interrupt)
 
-    def __call__(self, spec, *, device, quiet, command):
-        resolved = resolve_run(spec)
+    def __call__(self, resolved, *, device, quiet, command):
+        assert isinstance(resolved, ResolvedRun)  # the plan's resolution is used, not redone
         self.calls.append(resolved.run_id)
         if resolved.label in self.interrupt:
             raise KeyboardInterrupt
@@ -65,10 +75,19 @@ class FakeRun:
             raise RuntimeError(f"boom in {resolved.label}")
         metric = {"cls": "acc", "reg": "mae", "seg": "dice_mean"}[resolved.task]
         return {
-            "run_id": resolved.run_id, "status": "ok", "method": resolved.method, "label": resolved.label,
-            "dataset": resolved.dataset, "task": resolved.task, "seed": resolved.seed, "config": resolved.config,
+            "run_id": resolved.run_id,
+            "status": "ok",
+            "method": resolved.method,
+            "label": resolved.label,
+            "dataset": resolved.dataset,
+            "task": resolved.task,
+            "seed": resolved.seed,
+            "config": resolved.config,
             "metrics": {"val": {metric: 0.5}, "test": {metric: 0.25 + resolved.seed}, "best_epoch": 0},
-            "history": [], "cost": {}, "env": {"device": str(device)}, "command": command,
+            "history": [],
+            "cost": {},
+            "env": {"device": str(device)},
+            "command": command,
         }
 
 
@@ -90,14 +109,28 @@ def test_load_spec_flattens_nested_overrides(tmp_path):
 @pytest.mark.parametrize(
     "data, message",
     [
-        ({"methods": ["joint"], "datasets": ["d"], "seeds": [0], "seed": 1}, r"unknown key\(s\) 'seed'; valid keys: methods"),
+        (
+            {"methods": ["joint"], "datasets": ["d"], "seeds": [0], "seed": 1},
+            r"unknown key\(s\) 'seed'; valid keys: methods",
+        ),
         ({"datasets": ["d"], "seeds": [0]}, r"'methods' must be a non-empty list of names, got None"),
-        ({"methods": ["joint", "joint"], "datasets": ["d"], "seeds": [0]}, r"'methods' lists 'joint' more than once"),
+        (
+            {"methods": ["joint", "joint"], "datasets": ["d"], "seeds": [0]},
+            r"'methods' lists 'joint' more than once",
+        ),
         ({"methods": ["joint"], "datasets": ["d"], "seeds": [0, 0]}, r"'seeds' lists a seed more than once"),
-        ({"methods": ["joint"], "datasets": ["d"], "seeds": [-1]}, r"'seeds' must be a non-empty list of integers >= 0, got \[-1\]"),
-        ({"methods": ["joint"], "datasets": ["d"], "seeds": [0], "method_overrides": {"cggm": {"rho": 1}}},
-         r"\[method_overrides.cggm\] names 'cggm', which is not in methods \(joint\)"),
-        ({"methods": ["joint"], "datasets": ["d"], "seeds": [0], "overrides": {"a": {"b": {"c": 1}}}}, "nests too deep"),
+        (
+            {"methods": ["joint"], "datasets": ["d"], "seeds": [-1]},
+            r"'seeds' must be a non-empty list of integers >= 0, got \[-1\]",
+        ),
+        (
+            {"methods": ["joint"], "datasets": ["d"], "seeds": [0], "method_overrides": {"cggm": {"rho": 1}}},
+            r"\[method_overrides.cggm\] names 'cggm', which is not in methods \(joint\)",
+        ),
+        (
+            {"methods": ["joint"], "datasets": ["d"], "seeds": [0], "overrides": {"a": {"b": {"c": 1}}}},
+            "nests too deep",
+        ),
     ],
 )
 def test_parse_spec_rejects_bad_specs(data, message):
@@ -114,7 +147,9 @@ def test_load_spec_missing_and_malformed(tmp_path):
         load_spec(bad)
 
 
-@pytest.mark.parametrize("text, expected", [("1/1", (1, 1)), ("2/4", (2, 4)), (" 3 / 3 ", (3, 3)), (None, None)])
+@pytest.mark.parametrize(
+    "text, expected", [("1/1", (1, 1)), ("2/4", (2, 4)), (" 3 / 3 ", (3, 3)), (None, None)]
+)
 def test_parse_shard(text, expected):
     assert parse_shard(text) == expected
 
@@ -128,18 +163,41 @@ def test_parse_shard_malformed(text):
 def test_shards_partition_the_plan():
     runs = plan_matrix(_spec(), set_overrides=TINY)
     ids = [r.run_id for r in runs]
-    for n in (1, 2, 3, 5, len(ids) + 2):
+    for n in (1, 2, 3, 5, len(ids)):
         parts = [[r.run_id for r in select_shard(runs, (k, n))] for k in range(1, n + 1)]
         flat = [i for p in parts for i in p]
         assert sorted(flat) == sorted(ids) and len(set(flat)) == len(flat)  # a partition: no overlap
         assert max(map(len, parts)) - min(map(len, parts)) <= 1  # balanced
+    n = len(ids) + 2  # more shards than runs: the first len(ids) get one run each, K beyond is an error
+    assert [len(select_shard(runs, (k, n))) for k in range(1, len(ids) + 1)] == [1] * len(ids)
+    with pytest.raises(ConfigError, match=rf"--shard {n}/{n} selects no run: the matrix has {len(ids)} run"):
+        select_shard(runs, (n, n))
 
 
 def test_parse_set_values_and_round_trip():
-    got = parse_set(["epochs=3", "lr=1e-3", "deterministic=false", "modality=text", 'name="two words"',
-                     "root=/data/mosi", "ids=[1, 2]", "method.rho=1.2", "epochs=4"])
-    assert got == {"epochs": 4, "lr": 1e-3, "deterministic": False, "modality": "text", "name": "two words",
-                   "root": "/data/mosi", "ids": [1, 2], "method.rho": 1.2}
+    got = parse_set(
+        [
+            "epochs=3",
+            "lr=1e-3",
+            "deterministic=false",
+            "modality=text",
+            'name="two words"',
+            "root=/data/mosi",
+            "ids=[1, 2]",
+            "method.rho=1.2",
+            "epochs=4",
+        ]
+    )
+    assert got == {
+        "epochs": 4,
+        "lr": 1e-3,
+        "deterministic": False,
+        "modality": "text",
+        "name": "two words",
+        "root": "/data/mosi",
+        "ids": [1, 2],
+        "method.rho": 1.2,
+    }
     for key, value in got.items():
         arg = format_set(key, value)
         unquoted = subprocess.run(["sh", "-c", f"printf %s {arg}"], capture_output=True, text=True).stdout
@@ -171,38 +229,53 @@ def test_plan_expands_unimodal_per_modality_seed_major():
     runs = plan_matrix(_spec(), set_overrides=TINY)
     labels = [(r.seed, r.dataset, r.label) for r in runs]
     per_seed = [
-        ("synthetic_cls2", "joint"), ("synthetic_cls2", "unimodal[strong]"), ("synthetic_cls2", "unimodal[weak]"),
-        ("synthetic_reg3", "joint"), ("synthetic_reg3", "unimodal[text]"), ("synthetic_reg3", "unimodal[audio]"),
+        ("synthetic_cls2", "joint"),
+        ("synthetic_cls2", "unimodal[strong]"),
+        ("synthetic_cls2", "unimodal[weak]"),
+        ("synthetic_reg3", "joint"),
+        ("synthetic_reg3", "unimodal[text]"),
+        ("synthetic_reg3", "unimodal[audio]"),
         ("synthetic_reg3", "unimodal[vision]"),
     ]
     assert labels == [(s, d, lb) for s in (0, 1) for d, lb in per_seed]
     assert len({r.run_id for r in runs}) == len(runs)
     assert all(r.resolved is not None and r.resolved.config["train"]["epochs"] == 1 for r in runs)
     cmd = runs[1].command()
-    assert cmd.startswith("mmbalance run unimodal synthetic_cls2 --seed 0 ") and "--set modality=strong" in cmd
+    assert (
+        cmd.startswith("mmbalance run unimodal synthetic_cls2 --seed 0 ") and "--set modality=strong" in cmd
+    )
 
 
 def test_plan_override_precedence_and_fixed_modality():
     spec = _spec(
-        overrides={"epochs": 3}, dataset_overrides={"synthetic_reg3": {"epochs": 4}},
-        method_overrides={"unimodal": {"modality": "text"}}, datasets=["synthetic_reg3"],
+        overrides={"epochs": 3},
+        dataset_overrides={"synthetic_reg3": {"epochs": 4}},
+        method_overrides={"unimodal": {"modality": "text"}},
+        datasets=["synthetic_reg3"],
     )
     runs = plan_matrix(spec)
     assert [r.label for r in runs if r.seed == 0] == ["joint", "unimodal[text]"]
     assert {r.resolved.config["train"]["epochs"] for r in runs} == {4}  # dataset table beats [overrides]
-    assert {r.resolved.config["train"]["epochs"] for r in plan_matrix(spec, set_overrides={"epochs": 5})} == {5}
+    assert {r.resolved.config["train"]["epochs"] for r in plan_matrix(spec, set_overrides={"epochs": 5})} == {
+        5
+    }
     wrong = _spec(method_overrides={"unimodal": {"modality": "strong"}}, datasets=["synthetic_reg3"])
-    with pytest.raises(ConfigError, match=r"override modality='strong' for method 'unimodal', but dataset 'synthetic_reg3'"):
+    with pytest.raises(
+        ConfigError, match=r"override modality='strong' for method 'unimodal', but dataset 'synthetic_reg3'"
+    ):
         plan_matrix(wrong)
     with pytest.raises(ConfigError, match=r"joint on synthetic_reg3, seed 0: unknown config key 'modality'"):
-        plan_matrix(spec, set_overrides={"modality": "text"})  # --set reaches every run, joint has no modality
+        plan_matrix(
+            spec, set_overrides={"modality": "text"}
+        )  # --set reaches every run, joint has no modality
 
 
 def test_plan_unsupported_cells_are_planned_not_resolved(seg_only):
     runs = plan_matrix(_spec(methods=["joint", seg_only], seeds=[0]), set_overrides=TINY)
     unsupported = [r for r in runs if r.resolved is None]
     assert [(r.label, r.dataset, r.task) for r in unsupported] == [
-        (seg_only, "synthetic_cls2", "cls"), (seg_only, "synthetic_reg3", "reg")
+        (seg_only, "synthetic_cls2", "cls"),
+        (seg_only, "synthetic_reg3", "reg"),
     ]
     assert "supports tasks ['seg']" in unsupported[0].unsupported_reason
 
@@ -212,9 +285,17 @@ def test_plan_errors_name_the_run():
         plan_matrix(_spec(methods=["jiont"]))
     with pytest.raises(RegistryError, match="unknown dataset 'synthetic_cls9'"):
         plan_matrix(_spec(datasets=["synthetic_cls9"]))
-    with pytest.raises(ConfigError, match=r"test.toml: joint on synthetic_cls2, seed 0: unknown config key 'epoch'.*did you mean 'epochs'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"test.toml: joint on synthetic_cls2, seed 0: unknown config key 'epoch'.*"
+        r"did you mean 'epochs'",
+    ):
         plan_matrix(_spec(), set_overrides={"epoch": 1})
-    with pytest.raises(ConfigError, match=r"joint on synthetic_cls2, seed 0: invalid config for training: epochs must be an integer >= 1, got 0"):
+    with pytest.raises(
+        ConfigError,
+        match=r"joint on synthetic_cls2, seed 0: invalid config for training: "
+        r"epochs must be an integer >= 1, got 0",
+    ):
         plan_matrix(_spec(), set_overrides={"epochs": 0})
     with pytest.raises(ConfigError, match="device must be 'auto', 'cpu' or 'cuda"):
         run_matrix(_spec(), "unused", device="tpu", run_fn=FakeRun())
@@ -232,7 +313,9 @@ def test_run_resume_failures_and_retries(tmp_path, seg_only):
     assert loaded.problems == () and len(loaded.rows) == 8
     failed = [r for r in loaded.rows if r.status == "failed"]
     assert {r.label for r in failed} == {"unimodal[weak]"}
-    assert failed[0].error["type"] == "RuntimeError" and "boom in unimodal[weak]" in failed[0].error["traceback"]
+    assert (
+        failed[0].error["type"] == "RuntimeError" and "boom in unimodal[weak]" in failed[0].error["traceback"]
+    )
     assert failed[0].command.startswith("mmbalance run unimodal synthetic_cls2 --seed")
     unsupported = [r for r in loaded.rows if r.status == "unsupported"]
     assert {r.label for r in unsupported} == {seg_only} and "supports tasks" in unsupported[0].data["reason"]
@@ -270,7 +353,14 @@ def test_shards_write_disjoint_runs_into_one_folder(tmp_path):
 def test_keyboard_interrupt_stops_without_recording(tmp_path):
     fake = FakeRun(interrupt={"unimodal[weak]"})
     with pytest.raises(KeyboardInterrupt):
-        run_matrix(_spec(datasets=["synthetic_cls2"], seeds=[0]), tmp_path, set_overrides=TINY, device="cpu", quiet=True, run_fn=fake)
+        run_matrix(
+            _spec(datasets=["synthetic_cls2"], seeds=[0]),
+            tmp_path,
+            set_overrides=TINY,
+            device="cpu",
+            quiet=True,
+            run_fn=fake,
+        )
     assert sorted(r.label for r in load_rows(tmp_path).rows) == ["joint", "unimodal[strong]"]
 
 
@@ -278,11 +368,17 @@ def test_progress_lines(tmp_path, capsys):
     spec = _spec(datasets=["synthetic_cls2"], seeds=[0])
     run_matrix(spec, tmp_path, set_overrides=TINY, device="cpu", run_fn=FakeRun(fail={"joint"}))
     err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("[1/3] joint on synthetic_cls2, seed 0 (") and "failed in" in err[0] and "RuntimeError: boom" in err[0]
+    assert (
+        err[0].startswith("[1/3] joint on synthetic_cls2, seed 0 (")
+        and "failed in" in err[0]
+        and "RuntimeError: boom" in err[0]
+    )
     assert "ok in" in err[1] and err[1].endswith("test acc 25.00%")
     run_matrix(spec, tmp_path, set_overrides=TINY, device="cpu", run_fn=FakeRun())
     err = capsys.readouterr().err.splitlines()
-    assert "retrying failed run, ok in" in err[0] and err[1].endswith("ok, already done")
+    # runs already done are reported first, then the runs that train, in plan order
+    assert err[0].startswith("[2/3] unimodal[strong]") and err[0].endswith("ok, already done")
+    assert err[2].startswith("[1/3] joint") and "retrying failed run, ok in" in err[2]
     run_matrix(spec, tmp_path, set_overrides=TINY, device="cpu", quiet=True, run_fn=FakeRun())
     assert capsys.readouterr().err == ""
 
@@ -300,7 +396,18 @@ def test_run_id_mismatch_is_a_bug(tmp_path):
 # -- acceptance: SIGKILL mid-run, resume, same table as an uninterrupted run -----------------------------
 def _matrix_cmd(spec: Path, out: Path) -> list[str]:
     code = "import sys; from mmbalance.cli import main; sys.exit(main(sys.argv[1:]))"
-    return [sys.executable, "-c", code, "matrix", str(spec), "--out", str(out), "--device", "cpu", "--no-tables"]
+    return [
+        sys.executable,
+        "-c",
+        code,
+        "matrix",
+        str(spec),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-tables",
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -317,8 +424,12 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     )
     out, ref = tmp_path / "out", tmp_path / "ref"
     # The uninterrupted reference runs alongside (results do not depend on timing or load).
-    reference = subprocess.Popen(_matrix_cmd(spec, ref), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    proc = subprocess.Popen(_matrix_cmd(spec, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    reference = subprocess.Popen(
+        _matrix_cmd(spec, ref), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    proc = subprocess.Popen(
+        _matrix_cmd(spec, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     while not list(out.glob("*.json")):
         assert proc.poll() is None, proc.stderr.read().decode()

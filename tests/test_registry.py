@@ -71,7 +71,9 @@ def test_config_resolution_defaults_preset_overrides():
 
 def test_unknown_key_lists_valid_fields():
     reg, _ = _fresh()
-    with pytest.raises(ConfigError, match=r"unknown config key 'alpah'.*did you mean 'alpha'.*Valid keys: alpha"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'alpah'.*did you mean 'alpha'.*Valid keys: alpha"
+    ):
         reg.resolve_config("my_method", None, {"alpah": 1})
 
 
@@ -118,7 +120,9 @@ def test_entry_point_plugin_and_broken_plugin(tmp_path, monkeypatch):
             paper = "a third-party method"
     """
     _write_plugin(tmp_path, "fake_good", "fake_good_mod", good, "plugin_good")
-    _write_plugin(tmp_path, "fake_bad", "fake_bad_mod", "raise ImportError('boom: missing dependency')\n", "plugin_bad")
+    _write_plugin(
+        tmp_path, "fake_bad", "fake_bad_mod", "raise ImportError('boom: missing dependency')\n", "plugin_bad"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(METHODS, "_plugins_loaded", False)
     try:
@@ -134,3 +138,49 @@ def test_entry_point_plugin_and_broken_plugin(tmp_path, monkeypatch):
         METHODS.unregister("plugin_bad")
         sys.modules.pop("fake_good_mod", None)
         sys.modules.pop("fake_bad_mod", None)
+
+
+def test_failing_builtin_import_fails_every_lookup_not_a_partial_registry():
+    reg = Registry("method", Balancer)
+
+    def loader():
+        @reg.register("first_builtin")
+        class First(Balancer):
+            pass
+
+        raise ImportError("second built-in: missing dependency")
+
+    reg._loader = loader
+    for _ in range(2):  # not only the first time: the registry stays unusable, loudly
+        with pytest.raises(
+            RegistryError, match="built-in methods failed to import.*missing dependency"
+        ) as err:
+            reg.get("first_builtin")
+        assert isinstance(err.value.__cause__, ImportError)
+    with pytest.raises(RegistryError, match="failed to import"):
+        reg.names()
+
+
+def test_plugin_named_like_a_registered_method_fails_loudly(tmp_path, monkeypatch):
+    body = """
+        from mmbalance.balancer import Balancer
+
+        class Impostor(Balancer):
+            paper = "a plugin reusing a built-in name"
+    """
+    (tmp_path / "impostor_mod.py").write_text(textwrap.dedent(body))
+    info = tmp_path / "fake_impostor-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake_impostor\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[mmbalance.methods]\njoint = impostor_mod:Impostor\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(METHODS, "_plugins_loaded", False)
+    monkeypatch.setattr(METHODS, "_plugin_error", None)
+    for _ in range(2):
+        with pytest.raises(
+            RegistryError,
+            match=r"plugin 'joint' \(impostor_mod:Impostor.*collides with the method "
+            r"'joint' already registered by mmbalance.methods.joint.Joint",
+        ):
+            METHODS.get("joint")
+    assert "impostor_mod" not in sys.modules  # never imported, never shadowing the built-in

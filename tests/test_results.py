@@ -68,7 +68,10 @@ def test_write_row_rejects_invalid_row(tmp_path):
         (lambda d: d.pop("metrics"), r"missing field\(s\) metrics"),
         (lambda d: d.update(seed="0"), r"seed must be an integer, got '0'"),
         (lambda d: d.update(task="det"), r"task must be one of .*'det'"),
-        (lambda d: d["metrics"]["test"].update(acc="high"), r"metrics.test.acc must be a number or null, got 'high'"),
+        (
+            lambda d: d["metrics"]["test"].update(acc="high"),
+            r"metrics.test.acc must be a number or null, got 'high'",
+        ),
         (lambda d: d["metrics"].pop("best_epoch"), r"metrics.best_epoch must be an integer"),
         (lambda d: d["cost"].update(step_time_ratio=[1]), r"cost.step_time_ratio must be a number or null"),
         (lambda d: d.update(run_id="XYZ"), r"run_id must be 12 hex digits, got 'XYZ'"),
@@ -133,10 +136,18 @@ def test_summarize_sample_std_and_single_value():
 
 def test_aggregate_groups_by_label_dataset_metric_over_ok_rows():
     rows = [
-        ResultRow.from_dict(make_row("joint", "food101", s, {"acc": a, "f1_weighted": f}, val={"acc": 0.5, "f1_weighted": 0.5}))
+        ResultRow.from_dict(
+            make_row(
+                "joint", "food101", s, {"acc": a, "f1_weighted": f}, val={"acc": 0.5, "f1_weighted": 0.5}
+            )
+        )
         for s, a, f in ((0, 0.8, 0.7), (1, 0.9, 0.8))
     ]
-    rows.append(ResultRow.from_dict(make_row("unimodal[text]", "food101", 0, {"acc": 0.6, "f1_weighted": 0.6}, ratio=0.5)))
+    rows.append(
+        ResultRow.from_dict(
+            make_row("unimodal[text]", "food101", 0, {"acc": 0.6, "f1_weighted": 0.6}, ratio=0.5)
+        )
+    )
     rows.append(ResultRow.from_dict(make_row("joint", "food101", 2, status="failed")))
     stats = aggregate(rows)
     assert stats[("joint", "food101", "acc")].mean == pytest.approx(0.85)
@@ -162,10 +173,68 @@ def test_config_conflicts_flags_mixed_configurations():
 
 
 def test_load_plan_merges_and_reports_bad_plans(tmp_path):
-    entry = {"run_id": "0123456789ab", "label": "joint", "method": "joint", "dataset": "mosi", "task": "reg", "seed": 0, "unsupported": False}
+    entry = {
+        "run_id": "0123456789ab",
+        "label": "joint",
+        "method": "joint",
+        "dataset": "mosi",
+        "task": "reg",
+        "seed": 0,
+        "unsupported": False,
+    }
     write_json_atomic(tmp_path / PLAN_DIR / "p1.json", {"runs": [entry]})
     (tmp_path / PLAN_DIR / "p2.json").write_text('{"runs": [{"run_id": 1}]}')
     plan, problems = load_plan(tmp_path)
     assert plan.labels == ["joint"] and plan.datasets == ["mosi"]
     assert len(problems) == 1 and problems[0].path.name == "p2.json" and "KeyError" in problems[0].reason
     assert not load_plan(tmp_path / "empty")[0]
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda d: d.update(history=[1, "two"]), r"history\[0\] must be an object, got int"),
+        (lambda d: d["history"][0].update(epoch="0"), r"history\[0\].epoch must be an integer, got '0'"),
+        (lambda d: d["history"][0].update(val=[0.5]), r"history\[0\].val must be an object, got list"),
+        (
+            lambda d: d["history"][0].update(diagnostics={"B/a": "big"}),
+            r"history\[0\].diagnostics.B/a must be a number or null, got 'big'",
+        ),
+        (lambda d: d["config"].update(deep=json.loads("[" * 40 + "]" * 40)), r"nested deeper than 32 levels"),
+        (lambda d: d.update(status=["ok"]), r"status must be one of .*got \['ok'\]"),
+        (lambda d: d.update(task={"cls": 1}), r"task must be one of"),
+        (
+            lambda d: d.update(status="diverged"),
+            r"a diverged row needs a divergence object with a reason string",
+        ),
+        (
+            lambda d: d.update(status="diverged", divergence={"reason": "x", "step": 1.5}),
+            r"divergence.step must be an integer or null, got 1.5",
+        ),
+        (lambda d: d.update(status="unsupported", reason=["no"]), r"reason must be a string, got list"),
+    ],
+)
+def test_row_schema_limits_types_and_depth(mutate, reason):
+    data = make_row("joint", "food101", 1, {"acc": 0.9})
+    mutate(data)
+    with pytest.raises(ResultError, match=reason):
+        ResultRow.from_dict(data)
+
+
+def test_reading_a_row_too_deep_for_the_parser_names_it(tmp_path):
+    path = tmp_path / "0123456789ab.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ResultError, match=rf"{path}: malformed row: JSON nested too deep to read"):
+        read_row(path)
+    loaded = load_rows(tmp_path)
+    assert loaded.rows == () and "nested too deep" in loaded.problems[0].reason
+
+
+def test_diverged_row_round_trip(tmp_path):
+    row = make_row("joint", "food101", 0, status="ok", test={"acc": 0.5})
+    row.update(
+        status="diverged", metrics={}, cost={}, divergence={"step": 3, "epoch": 0, "reason": "loss 1e30"}
+    )
+    back = read_row(write_row(tmp_path, row))
+    assert back.status == "diverged" and back.data["divergence"]["step"] == 3
+    assert aggregate([back]) == {}  # no metrics: never averaged

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import importlib
 
-from mmbalance.datasets.base import DatasetSpec, MultimodalDataset, TensorDictDataset, check_batch
+from mmbalance.datasets.base import (
+    DatasetSpec,
+    MultimodalDataset,
+    TensorDictDataset,
+    check_batch,
+    check_dataset_class,
+)
 from mmbalance.registry import Registry
 
-__all__ = ["DATASETS", "register_dataset", "DatasetSpec", "MultimodalDataset", "TensorDictDataset", "check_batch"]
+__all__ = [
+    "DATASETS",
+    "register_dataset",
+    "DatasetSpec",
+    "MultimodalDataset",
+    "TensorDictDataset",
+    "check_batch",
+]
 
 BUILTIN_DATASETS: tuple[str, ...] = ("synthetic", "food101", "mosi", "iemocap", "brats2021")
 
@@ -17,5 +30,7 @@ def _load_builtin_datasets() -> None:
         importlib.import_module(f"{__name__}.{module}")
 
 
-DATASETS: Registry[type[MultimodalDataset]] = Registry("dataset", MultimodalDataset, loader=_load_builtin_datasets)
+DATASETS: Registry[type[MultimodalDataset]] = Registry(
+    "dataset", MultimodalDataset, loader=_load_builtin_datasets, validate=check_dataset_class
+)
 register_dataset = DATASETS.register

@@ -9,18 +9,27 @@ selection or for any method's statistics: the runner only hands ``train`` and ``
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mmbalance.errors import ConfigError, ShapeError
+from mmbalance.errors import ConfigError, RegistryError, ShapeError
 
-__all__ = ["DatasetSpec", "MultimodalDataset", "TensorDictDataset", "SPLITS", "check_batch", "identity_collate"]
+__all__ = [
+    "DatasetSpec",
+    "MultimodalDataset",
+    "TensorDictDataset",
+    "SPLITS",
+    "check_batch",
+    "check_dataset_class",
+    "identity_collate",
+]
 
 SPLITS = ("train", "val", "test")
 
@@ -65,16 +74,19 @@ class DatasetSpec:
 class MultimodalDataset(ABC):
     """Base of registered datasets.
 
-    Subclasses define ``Config`` (frozen dataclass), set ``task`` and ``modality_names`` as class
-    attributes (for ``names(task=..., modalities=...)`` filters), build ``self.spec`` in
-    ``__init__`` and implement :meth:`split`.
+    Subclasses define ``Config`` (frozen dataclass), declare ``task``, ``modality_names``,
+    ``default_model`` and ``default_preset`` as class attributes (the runner resolves a run from
+    them without building the dataset; :func:`check_dataset_class` checks them at registration),
+    build ``self.spec`` in ``__init__`` and implement :meth:`split`.
     """
 
     name: str
     Config: type
     presets: Mapping[str, Mapping[str, Any]] = {}
-    task: str
-    modality_names: tuple[str, ...]
+    task: ClassVar[str]
+    modality_names: ClassVar[tuple[str, ...]]
+    default_model: ClassVar[str]  # registered model builder used when the run names none
+    default_preset: ClassVar[str | None] = None  # preset used when the run names none
     paper: str = ""
     spec: DatasetSpec
 
@@ -94,6 +106,36 @@ class MultimodalDataset(ABC):
     def check_split_name(self, split: str) -> None:
         if split not in SPLITS:
             raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+def check_dataset_class(cls: type) -> None:
+    """Registration check: the class declares what the runner reads without building it.
+
+    Raises:
+        RegistryError: naming the class, the attribute, its value and what was expected.
+    """
+    where = f"dataset class {cls.__module__}.{cls.__qualname__}"
+    task = getattr(cls, "task", None)
+    if task not in ("cls", "reg", "seg"):
+        raise RegistryError(f"{where}: class attribute task must be 'cls', 'reg' or 'seg', got {task!r}")
+    names = getattr(cls, "modality_names", None)
+    if not (isinstance(names, tuple) and names and all(isinstance(n, str) and n for n in names)):
+        raise RegistryError(
+            f"{where}: class attribute modality_names must be a non-empty tuple of names, got {names!r}"
+        )
+    model = getattr(cls, "default_model", None)
+    if not (isinstance(model, str) and model):
+        raise RegistryError(
+            f"{where}: class attribute default_model must name a model builder, got {model!r}"
+        )
+    preset = getattr(cls, "default_preset", None)
+    if not (preset is None or (isinstance(preset, str) and preset)):
+        raise RegistryError(
+            f"{where}: class attribute default_preset must be None or a preset name, got {preset!r}"
+        )
+    config = getattr(cls, "Config", None)
+    if not dataclasses.is_dataclass(config):
+        raise RegistryError(f"{where}: class attribute Config must be a dataclass, got {config!r}")
 
 
 class TensorDictDataset(Dataset):
@@ -133,7 +175,9 @@ def check_batch(batch: Mapping[str, Tensor], spec: DatasetSpec, *, source: str =
     """
     for m, shape in spec.modalities.items():
         if m not in batch:
-            raise ShapeError(f"{source}: batch lacks modality {m!r}; expected keys {list(spec.modalities)} + 'target'")
+            raise ShapeError(
+                f"{source}: batch lacks modality {m!r}; expected keys {list(spec.modalities)} + 'target'"
+            )
         got = tuple(batch[m].shape[1:])
         if len(got) != len(shape) or any(s != -1 and s != g for s, g in zip(shape, got, strict=False)):
             raise ShapeError(f"{source}: modality {m!r} has per-sample shape {got}, expected {tuple(shape)}")
@@ -141,4 +185,6 @@ def check_batch(batch: Mapping[str, Tensor], spec: DatasetSpec, *, source: str =
         raise ShapeError(f"{source}: batch lacks 'target'")
     got_t = tuple(batch["target"].shape[1:])
     if got_t != tuple(spec.target_shape):
-        raise ShapeError(f"{source}: target has per-sample shape {got_t}, expected {tuple(spec.target_shape)}")
+        raise ShapeError(
+            f"{source}: target has per-sample shape {got_t}, expected {tuple(spec.target_shape)}"
+        )

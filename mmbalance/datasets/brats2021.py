@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mmbalance.config import ConfigBase
 from mmbalance.datasets import register_dataset
 from mmbalance.datasets.base import DatasetSpec, MultimodalDataset
 from mmbalance.datasets.splits import carve_split, check_fraction, data_dir, read_split_file, require_file
@@ -77,7 +78,7 @@ NORMALIZED_VALUE = "zscore_nonzero"
 
 
 @dataclass(frozen=True)
-class BraTS2021Config:
+class BraTS2021Config(ConfigBase):
     root: str = ""  # data root (--data-root); files are read from root/subdir
     subdir: str = "brats2021"  # folder under root; "" reads root itself
     layout: str = "auto"  # "auto" | "nifti" (case folders of .nii.gz) | "h5" ({train,valid,test}/<case>.h5)
@@ -94,7 +95,7 @@ class BraTS2021Config:
     eval_seed: int = 0  # seed of the fixed evaluation slices
     case_glob: str = "BraTS2021_*"  # nifti: case folder pattern
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if not isinstance(self.crop_size, int) or self.crop_size < 8:
@@ -112,6 +113,9 @@ class BraTS2021Config:
         if not isinstance(self.eval_slices_per_case, int) or self.eval_slices_per_case < 0:
             got = self.eval_slices_per_case
             raise ValueError(f"eval_slices_per_case must be an integer >= 0, got {got!r}")
+        for name in ("split_seed", "eval_seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
 
 
 # -- volumes ---------------------------------------------------------------------------------------

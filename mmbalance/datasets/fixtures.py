@@ -33,7 +33,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from mmbalance.errors import ConfigError
+from mmbalance.errors import ConfigError, OutputError
+from mmbalance.output import output_error, prepare_output
 
 __all__ = ["write_fixtures", "add_fixtures_command", "FIXTURE_NAMES", "BRATS_FIXTURE_SHAPE"]
 
@@ -61,6 +62,7 @@ def write_fixtures(root: str | Path, seed: int = 0, names: Sequence[str] | None 
 
     Raises:
         ConfigError: an unknown fixture name.
+        OutputError: ``root`` is a file or cannot be written (checked before anything is written).
     """
     wanted = list(FIXTURE_NAMES if names is None else names)
     unknown = [n for n in wanted if n not in FIXTURE_NAMES]
@@ -68,8 +70,7 @@ def write_fixtures(root: str | Path, seed: int = 0, names: Sequence[str] | None 
         raise ConfigError(f"unknown fixture {unknown[0]!r}; expected names from {FIXTURE_NAMES}")
     if "brats2021_h5" in wanted and "brats2021" not in wanted:
         wanted.append("brats2021")
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    root = prepare_output(root, option="fixtures DIR")
     writers: dict[str, Callable[[Path, np.random.Generator], Path]] = {
         "food101": _write_food_public,
         "food101_cggm": _write_food_json,
@@ -96,7 +97,12 @@ def add_fixtures_command(sub: argparse._SubParsersAction) -> None:
     """The ``mmbalance fixtures DIR`` subcommand (registered in ``mmbalance.cli.COMMANDS``)."""
 
     def run(args: argparse.Namespace) -> int:
-        paths = write_fixtures(args.dir, seed=args.seed, names=args.only)
+        try:
+            paths = write_fixtures(args.dir, seed=args.seed, names=args.only)
+        except OSError as exc:
+            if isinstance(exc, OutputError):
+                raise
+            raise output_error(exc.filename or args.dir, exc) from exc
         for name, path in paths.items():
             print(f"{name:14s} {path}")
         print(f"use: mmbalance run joint mosi --data-root {args.dir}  (BraTS: --set crop_size=32)")

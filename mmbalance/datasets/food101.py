@@ -47,6 +47,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mmbalance.config import ConfigBase
 from mmbalance.datasets import register_dataset
 from mmbalance.datasets.base import DatasetSpec, MultimodalDataset
 from mmbalance.datasets.splits import carve_split, check_fraction, data_dir, require_file
@@ -94,7 +95,7 @@ COLOR_DISTORT = 0.5  # CGGM color_distort_strength
 
 
 @dataclass(frozen=True)
-class Food101Config:
+class Food101Config(ConfigBase):
     root: str = ""  # data root (--data-root); files are read from root/subdir
     subdir: str = "food101"  # folder under root; "" reads root itself
     layout: str = "auto"  # "auto" | "cggm_json" ({train,test}.json) | "public" (images/ + texts/*_titles.csv)
@@ -106,7 +107,7 @@ class Food101Config:
     split_seed: int = 0  # seed of the validation carve (fixed across runs and seeds)
     on_missing_image: str = "error"  # "error" | "drop" (dropped count recorded in spec.notes)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
         if not isinstance(self.max_length, int) or self.max_length < 2:
@@ -114,6 +115,8 @@ class Food101Config:
         if not isinstance(self.image_size, int) or self.image_size < BLUR_KERNEL // 2 + 1:
             raise ValueError(f"image_size must be an integer >= {BLUR_KERNEL // 2 + 1} (blur kernel {BLUR_KERNEL}), got {self.image_size!r}")
         check_fraction("val_fraction", self.val_fraction)
+        if self.split_seed < 0:
+            raise ValueError(f"split_seed must be an integer >= 0, got {self.split_seed!r}")
         if self.on_missing_image not in MISSING_IMAGE_POLICIES:
             raise ValueError(f"on_missing_image must be one of {MISSING_IMAGE_POLICIES}, got {self.on_missing_image!r}")
 

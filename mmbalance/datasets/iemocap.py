@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mmbalance.config import ConfigBase
 from mmbalance.datasets import register_dataset
 from mmbalance.datasets.base import DatasetSpec, MultimodalDataset
 from mmbalance.datasets.splits import as_str_list, data_dir, require_file
@@ -52,7 +53,7 @@ RELEASE_SPLITS = {"train": "trn", "val": "val", "test": "tst"}
 
 
 @dataclass(frozen=True)
-class IEMOCAPConfig:
+class IEMOCAPConfig(ConfigBase):
     root: str = ""  # data root (--data-root); files are read from root/subdir
     subdir: str = "iemocap"  # folder under root; "" reads root itself
     fold: int = 1  # MMIN cross-validation fold, target/<fold>/ (CGGM uses 1; MMIN ships 1-10)
@@ -65,7 +66,7 @@ class IEMOCAPConfig:
     text_max_len: int = 22  # tokens (CGGM get_seq_len)
     in_memory: bool = False  # read every feature into RAM at construction (unpadded)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if not isinstance(self.fold, int) or self.fold < 1:
             raise ValueError(f"fold must be an integer >= 1, got {self.fold!r}")
         if self.audio_norm not in AUDIO_NORMS:
@@ -280,12 +281,18 @@ class IEMOCAP(MultimodalDataset):
             folder / "A" / f"{config.audio_feature}_mean_std.h5",
             f"group '{config.fold}' with 'mean' and 'std' ({self.dims['audio']},) arrays (audio_norm='trn')",
         )
-        with h5py.File(path, "r") as fh:
-            key = str(config.fold)
-            if key not in fh or "mean" not in fh[key] or "std" not in fh[key]:
-                raise DataError(f"{path}: missing key '{key}/mean' or '{key}/std'; expected the fold's train statistics")
-            mean = np.asarray(fh[key]["mean"][()], dtype=np.float32).reshape(-1)
-            std = np.asarray(fh[key]["std"][()], dtype=np.float32).reshape(-1)
+        key = str(config.fold)
+        try:
+            with h5py.File(path, "r") as fh:
+                if key not in fh or "mean" not in fh[key] or "std" not in fh[key]:
+                    raise DataError(
+                        f"{path}: missing key '{key}/mean' or '{key}/std'; expected the fold's train "
+                        "statistics"
+                    )
+                mean = np.asarray(fh[key]["mean"][()], dtype=np.float32).reshape(-1)
+                std = np.asarray(fh[key]["std"][()], dtype=np.float32).reshape(-1)
+        except OSError as exc:  # truncated or not HDF5
+            raise DataError(f"{path}: cannot be read as HDF5 ({exc})") from exc
         d = self.dims["audio"]
         if mean.shape != (d,) or std.shape != (d,):
             raise ShapeError(f"{path}['{key}']: mean {mean.shape}, std {std.shape}, expected ({d},) each")
@@ -297,8 +304,11 @@ class IEMOCAP(MultimodalDataset):
         wanted = sorted({n for ids in names.values() for n in ids})
         memory: dict[str, dict[str, np.ndarray]] = {}
         for m, path in self.paths.items():
-            with h5py.File(path, "r") as fh:
-                memory[m] = {n: np.asarray(fh[n][()], dtype=np.float32) for n in wanted}
+            try:
+                with h5py.File(path, "r") as fh:
+                    memory[m] = {n: np.asarray(fh[n][()], dtype=np.float32) for n in wanted}
+            except OSError as exc:
+                raise DataError(f"{path}: cannot be read as HDF5 ({exc})") from exc
         return memory
 
     def split(self, split: str) -> Dataset:

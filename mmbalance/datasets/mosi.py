@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mmbalance.config import ConfigBase
 from mmbalance.datasets import register_dataset
 from mmbalance.datasets.base import DatasetSpec, MultimodalDataset, TensorDictDataset
 from mmbalance.datasets.splits import data_dir, require_file
@@ -57,24 +58,24 @@ def _check_common(flavour: str, file: str) -> None:
 
 
 @dataclass(frozen=True)
-class MOSIConfig:
+class MOSIConfig(ConfigBase):
     root: str = ""  # data root (--data-root); the pickle is read from root/subdir/file
     subdir: str = "mosi"  # folder under root; "" reads root itself
     flavour: str = "mult"  # "mult": MulT pickle, labels (N,1,1) | "mmsa": MMSA pickle, regression_labels (N,)
     file: str = ""  # pickle name in the folder; "" = flavour default (mult: mosi_data.pkl, mmsa: aligned_50.pkl)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _check_common(self.flavour, self.file)
 
 
 @dataclass(frozen=True)
-class MOSEIConfig:
+class MOSEIConfig(ConfigBase):
     root: str = ""  # data root (--data-root); the pickle is read from root/subdir/file
     subdir: str = "mosei"  # folder under root; "" reads root itself
     flavour: str = "mult"  # "mult": MulT pickle, labels (N,1,1) | "mmsa": MMSA pickle, regression_labels (N,)
     file: str = ""  # pickle name in the folder; "" = flavour default (mult: mosei_senti_data.pkl, mmsa: aligned_50.pkl)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _check_common(self.flavour, self.file)
 
 

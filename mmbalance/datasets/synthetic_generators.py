@@ -56,6 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mmbalance.config import ConfigBase
+
 __all__ = [
     "SyntheticConfig",
     "Cls2Config",
@@ -81,7 +83,7 @@ def _need(cond: bool, config: Any, field_name: str, expected: str) -> None:
 
 
 @dataclass(frozen=True)
-class SyntheticConfig:
+class SyntheticConfig(ConfigBase):
     """Split sizes and seed, shared by every synthetic dataset."""
 
     n_train: int = 2000  # training samples
@@ -89,7 +91,7 @@ class SyntheticConfig:
     n_test: int = 1000  # test samples (read once, at the end)
     seed: int = 0  # draws the world (prototypes, directions) and every sample
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         for name in ("n_train", "n_val", "n_test"):
             _need(
                 isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
@@ -97,7 +99,7 @@ class SyntheticConfig:
                 name,
                 "an integer >= 1",
             )
-        _need(isinstance(self.seed, int) and self.seed >= 0, self, "seed", "an integer >= 0")
+        _need(isinstance(self.seed, int) and 0 <= self.seed < 2**63, self, "seed", "an integer in [0, 2**63)")
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,8 @@ class Cls2Config(SyntheticConfig):
     weak_signal: float = 3.0  # a_w, amplitude along each of the weak view's two label directions
     weak_noise: float = 1.0  # σ_w, per-dimension noise std of the weak view
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         for name in ("coarse_classes", "fine_classes"):
             _need(
                 isinstance(getattr(self, name), int) and getattr(self, name) >= 2,
@@ -150,8 +152,8 @@ class Cls3Config(Cls2Config):
     redundant_signal: float = 1.5  # a_r, coarse-prototype amplitude of the redundant view
     redundant_noise: float = 1.0  # σ_r, per-dimension noise std of the redundant view
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         _need(
             isinstance(self.redundant_dim, int) and self.redundant_dim >= 1,
             self,
@@ -178,8 +180,8 @@ class Reg3Config(SyntheticConfig):
     vision_signal: float = 0.5  # s_v, amplitude of a along u_v per step (redundant with text)
     vision_noise: float = 1.0  # σ_v
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         _need(isinstance(self.seq_len, int) and self.seq_len >= 1, self, "seq_len", "an integer >= 1")
         for name in ("text_dim", "vision_dim"):
             _need(
@@ -213,8 +215,8 @@ class Seg4Config(SyntheticConfig):
     background: float = 0.5  # std of the smooth anatomy background (all modalities)
     noise: float = 0.5  # std of the pixel noise (all modalities)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
+    def check(self) -> None:
+        super().check()
         _need(isinstance(self.size, int) and self.size >= 16, self, "size", "an integer >= 16")
         for name in (
             "flair_contrast",

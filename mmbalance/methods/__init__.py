@@ -1,6 +1,6 @@
 """Balancing methods: the METHODS registry and the built-in methods (one file each).
 
-Built-ins register by explicit import (``BUILTIN_METHODS``); ``tests/methods/test_registry_contract.py``
+Built-ins register by explicit import (``BUILTIN_METHODS``); ``tests/methods/test_contract.py``
 fails if a file here is missing from that list or registers nothing. Third-party methods register
 through the ``mmbalance.methods`` entry-point group.
 """

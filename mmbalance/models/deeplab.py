@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmbalance.config import ConfigBase
 from mmbalance.errors import ConfigError, ShapeError, UnsupportedError
 from mmbalance.models import register_model
 from mmbalance.models.base import Head, ModelBuilder, MultimodalModel
@@ -171,7 +172,7 @@ class DeepLabFusion(nn.Module):
 
 
 @dataclass(frozen=True)
-class DeepLabConfig:
+class DeepLabConfig(ConfigBase):
     """DeepLabv3+ sizes; defaults are CGGM's BraTS model (``DeepLabMultiInput(output_stride=16)``)."""
 
     backbone: str = "resnet101"  # per-modality timm ResNet: resnet101 (paper) | resnet50 | resnet18 (tests)
@@ -184,7 +185,7 @@ class DeepLabConfig:
     low_level_channels: int = 48  # decoder's reduction of the concatenated layer1 features
     decoder_channels: int = 256  # decoder width = head input channels
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if self.output_stride not in (8, 16):

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mmbalance.config import ConfigBase
 from mmbalance.errors import ConfigError, ShapeError, UnsupportedError
 from mmbalance.models import register_model
 from mmbalance.models.base import Head, ModelBuilder, MultimodalModel
@@ -254,7 +255,7 @@ _DROPOUTS = ("attn_dropout", "relu_dropout", "res_dropout", "embed_dropout", "ou
 
 
 @dataclass(frozen=True)
-class MulTConfig:
+class MulTConfig(ConfigBase):
     """MulT-style model sizes; defaults are CGGM's CMU-MOSI run script (``run/mosi_run.py``)."""
 
     proj_dim: int = 40  # d: width of every transformer (official `proj_dim`)
@@ -268,7 +269,7 @@ class MulTConfig:
     # modality whose sequence goes first in the fusion (its step 0 is the fused token); "" = dataset order
     fusion_first: str = ""
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         check_transformer_sizes(self)
         check_dropouts(self, _DROPOUTS)
         if not isinstance(self.fusion_first, str):

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mmbalance.config import ConfigBase
 from mmbalance.datasets.base import DatasetSpec
 from mmbalance.errors import ShapeError, UnsupportedError
 from mmbalance.models import register_model
@@ -189,13 +190,13 @@ def _check_task(builder: ModelBuilder, spec: DatasetSpec) -> None:
 
 # -- builders ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class SmallMLPConfig:
+class SmallMLPConfig(ConfigBase):
     hidden: int = 64  # encoder width and feature size per modality
     layers: int = 2  # Linear+ReLU blocks per encoder (>= 2 lets encoders learn non-linear features)
     head_hidden: int = 64  # width of the fusion head's hidden layer
     dropout: float = 0.0  # dropout after each hidden ReLU (0 keeps runs cheap and deterministic)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _positive_int(self, "hidden", "layers", "head_hidden")
         _need(0.0 <= self.dropout < 1.0, self, "dropout", "in [0, 1)")
 
@@ -224,7 +225,7 @@ class SmallMLP(ModelBuilder):
 
 
 @dataclass(frozen=True)
-class SmallTransformerConfig:
+class SmallTransformerConfig(ConfigBase):
     d_model: int = 32  # token width of every encoder (and vector-modality feature size)
     heads: int = 2  # attention heads (must divide d_model)
     layers: int = 1  # transformer layers per sequence encoder
@@ -233,7 +234,7 @@ class SmallTransformerConfig:
     head_hidden: int = 64  # width of the fusion head's hidden layer
     dropout: float = 0.0  # attention / feed-forward / head dropout
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _positive_int(self, "d_model", "heads", "layers", "ff", "max_len", "head_hidden")
         _need(self.d_model % self.heads == 0, self, "d_model", f"divisible by heads ({self.heads})")
         _need(self.d_model % 2 == 0, self, "d_model", "even (sinusoidal positions)")
@@ -275,11 +276,11 @@ class SmallTransformer(ModelBuilder):
 
 
 @dataclass(frozen=True)
-class SmallSegConfig:
+class SmallSegConfig(ConfigBase):
     channels: int = 16  # feature channels of each modality encoder (at half resolution)
     decoder: int = 16  # channels of the fusion's mixing convolution (the out_layer input)
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         _positive_int(self, "channels", "decoder")
 
 

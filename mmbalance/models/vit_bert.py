@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from mmbalance.config import ConfigBase
 from mmbalance.errors import ConfigError, ShapeError, UnsupportedError
 from mmbalance.models import register_model
 from mmbalance.models.base import Head, ModelBuilder, MultimodalModel
@@ -302,7 +303,7 @@ _DROPOUTS = ("attn_dropout", "relu_dropout", "res_dropout", "embed_dropout", "ou
 
 
 @dataclass(frozen=True)
-class VitBertConfig:
+class VitBertConfig(ConfigBase):
     """Sizes of the Food-101 model; defaults are CGGM's ``run/food_run.py`` and ViT-B/16 + BERT-base."""
 
     proj_dim: int = 40  # d: width of the trainable transformers
@@ -331,7 +332,7 @@ class VitBertConfig:
     cache_dtype: str = "float16"  # storage dtype of cached features
     cache_batch_size: int = 64  # batch size of the one-off extraction pass
 
-    def __post_init__(self) -> None:
+    def check(self) -> None:
         check_transformer_sizes(self)
         check_dropouts(self, _DROPOUTS)
         for name in (

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             missing += 1
             print(f"MISSING  {run.label} on {run.dataset} seed {run.seed}: no reference row")
             continue
-        row = run_one(run.spec, device="cpu", quiet=True, command="check_unchanged")
+        row = run_one(run.resolved, device="cpu", quiet=True, command="check_unchanged")
         problems = []
         if row["run_id"] != ref["run_id"]:
             problems.append(f"run id {ref['run_id']} -> {row['run_id']}")
@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         differ += bool(problems)
         print(f"{'DIFFERS' if problems else 'same   '}  {run.label} on {run.dataset} seed {run.seed}"
               + (": " + "; ".join(problems) if problems else ""), flush=True)
-    print(f"{len(runs)} runs checked in {time.perf_counter() - t0:.0f} s: {differ} differ, {missing} without reference")
+    took = time.perf_counter() - t0
+    print(f"{len(runs)} runs checked in {took:.0f} s: {differ} differ, {missing} without reference")
     return 1 if differ or missing else 0
 
 

@@ -408,7 +408,8 @@ def test_persistent_memory_is_exact():
     adam_state = 2 * params * 4 + m * per_head_tensors * 4  # exp_avg, exp_avg_sq (fp32) + fp32 `step`
     buffers = (m + (4 * m + 3) + 3 * m) * 4  # ε^{t-1}, sums, grad norms, B min, B max
     assert sum(p.numel() for p in b.heads.parameters()) == params
-    assert persistent_state_bytes(b, b.auxiliary_optimizers()) == params * 4 + adam_state + buffers
+    grads = params * 4  # a gradient per trainable head parameter: every backward allocates it
+    assert persistent_state_bytes(b, b.auxiliary_optimizers()) == params * 4 + grads + adam_state + buffers
     # during the step the head gradients exist: exactly the parameters' size
     assert sum(g.numel() * g.element_size() for g in store["heads"].values()) == params * 4
     assert b.retained_bytes() == (m + 1) * 3 * 8 * 4  # official stale graph: clones of W_F and 2 W_i
