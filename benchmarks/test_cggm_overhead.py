@@ -122,7 +122,7 @@ def _heads_flops(balancer: CGGM, model, batch, task) -> int:
         loss.backward()
 
     flops = _flops(heads_step)
-    balancer.cls_optimizer.zero_grad(set_to_none=True)
+    balancer.heads.optimizer.zero_grad(set_to_none=True)
     return flops
 
 
@@ -130,10 +130,10 @@ def _expected_bytes(balancer: CGGM) -> int:
     """Persistent bytes from the heads' shapes: fp32 parameters, the optimizer's state (Adam /
     AdamW: two moments per element and a fp32 step per tensor; SGD: one momentum buffer),
     the map heads' BatchNorm statistics (two fp32 vectors and an int64 counter per layer), CGGM's
-    buffers (ε^{t-1} and the diagnostic sums: 8M + 3 floats). Gradients are freed each step."""
+    buffer ε^{t-1} (M floats). Gradients are freed each step."""
     params = list(balancer.heads.parameters())
     n = sum(p.numel() for p in params)
-    opt = balancer.cls_optimizer
+    opt = balancer.heads.optimizer
     if isinstance(opt, torch.optim.Adam | torch.optim.AdamW):
         state = 8 * n + 4 * len(params)
     elif isinstance(opt, torch.optim.SGD):
@@ -142,7 +142,7 @@ def _expected_bytes(balancer: CGGM) -> int:
         raise AssertionError(f"unexpected head optimizer {type(opt).__name__}")
     norms = sum(8 * mod.num_features + 8 for mod in balancer.heads.modules() if isinstance(mod, torch.nn.BatchNorm2d))
     m = len(balancer.modalities)
-    return 4 * n + state + norms + 4 * (8 * m + 3)
+    return 4 * n + state + norms + 4 * m
 
 
 @pytest.mark.parametrize("task_name, direction", CASES)

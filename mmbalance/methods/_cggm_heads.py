@@ -19,19 +19,26 @@ Three bodies, chosen from the feature's rank:
 
 Every head returns ``(logits, hidden)`` where ``hidden`` is its ``out_layer`` input (``(B, d)`` or
 ``(B, d, h, w)``), used by the paper-mode closed-form gradient.
+
+:class:`CGGMHeads` holds the M heads, builds them on the first batch (feature shapes are unknown
+before it) from a private RNG stream, and owns their optimizer (the official ``cls_optimizer``),
+stepped through the run's GradScaler like :class:`~mmbalance.methods._heads.UnimodalHeads`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmbalance.errors import ConfigError, ShapeError
+from mmbalance.methods._grads import step_auxiliary
 
-__all__ = ["SequenceHead", "VectorHead", "MapHead", "build_head", "sinusoidal_positions"]
+__all__ = ["SequenceHead", "VectorHead", "MapHead", "CGGMHeads", "build_head", "sinusoidal_positions"]
 
 
 def sinusoidal_positions(length: int, dim: int, *, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -61,7 +68,9 @@ class SequenceHead(nn.Module):
         dropout: attention, feed-forward, residual and embedding dropout.
     """
 
-    def __init__(self, in_dim: int, dim: int, num_outputs: int, layers: int, heads: int, dropout: float) -> None:
+    def __init__(
+        self, in_dim: int, dim: int, num_outputs: int, layers: int, heads: int, dropout: float
+    ) -> None:
         super().__init__()
         if in_dim % heads:
             raise ConfigError(f"head_heads must divide the feature width {in_dim}, got {heads}")
@@ -81,7 +90,9 @@ class SequenceHead(nn.Module):
     def _table(self, length: int, like: Tensor) -> Tensor:
         key = (length, like.device, like.dtype)
         if key not in self._positions:
-            self._positions[key] = sinusoidal_positions(length, like.shape[-1], device=like.device, dtype=like.dtype)
+            self._positions[key] = sinusoidal_positions(
+                length, like.shape[-1], device=like.device, dtype=like.dtype
+            )
         return self._positions[key]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -181,3 +192,83 @@ def build_head(
     raise ShapeError(
         f"features[{modality!r}] has shape {tuple(feature.shape)}; expected (B, d), (B, L, d) or (B, C, h, w)"
     )
+
+
+class CGGMHeads(nn.ModuleDict):
+    """The heads f_i (``self[m]``), built on the first batch, and their own optimizer.
+
+    Args:
+        modalities: one head per modality, in this order.
+        factory: ``factory(feature, modality) -> nn.Module`` building modality ``m``'s head from one
+            batch of its (detached) features.
+        seed: seed of the private RNG stream the heads are initialised from (building them leaves
+            the global RNG, and so the model's dropout masks, untouched).
+        optimizer_factory: the run's optimizer factory; called once the heads exist as
+            ``optimizer_factory(params, lr=lr, foreach=True, **optimizer_options)``.
+
+    ``forward(features, size)`` returns the heads' logits and their ``out_layer`` inputs, both in
+    modality order. The heads follow the balancer's train/eval mode.
+    """
+
+    def __init__(
+        self,
+        modalities: Sequence[str],
+        factory: Callable[[Tensor, str], nn.Module],
+        *,
+        seed: int,
+        optimizer_factory: Callable[..., torch.optim.Optimizer],
+        lr: float,
+        optimizer_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.modalities = tuple(modalities)
+        self._factory = factory
+        self._seed = seed
+        self._optimizer_factory = optimizer_factory
+        self._optimizer_args: dict[str, Any] = {"lr": lr, "foreach": True, **dict(optimizer_options or {})}
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def built(self) -> bool:
+        return len(self) == len(self.modalities)
+
+    def build(self, features: Mapping[str, Tensor]) -> None:
+        """Build every head from one batch of features, on their device; create the optimizer."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._seed)
+            for m in self.modalities:
+                self[m] = self._factory(features[m], m)
+        self.to(features[self.modalities[0]].device)
+        self.train(self.training)
+        # foreach: one multi-tensor update for all head parameters (torch's CPU default loops in Python)
+        self.optimizer = self._optimizer_factory(list(self.parameters()), **self._optimizer_args)
+
+    def forward(
+        self, features: Mapping[str, Tensor], size: tuple[int, int] | None = None
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """``(logits, hidden)``: each head on its modality's detached feature (map heads upsampled
+        to ``size``), and each head's ``out_layer`` input."""
+        if not self.built:
+            self.build(features)
+        logits, hidden = [], []
+        for m in self.modalities:
+            head = self[m]
+            feature = features[m].detach()
+            z, h = head(feature, size) if isinstance(head, MapHead) else head(feature)
+            logits.append(z)
+            hidden.append(h)
+        return logits, hidden
+
+    def out_weights(self) -> Tensor:
+        """``(M, K)``: the heads' flattened ``out_layer`` weights, detached (the official ``cal_cos``
+        compares them with the fusion head's)."""
+        return torch.stack([self[m].out_layer.weight.detach() for m in self.modalities]).flatten(1)
+
+    def step(self, scaler: torch.amp.GradScaler) -> None:
+        """Step and zero the heads' optimizer through the run's GradScaler (once built)."""
+        if self.optimizer is not None:
+            step_auxiliary(scaler, self.optimizer)
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The heads' own optimizer, once built."""
+        return [self.optimizer] if self.optimizer is not None else []
