@@ -68,10 +68,12 @@ def has_closed_form(task: Task) -> bool:
 
 def check_first_batch(
     modalities: Sequence[str], output: ModelOutput, scores: Sequence[Any], task: Task, out_layer: nn.Module,
-    direction: str | None,
+    head_weights: Sequence[Tensor], direction: str | None,
 ) -> tuple[bool, bool | None]:
     """Once, on the first training batch: every encoder output is present, each ε is a floating
-    0-d score, and (paper mode, grad_cos) ``prediction == [upsample](out_layer(head_input))``.
+    0-d score, the heads' ``out_layer`` weights have the fusion ``out_layer``'s shape (the official
+    cosine compares them; the closed form needs it), and (paper mode, grad_cos)
+    ``prediction == [upsample](out_layer(head_input))``.
 
     Returns:
         ``(closed_form, align_corners)``: whether the closed-form gradients apply to this model, and
@@ -95,6 +97,17 @@ def check_first_batch(
             "direction='paper' needs ModelOutput.head_input (the input of model.out_layer); "
             "the model gives None"
         )
+    shapes = {m: tuple(w.shape) for m, w in zip(modalities, head_weights, strict=True)}
+    fusion_shape = tuple(out_layer.weight.shape)
+    if any(shape != fusion_shape for shape in shapes.values()):
+        if direction is not None:
+            raise ConfigError(
+                f"direction={direction!r} compares each head's out_layer weight with model.out_layer's "
+                f"{fusion_shape}; the heads' weights are {shapes}"
+            )
+        message = f"cggm: head weights {shapes} differ from model.out_layer's {fusion_shape}; no grad_cos"
+        warnings.warn(message, stacklevel=3)
+        return False, None
     if not has_closed_form(task) or output.head_input is None:
         return False, None
     ok, align_corners = head_input_upsampling(out_layer, output.head_input, output.prediction)

@@ -2,6 +2,8 @@
 
 * :func:`magnitude_coefficients`: Eq. 7 without ρ, the official ``coeff`` (``src/msatrain.py``);
 * :func:`direction_loss`: Eq. 12, ``L_gm``;
+* :func:`sequential_sum`: the official code's order of summation (Python ``sum``, ``np.sum`` of a
+  few terms), which matters where Σ Δε cancels: ``Σ Δε + 1e-8`` is then ~1e-8;
 * :func:`output_gradient`, :func:`last_layer_gradient`, :func:`head_gradients`,
   :func:`fusion_gradient`: the paper-mode closed-form gradients of the output layers' weights
   (``∂L/∂W = Σ_b (∂ℓ/∂z_b) h_bᵀ``), without ``torch.autograd.grad``;
@@ -23,6 +25,7 @@ from mmbalance.tasks import ClassificationTask, RegressionTask, SegmentationTask
 
 __all__ = [
     "SUM_EPS",
+    "sequential_sum",
     "magnitude_coefficients",
     "direction_loss",
     "interpolation_matrix",
@@ -38,10 +41,23 @@ __all__ = [
 SUM_EPS = 1e-8  # the official `diff_sum = sum(diff) + 1e-8`
 
 
+def sequential_sum(x: Tensor) -> Tensor:
+    """``x[0] + x[1] + …`` left to right for a 1-D tensor: Python's ``sum(diff)`` and numpy's
+    ``np.sum`` of fewer than 8 terms, the official code's order (M tiny kernels, no host sync)."""
+    total = x[0]
+    for i in range(1, x.shape[0]):
+        total = total + x[i]
+    return total
+
+
 def magnitude_coefficients(
     delta: Tensor, *, stabilize: bool = False, resolution: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """Eq. 7 without ρ: ``c_i = (S − Δε_i) / S``, ``S = Σ_k Δε_k + 1e-8`` (official ``coeff``).
+
+    The official code computes this in Python floats; pass a float64 ``delta`` for its values (the
+    sum is taken in its order, :func:`sequential_sum`). float32 leaves ``Σ Δε`` ~3e-8 off zero for a
+    batch of 12, a coefficient off by the same factor where the official ``S`` is ~1e-8.
 
     Args:
         delta: ``(M,)`` metric improvements Δε.
@@ -57,7 +73,8 @@ def magnitude_coefficients(
     """
     if delta.dim() != 1 or delta.numel() < 2:
         raise ShapeError(f"delta must have shape (M,) with M >= 2, got {tuple(delta.shape)}")
-    total = delta.sum() + SUM_EPS
+    improvement = sequential_sum(delta)
+    total = improvement + SUM_EPS
     raw = (total - delta) / total
     if not stabilize:
         return raw, raw
@@ -65,16 +82,24 @@ def magnitude_coefficients(
     clamped = raw.clamp(min=0)
     rescaled = clamped * ((m - 1) / clamped.sum().clamp(min=SUM_EPS))
     neutral = torch.full_like(raw, (m - 1) / m)
-    return torch.where(delta.sum() < resolution, neutral, rescaled), raw
+    return torch.where(improvement < resolution, neutral, rescaled), raw
 
 
 def direction_loss(coefficients: Tensor, cosines: Tensor) -> Tensor:
-    """Eq. 12: ``L_gm = (1/M) Σ_i (|c_i| − c_i cos_i)`` (>= 0 for |cos| <= 1)."""
+    """Eq. 12: ``L_gm = (1/M) Σ_i (|c_i| − c_i cos_i)`` (>= 0 for |cos| <= 1).
+
+    In the official order and precision, ``(np.sum(np.abs(coeff)) − (c_0 cos_0 + c_1 cos_1 + …)) / M``:
+    ``Σ|c|`` summed in the coefficients' dtype (float64, the official Python floats), everything
+    else in the cosines' dtype (the parameters'; the official float coefficients times a tensor are
+    rounded to it). Differentiable in ``cosines``.
+    """
     if coefficients.shape != cosines.shape or coefficients.dim() != 1:
         raise ShapeError(
             f"coefficients {tuple(coefficients.shape)} and cosines {tuple(cosines.shape)} must both be (M,)"
         )
-    return (coefficients.abs().sum() - (coefficients * cosines).sum()) / coefficients.numel()
+    products = coefficients.to(cosines.dtype) * cosines
+    magnitude = sequential_sum(coefficients.abs()).to(cosines.dtype)
+    return (magnitude - sequential_sum(products)) / coefficients.numel()
 
 
 def interpolation_matrix(

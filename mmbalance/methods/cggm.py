@@ -6,13 +6,21 @@ Port of ``zrguo/CGGM`` (``src/msatrain.py``, ``src/foodtrain.py``, ``src/segtrai
 metric ε_i gives Δε_i = ε_i^t − ε_i^{t−1} and B_i = ρ c_i (Eq. 7), which scales modality i's
 encoder gradient (Eq. 8); the direction term L_gm (Eq. 12) enters the loss with weight λ (Eq. 13).
 Formulas: :mod:`~mmbalance.methods._cggm_formulas`. No second pass through encoders or fusion, no
-host sync per step. Deviations (card): ``direction="paper"`` (closed-form gradients),
-``stabilize=True`` (bounded B), the default heads apply ``proj1`` once, one backward instead of two.
+host sync per step; ε, Δε, Σ Δε + 1e-8, B and L_gm's coefficients in float64, as the official
+Python floats. Deviations (card): ``direction="paper"`` (closed-form gradients), ``stabilize=True``
+(bounded B), the default heads apply ``proj1`` once (``head="msa"``: twice, as released), one
+backward instead of two (same gradients).
+
+Python API beyond the Config: ``CGGM(config, head_factory)`` takes any head factory
+(``_cggm_heads.HeadFactory``; the config then says ``head="custom"``), and ``trace=True`` (records
+in ``trace_records``) or ``trace=callback`` gives each step's ε, Δε, B (raw and applied), cosines and
+L_gm as float64 device tensors (no host sync; nothing is recorded when off).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +30,11 @@ from torch import Tensor, nn
 
 from mmbalance.balancer import Balancer, OptimizerFactory, StepContext
 from mmbalance.config import finite, need
+from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
 from mmbalance.methods._cggm_checks import check_first_batch, check_setup
 from mmbalance.methods._cggm_formulas import direction_loss, gradient_cosines, magnitude_coefficients
-from mmbalance.methods._cggm_heads import CGGMHeads, build_head
+from mmbalance.methods._cggm_heads import CUSTOM_HEAD, HEAD_FACTORIES, CGGMHeads, HeadFactory, resolve_head
 from mmbalance.methods._config import HeadConfig
 from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._grads import present_grads, scale_grads_
@@ -57,6 +66,7 @@ class CGGMConfig(HeadConfig):
     head_heads: int | None = None  # attention heads of sequence heads; None = largest divisor <= 5 of d
     head_dropout: float = 0.1  # dropout inside the heads (official: 0.1-0.2 by dataset)
     grad_cos_every: int = 8  # steps between samples of the closed-form grad_cos diagnostic; 0 = off
+    head: str = "auto"  # registered head factory: "auto" | "msa" (official Classifier) | "linear" | "custom"
 
     def check(self) -> None:
         if isinstance(self.direction, str) and self.direction.lower() in ("none", "null", ""):
@@ -73,6 +83,8 @@ class CGGMConfig(HeadConfig):
         need(self, self.head_heads is None or self.head_heads >= 1, "head_heads", "None or an integer >= 1")
         need(self, 0 <= self.head_dropout < 1, "head_dropout", "in [0, 1)")
         need(self, self.grad_cos_every >= 0, "grad_cos_every", "an integer >= 0")
+        known = (*sorted(HEAD_FACTORIES), CUSTOM_HEAD)
+        need(self, self.head in known, "head", f"one of {known} (more: _cggm_heads.register_head)")
 
 
 @register_method("cggm")
@@ -101,8 +113,19 @@ class CGGM(Balancer):
         "NeurIPS 2024 (arXiv 2411.01409); code zrguo/CGGM"
     )
 
-    def __init__(self, config: CGGMConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: CGGMConfig | None = None,
+        head_factory: HeadFactory | None = None,
+        *,
+        trace: bool | Callable[[dict[str, Tensor]], None] = False,
+    ) -> None:
+        config, self._head_factory = resolve_head(config or CGGMConfig(), head_factory)
         super().__init__(config)
+        if not (isinstance(trace, bool) or callable(trace)):
+            raise ConfigError(f"trace must be True, False or a callable, got {trace!r}")
+        self._trace = trace
+        self.trace_records: list[dict[str, Tensor]] = []  # with trace=True: one record per step
         self._groups: list[list[nn.Parameter]] = []
         self._stale_gm: Tensor | None = None  # official: L_gm of step t, with its graph, used at t+1
         self._B: Tensor | None = None  # this step's ρ·c, read by on_after_backward
@@ -119,27 +142,31 @@ class CGGM(Balancer):
         super().setup(model, task, optimizer_factory)
         cfg = self.config
         self._groups = check_setup(model, task, cfg, self.tasks)
+        self._exact_score = "exact" in inspect.signature(task.score).parameters  # else: float32, widened
 
         def factory(feature: Tensor, modality: str) -> nn.Module:
-            return build_head(feature, model.out_layer, task.num_outputs, modality=modality,
-                              layers=cfg.head_layers, heads=cfg.head_heads, dropout=cfg.head_dropout)
+            kwargs = {"out_layer": model.out_layer, "num_outputs": task.num_outputs, "config": cfg}
+            return self._head_factory(feature, modality=modality, **kwargs)
 
         options = {} if cfg.cls_weight_decay is None else {"weight_decay": cfg.cls_weight_decay}
         self.heads = CGGMHeads(
             self.modalities, factory, seed=(torch.initial_seed() + 0x5EED) % (2**63),
-            optimizer_factory=optimizer_factory, lr=cfg.cls_lr, optimizer_options=options,
+            dtype=model.out_layer.weight.dtype, optimizer_factory=optimizer_factory, lr=cfg.cls_lr,
+            optimizer_options=options,
         )
-        self.register_buffer("eps_prev", torch.zeros(len(self.modalities)))  # ε^{t-1}; ε^0 = 0, never reset
+        # ε^{t-1} (official `acc1`, Python floats): ε^0 = 0, never reset
+        self.register_buffer("eps_prev", torch.zeros(len(self.modalities), dtype=torch.float64))
         self._means = EpochMeans(self.modalities)
         self._grad_cos_means = EpochMeans(self.modalities)  # over the sampled steps only
         self._extremes = tuple(EpochMeans(self.modalities, reduction=r) for r in ("min", "max"))
 
     # -- the step -------------------------------------------------------------------------------------
     def _eps(self, logits: Tensor, target: Tensor) -> Tensor:
+        """ε of one head on this batch, float64 (exact k / batch where the task offers it)."""
         if self.config.eps_metric == "neg_mae":
             batch = logits.shape[0]
-            return -(logits.float().reshape(batch) - target.reshape(batch).float()).abs().mean()
-        return self.task.score(logits, target)
+            return -(logits.double().reshape(batch) - target.reshape(batch).double()).abs().mean()
+        return self.task.score(logits, target, **({"exact": True} if self._exact_score else {}))
 
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Task) -> dict[str, Tensor]:
         cfg, target = self.config, batch["target"]
@@ -151,10 +178,11 @@ class CGGM(Balancer):
             scores = [self._eps(z.detach(), target) for z in logits]
             if not self._checked:
                 self._closed_form, self._align_corners = check_first_batch(
-                    self.modalities, output, scores, task, self.model.out_layer, cfg.direction
+                    self.modalities, output, scores, task, self.model.out_layer, self.heads.out_weights(),
+                    cfg.direction,
                 )
                 self._checked = True
-            eps = torch.stack(scores).float()
+            eps = torch.stack(scores).to(torch.float64)
             delta = eps - self.eps_prev
             self.eps_prev.copy_(eps)
             resolution = 1.0 / target.shape[0]
@@ -172,9 +200,17 @@ class CGGM(Balancer):
                 cos = self._cosines(output, target, logits, hidden)
                 gm = direction_loss(c_dir, cos)
             if cfg.lam > 0:
-                terms["gm"] = cfg.lam * gm
+                terms["gm"] = (cfg.lam * gm).to(terms["task"].dtype)
             gm, cos = gm.detach(), cos.detach()
             self._grad_cos_value = cos
+        if self._trace:
+            record = {"eps": eps, "delta": delta, "B_raw": raw * cfg.rho, "B": self._B}
+            if cfg.direction is not None:
+                record.update(cos=cos.to(torch.float64), L_gm=gm.to(torch.float64))
+            if callable(self._trace):
+                self._trace(record)
+            else:
+                self.trace_records.append(record)
         with torch.no_grad():
             self._stats = {"eps": eps, "B": self._B}
             if cfg.direction is not None:
@@ -190,11 +226,13 @@ class CGGM(Balancer):
         w_fusion = self.model.out_layer.weight
         if lam > 0:
             stale = self._stale_gm
-            terms["gm"] = lam * stale if stale is not None else torch.zeros((), device=w_fusion.device)
-        # The clone is W_F at step t (the optimizer later updates W_F in place); the stack of the
-        # detached head weights is a copy too, so the stale graph holds step-t values only.
+            dtype = terms["task"].dtype
+            terms["gm"] = w_fusion.new_zeros((), dtype=dtype) if stale is None else (lam * stale).to(dtype)
+        # The clone is W_F at step t (the optimizer later updates W_F in place); the head weights are
+        # cloned too, so the stale graph holds step-t values only. One cosine per head (`cal_cos`).
         wf = w_fusion.clone().flatten() if lam > 0 else w_fusion.detach().flatten()
-        cos = F.cosine_similarity(self.heads.out_weights(), wf.unsqueeze(0), dim=1)
+        heads = self.heads.out_weights()
+        cos = torch.stack([F.cosine_similarity(w.detach().clone().flatten(), wf, dim=0) for w in heads])
         gm = direction_loss(c_dir, cos)
         self._stale_gm = gm if lam > 0 else None
         return gm.detach(), cos.detach()
