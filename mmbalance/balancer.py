@@ -174,11 +174,10 @@ class Balancer(nn.Module):
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
         """Once, before the first epoch, after the model is on its device: build auxiliary heads,
         own optimizers, parameter groups. Modules created here must be moved with
-        ``self.to(device)``; the runner calls ``balancer.to(device)`` right after ``setup``. Subclasses
-        call ``super().setup`` first: it records the modalities, the task and :attr:`model`."""
+        ``self.to(device)``; the runner calls ``balancer.to(device)`` right after ``setup``."""
         self.modalities = tuple(model.modalities)
         self.task = task
-        self.__dict__["_model_ref"] = model
+        self.__dict__["_model_ref"] = model  # a plain reference (see ``model``), not a submodule
 
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
         """At the start of each training epoch, model in train mode: epoch-level work
