@@ -127,14 +127,13 @@ class CGGM(Balancer):
         self._trace = trace
         self.trace_records: list[dict[str, Tensor]] = []  # with trace=True: one record per step
         self._groups: list[list[nn.Parameter]] = []
-        self._stale_gm: Tensor | None = None  # official: L_gm of step t, with its graph, used at t+1
+        self._has_stale = False  # official: whether the stale_* buffers hold the previous step's L_gm
         self._B: Tensor | None = None  # this step's ρ·c, read by on_after_backward
         self._stats: dict[str, Tensor] = {}  # this step's diagnostics, recorded after the step
         self._grad_cos_value: Tensor | None = None  # this step's grad_cos sample, if any
         self._step = 0  # training steps seen (host counter, for the grad_cos sampling)
-        self._checked = False
-        self._closed_form = False
-        self._align_corners: bool | None = None
+        # first-batch checks done; closed-form gradients apply; the logits' upsampling align_corners
+        self._checked, self._closed_form, self._align_corners = False, False, None
 
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
         """Validate task and model, precompute the encoder parameter groups, create the heads (built
@@ -156,6 +155,11 @@ class CGGM(Balancer):
         )
         # ε^{t-1} (official `acc1`, Python floats): ε^0 = 0, never reset
         self.register_buffer("eps_prev", torch.zeros(len(self.modalities), dtype=torch.float64))
+        if cfg.direction == "official" and cfg.lam > 0:  # the inputs of the previous step's L_gm
+            w, m = model.out_layer.weight, len(self.modalities)
+            self.register_buffer("stale_coeff", torch.zeros(m, dtype=torch.float64, device=w.device))
+            self.register_buffer("stale_heads", w.new_zeros(m, w.numel()))
+            self.register_buffer("stale_fusion", w.new_zeros(w.numel()))
         self._means = EpochMeans(self.modalities)
         self._grad_cos_means = EpochMeans(self.modalities)  # over the sampled steps only
         self._extremes = tuple(EpochMeans(self.modalities, reduction=r) for r in ("min", "max"))
@@ -220,22 +224,28 @@ class CGGM(Balancer):
         return terms
 
     def _official_direction(self, c_dir: Tensor, terms: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``src/msatrain.py``: L_gm^{t-1} enters this loss; L_gm^t (cosines of the output-layer
-        weights) is built now and kept, with its graph to W_F, for step t+1."""
+        """``src/msatrain.py``: the previous step's L_gm enters this loss, its gradient taken at the
+        previous step's weights and reaching W_F only; this step's L_gm (cosines of the output-layer
+        weights, one per head as ``cal_cos``) is computed now. Its inputs are kept in buffers, not
+        as a graph, so they are state: a resumed run continues as an uninterrupted one."""
         lam = self.config.lam
-        w_fusion = self.model.out_layer.weight
+        w_fusion = self.model.out_layer.weight.flatten()
+        heads = [w.detach().flatten() for w in self.heads.out_weights()]
         if lam > 0:
-            stale = self._stale_gm
             dtype = terms["task"].dtype
-            terms["gm"] = w_fusion.new_zeros((), dtype=dtype) if stale is None else (lam * stale).to(dtype)
-        # The clone is W_F at step t (the optimizer later updates W_F in place); the head weights are
-        # cloned too, so the stale graph holds step-t values only. One cosine per head (`cal_cos`).
-        wf = w_fusion.clone().flatten() if lam > 0 else w_fusion.detach().flatten()
-        heads = self.heads.out_weights()
-        cos = torch.stack([F.cosine_similarity(w.detach().clone().flatten(), wf, dim=0) for w in heads])
-        gm = direction_loss(c_dir, cos)
-        self._stale_gm = gm if lam > 0 else None
-        return gm.detach(), cos.detach()
+            terms["gm"] = w_fusion.new_zeros((), dtype=dtype)
+            if self._has_stale:  # value W_F^{t-1}, gradient into W_F: x - x.detach() is 0 with slope 1
+                proxy = self.stale_fusion + (w_fusion - w_fusion.detach())
+                cos = torch.stack([F.cosine_similarity(h, proxy, dim=0) for h in self.stale_heads])
+                terms["gm"] = (lam * direction_loss(self.stale_coeff, cos)).to(dtype)
+        with torch.no_grad():
+            wf = w_fusion.detach()
+            cos = torch.stack([F.cosine_similarity(h, wf, dim=0) for h in heads])
+            gm = direction_loss(c_dir, cos)
+            if lam > 0:  # new tensors: the stale term's graph saved the current ones
+                self.stale_coeff, self.stale_heads, self.stale_fusion = c_dir, torch.stack(heads), wf.clone()
+                self._has_stale = True
+        return gm, cos
 
     def _cosines(
         self, output: ModelOutput, target: Tensor, logits: list[Tensor], hidden: list[Tensor]
@@ -281,17 +291,9 @@ class CGGM(Balancer):
             out.update(means.pop())
         return out
 
-    def retained_bytes(self) -> int:
-        """Bytes held between steps by the official mode's stale L_gm graph: the clones of W_F and
-        of the M head weights (not module state, so not in ``persistent_state_bytes``)."""
-        if self._stale_gm is None:
-            return 0
-        w = self.model.out_layer.weight
-        return (len(self.modalities) + 1) * w.numel() * w.element_size()
-
     def host_state(self) -> dict[str, Any]:
-        """The step counter of the grad_cos sampling."""
-        return {"step": self._step}
+        """The step counter of the grad_cos sampling; whether a previous L_gm is stored."""
+        return {"step": self._step, "has_stale": self._has_stale}
 
     def load_host_state(self, state: Mapping[str, Any]) -> None:
-        self._step = int(state.get("step", 0))
+        self._step, self._has_stale = int(state["step"]), bool(state["has_stale"])

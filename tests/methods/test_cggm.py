@@ -414,12 +414,13 @@ def test_persistent_memory_is_exact():
     m = 2
     params = m * per_head_params
     adam_state = 2 * params * 4 + m * per_head_tensors * 4  # exp_avg, exp_avg_sq (fp32) + fp32 `step`
-    buffers = m * 8  # ε^{t-1} in float64 (the diagnostics' sums are not module state)
+    # ε^{t-1} in float64; the official direction's stored inputs of the previous L_gm: W_F and the
+    # M head weights (3 x 8 each, fp32) and M float64 coefficients (diagnostics are not module state)
+    buffers = m * 8 + (m + 1) * 3 * 8 * 4 + m * 8
     assert sum(p.numel() for p in b.heads.parameters()) == params
     assert persistent_state_bytes(b, b.auxiliary_optimizers()) == params * 4 + adam_state + buffers
     # during the step the head gradients exist: exactly the parameters' size
     assert sum(g.numel() * g.element_size() for g in store["heads"].values()) == params * 4
-    assert b.retained_bytes() == (m + 1) * 3 * 8 * 4  # official stale graph: clones of W_F and 2 W_i
 
 
 def test_diagnostics_are_epoch_means_and_reset():

@@ -229,3 +229,34 @@ def test_registered_msa_heads_train_on_the_mult_model():
         assert head.out_layer.weight.shape == model.out_layer.weight.shape
         assert head.bone.embed_dropout.p == 0.15  # the mosi preset's head_dropout
     assert trainer.flush_terms() is None
+
+
+def test_a_resumed_run_continues_identically_including_the_stale_direction_term():
+    import io
+
+    splits, _ = tiny_splits(n=48)
+    batches = [{k: v[i : i + 12] for k, v in splits["train"].tensors.items()} for i in range(0, 48, 12)]
+
+    def make(seed):
+        balancer = CGGM(CGGMConfig(lam=0.5, head_dropout=0.1))
+        return Trainer(tiny_model(seed=seed), balancer, make_task("cls", 3), TrainConfig(batch_size=12), CPU)
+
+    ran = make(0)
+    for i in range(3):
+        ran.train_step(batches[i], 0, i)
+    buf = io.BytesIO()
+    torch.save({"model": ran.model.state_dict(), "optimizer": ran.optimizer.state_dict(),
+                "balancer": ran.balancer.training_state()}, buf)
+    resumed = make(1)  # other initial weights, heads not built yet
+    ckpt = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    resumed.model.load_state_dict(ckpt["model"])
+    resumed.optimizer.load_state_dict(ckpt["optimizer"])
+    resumed.balancer.load_training_state(ckpt["balancer"])
+    for trainer in (ran, resumed):
+        torch.manual_seed(5)  # the same dropout masks from here on
+        trainer.train_step(batches[3], 0, 3)  # its loss holds the L_gm of step 2, from the buffers
+        trainer.train_step(batches[0], 1, 0)
+    for a, b in zip(ran.model.state_dict().values(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    state, state_resumed = ran.balancer.state_dict(), resumed.balancer.state_dict()
+    assert set(state) == set(state_resumed) and all(torch.equal(state[k], state_resumed[k]) for k in state)
