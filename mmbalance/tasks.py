@@ -8,6 +8,12 @@ a 0-d tensor on the prediction's device, higher is better, computed without a ho
   the CGGM code does), or ``-MAE`` with ``score="neg_mae"``;
 * seg: mean over ET/TC/WT of per-sample Dice (eps 1e-3, the CGGM code's convention).
 
+``score(..., exact=True)`` returns a float64 0-d tensor: for cls and reg (sign accuracy) the count
+of hits over the batch size, correctly rounded (the value of the CGGM code's sklearn
+``accuracy_score``, a Python float; float32 leaves ~3e-8 of error in k/12); ``-MAE`` in float64;
+for seg the float32 Dice above (the CGGM code's own arithmetic) as float64. The default
+(``exact=False``) is unchanged: float32.
+
 ``loss(prediction, target, reduction)``: ``"mean"`` is the scalar the training step minimises,
 ``"none"`` one value per sample ``(B,)`` (evaluation sums it), ``"sum"`` the sum of those values.
 """
@@ -80,6 +86,12 @@ def _sample_target(prediction: Tensor, target: Tensor) -> Tensor:
     return target.reshape(batch)
 
 
+def _hit_rate(hits: Tensor) -> Tensor:
+    """``k / n`` in float64 for a boolean ``(n,)`` tensor: the integer count, then one correctly
+    rounded division (as ``sklearn.metrics.accuracy_score``); on the device, no host sync."""
+    return hits.sum(dtype=torch.int64).to(torch.float64) / hits.numel()
+
+
 class Task(ABC):
     """A learning task. Stateless apart from its options; safe to share between runs."""
 
@@ -92,8 +104,9 @@ class Task(ABC):
         """Task loss; ``reduction="none"`` gives one value per sample."""
 
     @abstractmethod
-    def score(self, prediction: Tensor, target: Tensor) -> Tensor:
-        """0-d tensor, higher is better, on the prediction's device (no host sync)."""
+    def score(self, prediction: Tensor, target: Tensor, *, exact: bool = False) -> Tensor:
+        """0-d tensor, higher is better, on the prediction's device (no host sync); float32, or
+        float64 with ``exact=True`` (see the module docstring)."""
 
     @abstractmethod
     def metrics(self) -> Any:
@@ -128,8 +141,9 @@ class ClassificationTask(Task):
         target = self._check(prediction, target)
         return F.cross_entropy(prediction, target, reduction=reduction, label_smoothing=self.label_smoothing)
 
-    def score(self, prediction: Tensor, target: Tensor) -> Tensor:
-        return (prediction.argmax(dim=1) == self._check(prediction, target)).float().mean()
+    def score(self, prediction: Tensor, target: Tensor, *, exact: bool = False) -> Tensor:
+        hits = prediction.argmax(dim=1) == self._check(prediction, target)
+        return _hit_rate(hits) if exact else hits.float().mean()
 
     def metrics(self) -> ClassificationMetrics:
         return ClassificationMetrics(self.num_outputs)
@@ -172,11 +186,14 @@ class RegressionTask(Task):
         fn = F.l1_loss if self.loss_name == "l1" else F.mse_loss
         return fn(p, t, reduction=reduction)
 
-    def score(self, prediction: Tensor, target: Tensor) -> Tensor:
+    def score(self, prediction: Tensor, target: Tensor, *, exact: bool = False) -> Tensor:
         p, t = self._flat(prediction, target)
         if self.score_name == "neg_mae":
+            if exact:
+                return -(p.double() - _sample_target(prediction, target).double()).abs().mean()
             return -(p - t).abs().mean()
-        return ((p > 0) == (t > 0)).float().mean()
+        hits = (p > 0) == (t > 0)
+        return _hit_rate(hits) if exact else hits.float().mean()
 
     def metrics(self) -> RegressionMetrics:
         return RegressionMetrics()
@@ -271,8 +288,9 @@ class SegmentationTask(Task):
         )
         return per_sample if reduction == "none" else per_sample.sum()
 
-    def score(self, prediction: Tensor, target: Tensor) -> Tensor:
-        return brats_region_dice(label_map(prediction), target).mean()
+    def score(self, prediction: Tensor, target: Tensor, *, exact: bool = False) -> Tensor:
+        dice = brats_region_dice(label_map(prediction), target).mean()
+        return dice.double() if exact else dice
 
     def metrics(self) -> SegmentationMetrics:
         return SegmentationMetrics()

@@ -1,32 +1,26 @@
 """``cggm``: Classifier-Guided Gradient Modulation (Guo, Jin, Chen, Zhao; NeurIPS 2024; arXiv 2411.01409).
 
-Official code: ``zrguo/CGGM`` (``src/msatrain.py``, ``src/foodtrain.py``, ``src/segtrain.py``,
-``models/msamodel.py``, ``models/segmodel.py``, ``src/eval_metrics.py``). Card: ``methods/cggm.md``.
+Port of ``zrguo/CGGM`` (``src/msatrain.py``, ``src/foodtrain.py``, ``src/segtrain.py``,
+``models/msamodel.py``, ``src/eval_metrics.py``); card ``methods/cggm.md``. A classifier head f_i
+(:mod:`~mmbalance.methods._cggm_heads`) reads each modality's *detached* encoder output; its batch
+metric ε_i gives Δε_i = ε_i^t − ε_i^{t−1} and B_i = ρ c_i (Eq. 7), which scales modality i's
+encoder gradient (Eq. 8); the direction term L_gm (Eq. 12) enters the loss with weight λ (Eq. 13).
+Formulas: :mod:`~mmbalance.methods._cggm_formulas`. No second pass through encoders or fusion, no
+host sync per step; ε, Δε, Σ Δε + 1e-8, B and L_gm's coefficients in float64, as the official
+Python floats. Deviations (card): ``direction="paper"`` (closed-form gradients), ``stabilize=True``
+(bounded B), the default heads apply ``proj1`` once (``head="msa"``: twice, as released), one
+backward instead of two (same gradients).
 
-Mechanism. A classifier head f_i (:mod:`mmbalance.methods._cggm_heads`) reads each modality's
-*detached* encoder output and is trained with the task loss by its own optimizer. Each step its
-batch metric ε_i (accuracy / sign accuracy / mean Dice) gives Δε_i = ε_i^t − ε_i^{t−1} and the
-magnitude term B_i = ρ (Σ_k Δε_k − Δε_i) / (Σ_k Δε_k + 1e-8) (Eq. 7), which scales modality i's
-encoder gradient (Eq. 8). The direction term L_gm = (1/M) Σ_i (|c_i| − c_i cos_i) (Eq. 12) enters the
-loss with weight λ (Eq. 13).
-
-Cost. No second pass through encoders or fusion: the heads run on detached features and their loss
-is one more term of the single backward. ε, B and L_gm stay on the device (no host sync per step);
-each modality's gradients are scaled by one ``torch._foreach_mul_``.
-
-Deviations from the official code (details and which option reproduces what: ``methods/cggm.md``):
-``direction="official"`` reproduces the code (cosine of the output-layer *weights*, one step stale,
-ρ outside L_gm); ``direction="paper"`` uses the current step's last-layer *gradients* in closed form;
-``stabilize=True`` bounds B (the code's B explodes when Σ Δε ≈ 0); heads are one forward of the
-classifier with ``proj1`` applied once (the code applies it twice); the heads' loss shares the main
-backward (the code runs a second ``backward()`` on the heads only, with the same result).
+Python API beyond the Config: ``CGGM(config, head_factory)`` takes any head factory
+(``_cggm_heads.HeadFactory``; the config then says ``head="custom"``), and ``trace=True`` (records
+in ``trace_records``) or ``trace=callback`` gives each step's ε, Δε, B (raw and applied), cosines and
+L_gm as float64 device tensors (no host sync; nothing is recorded when off).
 """
 
 from __future__ import annotations
 
-import math
-import warnings
-from collections.abc import Mapping
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,30 +29,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmbalance.balancer import Balancer, OptimizerFactory, StepContext
-from mmbalance.errors import ConfigError, ShapeError, UnsupportedError
+from mmbalance.config import finite, need
+from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
-from mmbalance.methods._cggm_heads import MapHead, build_head
+from mmbalance.methods._cggm_checks import check_first_batch, check_setup
+from mmbalance.methods._cggm_formulas import direction_loss, gradient_cosines, magnitude_coefficients
+from mmbalance.methods._cggm_heads import CUSTOM_HEAD, HEAD_FACTORIES, CGGMHeads, HeadFactory, resolve_head
+from mmbalance.methods._config import HeadConfig
+from mmbalance.methods._epoch_means import EpochMeans
+from mmbalance.methods._grads import present_grads, scale_grads_
+from mmbalance.methods._heads import head_term
+from mmbalance.methods._stages import target_size
 from mmbalance.models.base import ModelOutput, MultimodalModel
-from mmbalance.tasks import ClassificationTask, RegressionTask, SegmentationTask, Task
+from mmbalance.tasks import Task
 
-__all__ = [
-    "CGGM",
-    "CGGMConfig",
-    "DIRECTIONS",
-    "magnitude_coefficients",
-    "direction_loss",
-    "output_gradient",
-    "last_layer_gradient",
-    "interpolation_matrix",
-]
+__all__ = ["CGGM", "CGGMConfig", "DIRECTIONS", "EPS_METRICS"]
 
 DIRECTIONS = ("official", "paper")
 EPS_METRICS = ("score", "neg_mae")
-SUM_EPS = 1e-8  # the official `diff_sum = sum(diff) + 1e-8`
 
 
 @dataclass(frozen=True)
-class CGGMConfig:
+class CGGMConfig(HeadConfig):
     """CGGM hyperparameters. Defaults: the official MOSI/IEMOCAP run scripts (``run/mosi_run.py``)."""
 
     rho: float = 1.3  # ρ, Eq. 7 scale of the magnitude term B (official `rou`)
@@ -74,186 +66,35 @@ class CGGMConfig:
     head_heads: int | None = None  # attention heads of sequence heads; None = largest divisor <= 5 of d
     head_dropout: float = 0.1  # dropout inside the heads (official: 0.1-0.2 by dataset)
     grad_cos_every: int = 8  # steps between samples of the closed-form grad_cos diagnostic; 0 = off
+    head: str = "auto"  # registered head factory: "auto" | "msa" (official Classifier) | "linear" | "custom"
 
-    def __post_init__(self) -> None:
-        direction = self.direction
-        if isinstance(direction, str) and direction.lower() in ("none", "null", ""):
-            direction = None
+    def check(self) -> None:
+        if isinstance(self.direction, str) and self.direction.lower() in ("none", "null", ""):
             object.__setattr__(self, "direction", None)
-        if direction is not None and direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS} or None, got {self.direction!r}")
+        need(self, self.direction in (*DIRECTIONS, None), "direction", f"one of {DIRECTIONS} or None")
         if self.rho_in_direction is None:
-            object.__setattr__(self, "rho_in_direction", direction == "paper")
-        if not (isinstance(self.rho, int | float) and math.isfinite(self.rho) and self.rho > 0):
-            raise ValueError(f"rho must be a finite number > 0, got {self.rho!r}")
-        if not (isinstance(self.lam, int | float) and math.isfinite(self.lam) and self.lam >= 0):
-            raise ValueError(f"lam must be a finite number >= 0, got {self.lam!r}")
-        if not (isinstance(self.cls_lr, int | float) and self.cls_lr > 0):
-            raise ValueError(f"cls_lr must be > 0, got {self.cls_lr!r}")
-        if self.cls_weight_decay is not None and not self.cls_weight_decay >= 0:
-            raise ValueError(f"cls_weight_decay must be None or >= 0, got {self.cls_weight_decay!r}")
-        for name in ("rho_in_direction", "magnitude", "stabilize"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if self.eps_metric not in EPS_METRICS:
-            raise ValueError(f"eps_metric must be one of {EPS_METRICS}, got {self.eps_metric!r}")
-        if not (isinstance(self.head_layers, int) and self.head_layers >= 1):
-            raise ValueError(f"head_layers must be an integer >= 1, got {self.head_layers!r}")
-        if self.head_heads is not None and not (isinstance(self.head_heads, int) and self.head_heads >= 1):
-            raise ValueError(f"head_heads must be None or an integer >= 1, got {self.head_heads!r}")
-        if not (0 <= self.head_dropout < 1):
-            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout!r}")
-        if not (isinstance(self.grad_cos_every, int) and self.grad_cos_every >= 0):
-            raise ValueError(f"grad_cos_every must be an integer >= 0, got {self.grad_cos_every!r}")
+            object.__setattr__(self, "rho_in_direction", self.direction == "paper")
+        need(self, finite(self.rho) and self.rho > 0, "rho", "a finite number > 0")
+        need(self, finite(self.lam) and self.lam >= 0, "lam", "a finite number >= 0")
+        need(self, finite(self.cls_lr) and self.cls_lr > 0, "cls_lr", "> 0")
+        wd = self.cls_weight_decay
+        need(self, wd is None or wd >= 0, "cls_weight_decay", "None or >= 0")
+        need(self, self.eps_metric in EPS_METRICS, "eps_metric", f"one of {EPS_METRICS}")
+        need(self, self.head_heads is None or self.head_heads >= 1, "head_heads", "None or an integer >= 1")
+        need(self, 0 <= self.head_dropout < 1, "head_dropout", "in [0, 1)")
+        need(self, self.grad_cos_every >= 0, "grad_cos_every", "an integer >= 0")
+        known = (*sorted(HEAD_FACTORIES), CUSTOM_HEAD)
+        need(self, self.head in known, "head", f"one of {known} (more: _cggm_heads.register_head)")
 
 
-# -- the formulas (pure functions, hand-tested) ---------------------------------------------------
-def magnitude_coefficients(delta: Tensor, *, stabilize: bool = False, resolution: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Eq. 7 without ρ: ``c_i = (S − Δε_i) / S``, ``S = Σ_k Δε_k + 1e-8`` (official ``coeff``).
-
-    Args:
-        delta: ``(M,)`` metric improvements Δε.
-        stabilize: the guard of ``CGGMConfig.stabilize``: where ``Σ Δε < resolution`` (no reliable
-            improvement signal) every ``c_i`` is the neutral ``(M−1)/M`` (the value for equal
-            improvements); otherwise negative ``c_i`` are clamped to 0 and ``c`` is rescaled to
-            ``Σ c = M−1``, the official identity. So ``0 <= c_i <= M−1`` always.
-        resolution: threshold of the guard (CGGM uses one sample's worth of accuracy, 1/batch).
-
-    Returns:
-        ``(c, raw)``: the coefficients used and the official raw ones (for diagnostics). Device
-        tensors, no host sync.
-    """
-    if delta.dim() != 1 or delta.numel() < 2:
-        raise ShapeError(f"delta must have shape (M,) with M >= 2, got {tuple(delta.shape)}")
-    total = delta.sum() + SUM_EPS
-    raw = (total - delta) / total
-    if not stabilize:
-        return raw, raw
-    m = delta.numel()
-    clamped = raw.clamp(min=0)
-    rescaled = clamped * ((m - 1) / clamped.sum().clamp(min=SUM_EPS))
-    neutral = torch.full_like(raw, (m - 1) / m)
-    return torch.where(delta.sum() < resolution, neutral, rescaled), raw
-
-
-def direction_loss(coefficients: Tensor, cosines: Tensor) -> Tensor:
-    """Eq. 12: ``L_gm = (1/M) Σ_i (|c_i| − c_i cos_i)`` (>= 0 for |cos| <= 1)."""
-    if coefficients.shape != cosines.shape or coefficients.dim() != 1:
-        raise ShapeError(
-            f"coefficients {tuple(coefficients.shape)} and cosines {tuple(cosines.shape)} must both be (M,)"
-        )
-    return (coefficients.abs().sum() - (coefficients * cosines).sum()) / coefficients.numel()
-
-
-def interpolation_matrix(size_in: int, size_out: int, *, align_corners: bool, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``(size_out, size_in)`` matrix A of 1-D linear interpolation: ``interp(x) = A @ x``.
-
-    Bilinear interpolation is separable, so a 2-D upsampling is ``A_H X A_Wᵀ`` per channel.
-    """
-    eye = torch.eye(size_in, device=device, dtype=dtype).unsqueeze(0)  # rows are unit signals
-    return F.interpolate(eye, size=size_out, mode="linear", align_corners=align_corners)[0].transpose(0, 1)
-
-
-def _upcast(x: Tensor) -> Tensor:
-    """Half-precision (AMP) tensors to float32; float32/float64 unchanged."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def output_gradient(task: Task, prediction: Tensor, target: Tensor) -> Tensor:
-    """``∂ task.loss(prediction, target) / ∂ prediction`` in closed form, differentiable in graph.
-
-    Mean reduction (the training loss). cls: ``(softmax(z) − q) / B`` with ``q`` the (label-smoothed)
-    one-hot target; reg: ``sign(z − y) / B`` (L1) or ``2 (z − y) / B`` (MSE); seg: the full
-    ``SegLoss`` (class-weighted CE normalised by the target pixels' weights, plus the batch soft
-    Dice over the foreground classes). Same shape as ``prediction``.
-
-    Raises:
-        UnsupportedError: a task type with no closed form here.
-    """
-    if isinstance(task, ClassificationTask):
-        batch, classes = prediction.shape
-        probs = torch.softmax(_upcast(prediction), dim=1)
-        q = F.one_hot(target.reshape(batch).long(), classes).to(probs.dtype)
-        if task.label_smoothing:
-            q = q * (1 - task.label_smoothing) + task.label_smoothing / classes
-        return (probs - q) / batch
-    if isinstance(task, RegressionTask):
-        batch = prediction.shape[0]
-        pred = _upcast(prediction)
-        diff = pred.reshape(batch) - target.reshape(batch).to(pred.dtype)
-        g = torch.sign(diff) if task.loss_name == "l1" else 2 * diff
-        return (g / batch).reshape(prediction.shape)
-    if isinstance(task, SegmentationTask):
-        return _seg_output_gradient(task, _upcast(prediction), target.long())
-    raise UnsupportedError(
-        f"direction='paper' needs the closed-form gradient of the task loss; task {type(task).__name__!r} "
-        "has none (supported: ClassificationTask, RegressionTask, SegmentationTask)"
-    )
-
-
-def _seg_output_gradient(task: SegmentationTask, logits: Tensor, target: Tensor) -> Tensor:
-    classes = logits.shape[1]
-    probs = torch.softmax(logits, dim=1)
-    onehot = F.one_hot(target, classes).movedim(-1, 1).to(probs.dtype)  # (B, C, H, W)
-    grad = torch.zeros_like(probs)
-    if task.ce_weight:
-        if task.class_weights is None:
-            w_pix = torch.ones_like(target, dtype=probs.dtype)
-        else:
-            w_pix = torch.tensor(task.class_weights, device=logits.device, dtype=probs.dtype)[target]
-        grad = grad + task.ce_weight * w_pix.unsqueeze(1) * (probs - onehot) / w_pix.sum()
-    if task.dice_weight:
-        fg_p, fg_t = probs[:, 1:], onehot[:, 1:]
-        inter = (fg_p * fg_t).sum()
-        denom = fg_p.sum() + fg_t.sum() + task.dice_smooth
-        d_prob = torch.zeros_like(probs)
-        d_prob[:, 1:] = -2 * task.dice_weight * (fg_t / denom - inter / denom**2)
-        grad = grad + probs * (d_prob - (probs * d_prob).sum(dim=1, keepdim=True))  # softmax Jacobian
-    return grad
-
-
-def last_layer_gradient(
-    output_grad: Tensor, hidden: Tensor, *, align_corners: bool | None = None
-) -> Tensor:
-    """``∂L/∂W`` of the output layer ``z = W h + b``: ``Σ_b g_b h_bᵀ`` (the 1/B is inside ``g``).
-
-    Args:
-        output_grad: ``(B, C)`` (cls/reg; ``(B,)`` for reg is accepted) or ``(B, C, H, W)`` (seg).
-        hidden: the output layer's input, ``(B, d)`` or ``(B, d, h, w)``. For maps the logits may be
-            bilinearly upsampled from ``(h, w)`` to ``(H, W)`` after the 1x1 layer; the upsampling's
-            transpose is applied to ``output_grad`` (``align_corners`` as the model's upsampling).
-
-    Returns:
-        ``(C, d)``, the flattened shape of the output layer's weight.
-    """
-    if hidden.dim() == 2:
-        g = output_grad.reshape(output_grad.shape[0], -1)
-        return g.transpose(0, 1) @ hidden.to(g.dtype)
-    if hidden.dim() != 4 or output_grad.dim() != 4:
-        raise ShapeError(
-            f"map gradients need output_grad (B, C, H, W) and hidden (B, d, h, w), got "
-            f"{tuple(output_grad.shape)} and {tuple(hidden.shape)}"
-        )
-    big, small = output_grad.shape[-2:], hidden.shape[-2:]
-    g = output_grad
-    if tuple(big) != tuple(small):
-        if align_corners is None:
-            raise ShapeError(f"logits {tuple(big)} differ from the hidden map {tuple(small)}: pass align_corners")
-        a_h = interpolation_matrix(small[0], big[0], align_corners=align_corners, device=g.device, dtype=g.dtype)
-        a_w = interpolation_matrix(small[1], big[1], align_corners=align_corners, device=g.device, dtype=g.dtype)
-        g = torch.einsum("bcHW,Hh,Ww->bchw", g, a_h, a_w)
-    return torch.einsum("bchw,bdhw->cd", g, hidden.to(g.dtype))
-
-
-# -- the method -------------------------------------------------------------------------------------
 @register_method("cggm")
 class CGGM(Balancer):
     """Classifier-guided gradient modulation: magnitude (Eq. 7-8) and direction (Eq. 12-13).
 
     Hook use: ``loss_terms`` runs the heads on detached features, computes ε, B and L_gm, and adds
-    the terms ``cls`` (the heads' summed task loss, official ``cls_loss``) and ``gm`` (λ·L_gm);
+    the terms ``unimodal/<m>`` (each head's task loss; official ``cls_loss``) and ``gm`` (λ·L_gm);
     ``on_after_backward`` scales each encoder's gradients by B_i (after AMP unscale, before clip);
-    ``on_after_optimizer_step`` steps and zeroes the heads' optimizer through the run's scaler.
+    ``on_after_optimizer_step`` steps the heads' optimizer through the run's scaler.
     """
 
     Config = CGGMConfig
@@ -266,322 +107,193 @@ class CGGM(Balancer):
         # run/brats_run.py + src/segtrain.py: SGD(cls_lr 6e-3, momentum 0.9, weight_decay 3e-4), constant
         "brats": {"rho": 1.0, "lam": 0.1, "cls_lr": 6e-3, "cls_weight_decay": 3e-4, "head_dropout": 0.1},
     }
-    tasks = frozenset({"cls", "reg", "seg"})
-    min_modalities = 2
     grad_edit_scope = frozenset({"encoders"})
     paper = (
         "Guo, Jin, Chen, Zhao. Classifier-guided Gradient Modulation for Enhanced Multimodal Learning. "
         "NeurIPS 2024 (arXiv 2411.01409); code zrguo/CGGM"
     )
 
-    def __init__(self, config: CGGMConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: CGGMConfig | None = None,
+        head_factory: HeadFactory | None = None,
+        *,
+        trace: bool | Callable[[dict[str, Tensor]], None] = False,
+    ) -> None:
+        config, self._head_factory = resolve_head(config or CGGMConfig(), head_factory)
         super().__init__(config)
-        self.heads = nn.ModuleDict()
-        self.cls_optimizer: torch.optim.Optimizer | None = None
+        if not (isinstance(trace, bool) or callable(trace)):
+            raise ConfigError(f"trace must be True, False or a callable, got {trace!r}")
+        self._trace = trace
+        self.trace_records: list[dict[str, Tensor]] = []  # with trace=True: one record per step
         self._groups: list[list[nn.Parameter]] = []
-        self._stale_gm: Tensor | None = None  # official: L_gm of step t, with its graph, used at t+1
+        self._has_stale = False  # official: whether the stale_* buffers hold the previous step's L_gm
         self._B: Tensor | None = None  # this step's ρ·c, read by on_after_backward
-        self._step_stats: Tensor | None = None
-        self._grad_norms: Tensor | None = None
-        self._diag_steps = 0
-        self._grad_cos_steps = 0
-        self._step = 0  # training steps seen (host counter, for the grad_cos sampling)
+        self._stats: dict[str, Tensor] = {}  # this step's diagnostics, recorded after the step
         self._grad_cos_value: Tensor | None = None  # this step's grad_cos sample, if any
-        self._checked = False
-        self._align_corners: bool | None = None
-        self._closed_form = False
+        self._step = 0  # training steps seen (host counter, for the grad_cos sampling)
+        # first-batch checks done; closed-form gradients apply; the logits' upsampling align_corners
+        self._checked, self._closed_form, self._align_corners = False, False, None
 
-    # -- setup --------------------------------------------------------------------------------------
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
-        """Validate the model and task, precompute the encoder parameter groups. The heads are
-        built on the first training batch (feature shapes are unknown before it)."""
+        """Validate task and model, precompute the encoder parameter groups, create the heads (built
+        on the first training batch: feature shapes are unknown before it)."""
         super().setup(model, task, optimizer_factory)
         cfg = self.config
-        if len(model.modalities) < 2:
-            raise UnsupportedError(f"cggm needs at least 2 modalities, the model has {model.modalities}")
-        if task.name not in self.tasks:
-            raise UnsupportedError(f"cggm supports tasks {sorted(self.tasks)}, got task {task.name!r}")
-        if not callable(getattr(task, "score", None)):
-            raise UnsupportedError(
-                f"cggm reads ε from task.score; task {type(task).__name__!r} has no score(prediction, target)"
-            )
-        if cfg.eps_metric == "neg_mae" and not isinstance(task, RegressionTask):
-            raise UnsupportedError(f"eps_metric='neg_mae' needs a regression task, got task {task.name!r}")
-        out_layer = model.out_layer
-        if not isinstance(out_layer, nn.Linear | nn.Conv2d):
-            raise UnsupportedError(f"cggm needs model.out_layer to be nn.Linear or nn.Conv2d, got {type(out_layer).__name__}")
-        groups: list[list[nn.Parameter]] = []
-        seen: dict[int, str] = {}
-        for m in model.modalities:
-            params = list(model.modality_parameters(m))
-            if not params:
-                raise ConfigError(f"model.modality_parameters({m!r}) is empty; cggm needs each encoder's parameters")
-            for p in params:
-                if id(p) in seen:
-                    raise ConfigError(f"a parameter is in modality_parameters of both {seen[id(p)]!r} and {m!r}")
-                seen[id(p)] = m
-            groups.append(params)
-        self._groups = groups
-        self.__dict__["_model"] = model  # a reference, not a submodule (stays out of state_dict)
-        self._factory = optimizer_factory
-        self._head_seed = (torch.initial_seed() + 0x5EED) % (2**63)
-        self._closed_form = isinstance(task, ClassificationTask | RegressionTask | SegmentationTask)
-        if cfg.direction == "paper" and not self._closed_form:
-            output_gradient(task, torch.zeros(1, 1), torch.zeros(1))  # raises UnsupportedError
-        m = len(model.modalities)
-        self.register_buffer("eps_prev", torch.zeros(m))  # ε^{t-1}; ε^0 = 0, kept across epochs
-        # per-epoch sums: ε, B, cos (M each), L_gm, small-Σ flag, negative-B flag; grad cos (sampled)
-        self.register_buffer("_acc", torch.zeros(3 * m + 3), persistent=False)
-        self.register_buffer("_acc_grad_cos", torch.zeros(m), persistent=False)
-        self.register_buffer("_acc_grad_norm", torch.zeros(m), persistent=False)
-        self.register_buffer("_b_min", torch.full((m,), math.inf), persistent=False)
-        self.register_buffer("_b_max", torch.full((m,), -math.inf), persistent=False)
+        self._groups = check_setup(model, task, cfg, self.tasks)
+        self._exact_score = "exact" in inspect.signature(task.score).parameters  # else: float32, widened
 
-    def _build_heads(self, features: Mapping[str, Tensor]) -> None:
-        """Heads from the first batch's features, initialised from a private RNG stream so that
-        building them leaves the global RNG (and so the model's dropout masks) untouched."""
-        cfg, model, task = self.config, self.__dict__["_model"], self.task
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._head_seed)
-            for m in self.modalities:
-                self.heads[m] = build_head(
-                    features[m], model.out_layer, task.num_outputs, modality=m,
-                    layers=cfg.head_layers, heads=cfg.head_heads, dropout=cfg.head_dropout,
-                )
-        device = features[self.modalities[0]].device
-        self.heads.to(device)
-        self.heads.train(self.training)
-        overrides: dict[str, Any] = {}
-        if cfg.cls_weight_decay is not None:
-            overrides["weight_decay"] = cfg.cls_weight_decay
-        # foreach: one multi-tensor update for all head parameters (torch's CPU default loops in Python)
-        self.cls_optimizer = self._factory(list(self.heads.parameters()), lr=cfg.cls_lr, foreach=True, **overrides)
+        def factory(feature: Tensor, modality: str) -> nn.Module:
+            kwargs = {"out_layer": model.out_layer, "num_outputs": task.num_outputs, "config": cfg}
+            return self._head_factory(feature, modality=modality, **kwargs)
 
-    def _first_step_checks(self, output: ModelOutput, scores: list[Tensor]) -> None:
-        """Once: features per modality, each ε a floating 0-d score, the closed form's premise."""
-        missing = [m for m in self.modalities if m not in output.features]
-        if missing:
-            raise ShapeError(f"ModelOutput.features lacks modalities {missing}; cggm needs every encoder output")
-        for m, s in zip(self.modalities, scores, strict=True):
-            if not (isinstance(s, Tensor) and s.dim() == 0 and s.is_floating_point()):
-                got = f"{type(s).__name__} {tuple(s.shape)} {s.dtype}" if isinstance(s, Tensor) else type(s).__name__
-                raise UnsupportedError(
-                    f"task.score must return a 0-d floating tensor to give ε (higher is better); task "
-                    f"{type(self.task).__name__!r} gave {got} for modality {m!r}"
-                )
-        model = self.__dict__["_model"]
-        if self._closed_form and output.head_input is not None:
-            self._align_corners = self._check_head_input(model, output)
-        if self.config.direction == "paper" and output.head_input is None:
-            raise UnsupportedError(
-                "direction='paper' needs ModelOutput.head_input (the input of model.out_layer); the model gives None"
-            )
-        self._checked = True
-
-    def _check_head_input(self, model: MultimodalModel, output: ModelOutput) -> bool | None:
-        """Confirm ``prediction == [upsample](out_layer(head_input))`` (the closed form's premise);
-        returns the upsampling's ``align_corners`` (None when no upsampling). One host sync, once."""
-        with torch.no_grad():
-            pred = output.prediction.float()
-            z = model.out_layer(output.head_input).float()
-            if z.dim() == 2 and z.numel() == pred.numel():
-                z = z.reshape(pred.shape)  # regression (B, 1) vs (B,)
-            if z.shape == pred.shape:
-                if torch.allclose(z, pred, rtol=1e-3, atol=1e-4):
-                    return None
-            elif z.dim() == 4 and pred.dim() == 4 and z.shape[:2] == pred.shape[:2]:
-                for ac in (True, False):
-                    up = F.interpolate(z, size=pred.shape[-2:], mode="bilinear", align_corners=ac)
-                    if torch.allclose(up, pred, rtol=1e-3, atol=1e-4):
-                        return ac
-        if self.config.direction == "paper":
-            raise UnsupportedError(
-                "direction='paper' needs prediction == model.out_layer(head_input) (optionally bilinearly "
-                f"upsampled); this model's prediction {tuple(output.prediction.shape)} does not match"
-            )
-        warnings.warn(
-            "cggm: model prediction != model.out_layer(head_input) (optionally bilinearly upsampled); "
-            "the grad_cos diagnostic is left out",
-            stacklevel=2,
+        options = {} if cfg.cls_weight_decay is None else {"weight_decay": cfg.cls_weight_decay}
+        self.heads = CGGMHeads(
+            self.modalities, factory, seed=(torch.initial_seed() + 0x5EED) % (2**63),
+            dtype=model.out_layer.weight.dtype, optimizer_factory=optimizer_factory, lr=cfg.cls_lr,
+            optimizer_options=options,
         )
-        self._closed_form = False
-        return None
+        # ε^{t-1} (official `acc1`, Python floats): ε^0 = 0, never reset
+        self.register_buffer("eps_prev", torch.zeros(len(self.modalities), dtype=torch.float64))
+        if cfg.direction == "official" and cfg.lam > 0:  # the inputs of the previous step's L_gm
+            w, m = model.out_layer.weight, len(self.modalities)
+            self.register_buffer("stale_coeff", torch.zeros(m, dtype=torch.float64, device=w.device))
+            self.register_buffer("stale_heads", w.new_zeros(m, w.numel()))
+            self.register_buffer("stale_fusion", w.new_zeros(w.numel()))
+        self._means = EpochMeans(self.modalities)
+        self._grad_cos_means = EpochMeans(self.modalities)  # over the sampled steps only
+        self._extremes = tuple(EpochMeans(self.modalities, reduction=r) for r in ("min", "max"))
 
     # -- the step -------------------------------------------------------------------------------------
     def _eps(self, logits: Tensor, target: Tensor) -> Tensor:
+        """ε of one head on this batch, float64 (exact k / batch where the task offers it)."""
         if self.config.eps_metric == "neg_mae":
             batch = logits.shape[0]
-            return -(logits.float().reshape(batch) - target.reshape(batch).float()).abs().mean()
-        return self.task.score(logits, target)
+            return -(logits.double().reshape(batch) - target.reshape(batch).double()).abs().mean()
+        return self.task.score(logits, target, **({"exact": True} if self._exact_score else {}))
 
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Task) -> dict[str, Tensor]:
-        cfg = self.config
-        target = batch["target"]
-        model: MultimodalModel = self.__dict__["_model"]
-        if not self.heads:
-            self._build_heads(output.features)
+        cfg, target = self.config, batch["target"]
+        logits, hidden = self.heads(output.features, target_size(batch))
         terms = {"task": task.loss(output.prediction, target)}
-        logits, hidden = [], []
-        cls_loss = None
-        for m in self.modalities:
-            head = self.heads[m]
-            feature = output.features[m].detach()
-            z, h = head(feature, tuple(target.shape[-2:])) if isinstance(head, MapHead) else head(feature)
-            loss = task.loss(z, target)
-            cls_loss = loss if cls_loss is None else cls_loss + loss
-            logits.append(z)
-            hidden.append(h)
-        terms["cls"] = cls_loss
+        for m, z in zip(self.modalities, logits, strict=True):
+            terms[head_term(m)] = task.loss(z, target)
         with torch.no_grad():
             scores = [self._eps(z.detach(), target) for z in logits]
             if not self._checked:
-                self._first_step_checks(output, scores)
-            eps = torch.stack(scores).float()
+                self._closed_form, self._align_corners = check_first_batch(
+                    self.modalities, output, scores, task, self.model.out_layer, self.heads.out_weights(),
+                    cfg.direction,
+                )
+                self._checked = True
+            eps = torch.stack(scores).to(torch.float64)
             delta = eps - self.eps_prev
             self.eps_prev.copy_(eps)
-            coeff, raw = magnitude_coefficients(delta, stabilize=cfg.stabilize, resolution=1.0 / target.shape[0])
-            b = coeff * cfg.rho
-            self._B = b
-            c_dir = b if cfg.rho_in_direction else coeff
+            resolution = 1.0 / target.shape[0]
+            coeff, raw = magnitude_coefficients(delta, stabilize=cfg.stabilize, resolution=resolution)
+            self._B = coeff * cfg.rho
+            c_dir = self._B if cfg.rho_in_direction else coeff
             every = cfg.grad_cos_every
             sample = cfg.direction != "paper" and every > 0 and self._step % every == 0
-            grad_cos = self._grad_cos(output, target, logits, hidden) if sample else None
+            self._grad_cos_value = self._cosines(output, target, logits, hidden) if sample else None
             self._step += 1
-
-        gm_value = torch.zeros((), device=eps.device)
-        cos = torch.zeros_like(eps)
         if cfg.direction == "official":
-            # L_gm^{t-1} enters this loss; L_gm^t is built now and kept (graph to W_F) for step t+1.
-            if cfg.lam > 0:
-                stale = self._stale_gm
-                terms["gm"] = cfg.lam * stale if stale is not None else torch.zeros((), device=eps.device)
-            w_fusion = model.out_layer.weight
-            # The clone is W_F at step t (the optimizer later updates W_F in place); the stack of the
-            # detached head weights is a copy too, so the stale graph holds step-t values only.
-            wf = w_fusion.clone().flatten() if cfg.lam > 0 else w_fusion.detach().flatten()
-            w_heads = torch.stack([self.heads[m].out_layer.weight.detach() for m in self.modalities]).flatten(1)
-            cos = F.cosine_similarity(w_heads, wf.unsqueeze(0), dim=1)
-            gm_new = direction_loss(c_dir, cos)
-            self._stale_gm = gm_new if cfg.lam > 0 else None
-            gm_value = gm_new.detach()
-            cos = cos.detach()
+            gm, cos = self._official_direction(c_dir, terms)
         elif cfg.direction == "paper":
             with torch.set_grad_enabled(cfg.lam > 0 and torch.is_grad_enabled()):
-                g_fusion = self._fusion_gradient(output, target)
-                cos = F.cosine_similarity(self._head_gradients(logits, hidden, target), g_fusion.unsqueeze(0), dim=1)
+                cos = self._cosines(output, target, logits, hidden)
                 gm = direction_loss(c_dir, cos)
             if cfg.lam > 0:
-                terms["gm"] = cfg.lam * gm
-            gm_value, cos = gm.detach(), cos.detach()
-            grad_cos = cos
+                terms["gm"] = (cfg.lam * gm).to(terms["task"].dtype)
+            gm, cos = gm.detach(), cos.detach()
+            self._grad_cos_value = cos
+        if self._trace:
+            record = {"eps": eps, "delta": delta, "B_raw": raw * cfg.rho, "B": self._B}
+            if cfg.direction is not None:
+                record.update(cos=cos.to(torch.float64), L_gm=gm.to(torch.float64))
+            if callable(self._trace):
+                self._trace(record)
+            else:
+                self.trace_records.append(record)
         with torch.no_grad():
-            small = ((delta.sum()).abs() < 1.0 / target.shape[0]).float()
-            negative = (raw < 0).any().float()
-            self._step_stats = torch.cat([eps, b, cos, gm_value.reshape(1), small.reshape(1), negative.reshape(1)])
-            self._grad_cos_value = grad_cos
+            self._stats = {"eps": eps, "B": self._B}
+            if cfg.direction is not None:
+                self._stats.update(cos=cos, L_gm=gm)
+            self._stats["frac_small_sum"] = (delta.sum().abs() < resolution).float()
+            self._stats["frac_negative_B"] = (raw < 0).any().float()
         return terms
 
-    def _grad_cos(self, output: ModelOutput, target: Tensor, logits: list[Tensor], hidden: list[Tensor]) -> Tensor | None:
-        """Diagnostic: cos between each head's and the fusion head's closed-form task-loss gradient
-        of the output-layer weight (Eq. 12's sim), computed without autograd; None if unavailable."""
-        if not self._closed_form or output.head_input is None:
+    def _official_direction(self, c_dir: Tensor, terms: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``src/msatrain.py``: the previous step's L_gm enters this loss, its gradient taken at the
+        previous step's weights and reaching W_F only; this step's L_gm (cosines of the output-layer
+        weights, one per head as ``cal_cos``) is computed now. Its inputs are kept in buffers, not
+        as a graph, so they are state: a resumed run continues as an uninterrupted one."""
+        lam = self.config.lam
+        w_fusion = self.model.out_layer.weight.flatten()
+        heads = [w.detach().flatten() for w in self.heads.out_weights()]
+        if lam > 0:
+            dtype = terms["task"].dtype
+            terms["gm"] = w_fusion.new_zeros((), dtype=dtype)
+            if self._has_stale:  # value W_F^{t-1}, gradient into W_F: x - x.detach() is 0 with slope 1
+                proxy = self.stale_fusion + (w_fusion - w_fusion.detach())
+                cos = torch.stack([F.cosine_similarity(h, proxy, dim=0) for h in self.stale_heads])
+                terms["gm"] = (lam * direction_loss(self.stale_coeff, cos)).to(dtype)
+        with torch.no_grad():
+            wf = w_fusion.detach()
+            cos = torch.stack([F.cosine_similarity(h, wf, dim=0) for h in heads])
+            gm = direction_loss(c_dir, cos)
+            if lam > 0:  # new tensors: the stale term's graph saved the current ones
+                self.stale_coeff, self.stale_heads, self.stale_fusion = c_dir, torch.stack(heads), wf.clone()
+                self._has_stale = True
+        return gm, cos
+
+    def _cosines(
+        self, output: ModelOutput, target: Tensor, logits: list[Tensor], hidden: list[Tensor]
+    ) -> Tensor | None:
+        """Eq. 12's sim in closed form (paper mode's cosines, and the ``grad_cos`` diagnostic of the
+        other modes); None where the closed form does not apply to the model."""
+        if not self._closed_form:
             return None
-        g_fusion = self._fusion_gradient(output, target)
-        return F.cosine_similarity(self._head_gradients(logits, hidden, target), g_fusion.unsqueeze(0), dim=1)
-
-    def _fusion_gradient(self, output: ModelOutput, target: Tensor) -> Tensor:
-        """Flattened ∂L_task/∂W_F in closed form; differentiable when grad mode is on (paper mode)."""
-        return last_layer_gradient(
-            output_gradient(self.task, output.prediction, target), _upcast(output.head_input),
-            align_corners=self._align_corners,
-        ).flatten()
-
-    @torch.no_grad()
-    def _head_gradients(self, logits: list[Tensor], hidden: list[Tensor], target: Tensor) -> Tensor:
-        """``(M, K)`` flattened closed-form ∂L_i/∂W_i of the heads (constants: L_gm never moves the
-        heads, as in the official code). For cls/reg the M heads are done in one batch: the
-        concatenated batch rescales every gradient by 1/M, which no cosine sees."""
-        if isinstance(self.task, SegmentationTask):
-            return torch.stack([
-                last_layer_gradient(output_gradient(self.task, z, target), _upcast(h), align_corners=True).flatten()
-                for z, h in zip(logits, hidden, strict=True)
-            ])
-        m, batch = len(logits), logits[0].shape[0]
-        g = output_gradient(self.task, torch.cat(logits), target.reshape(batch).repeat(m))
-        h = _upcast(torch.stack(hidden))  # (M, B, d)
-        return torch.bmm(g.reshape(m, batch, -1).transpose(1, 2).to(h.dtype), h).flatten(1)
+        return gradient_cosines(
+            self.task, output.prediction, output.head_input, target, logits, hidden, self._align_corners
+        )
 
     def on_after_backward(self, ctx: StepContext) -> None:
         """Record each encoder's gradient norm, then scale it by B_i (one fused kernel per group)."""
         norms = []
         for i, params in enumerate(self._groups):
-            grads = [p.grad for p in params if p.grad is not None]
+            grads = present_grads(params)
             if not grads:
-                norms.append(self._acc_grad_norm.new_zeros(()))
+                norms.append(self._B.new_zeros(()))
                 continue
             norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()))
             if self.config.magnitude:
-                torch._foreach_mul_(grads, self._B[i])
-        self._grad_norms = torch.stack(norms)
+                scale_grads_(params, self._B[i])
+        self._stats["grad_norm"] = torch.stack(norms)
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
-        """Step and zero the heads' optimizer (through the run's GradScaler); accumulate diagnostics."""
-        ctx.scaler.step(self.cls_optimizer)
-        self.cls_optimizer.zero_grad(set_to_none=True)
-        if self._step_stats is not None:
-            self._acc += self._step_stats
-            if self._grad_cos_value is not None:
-                self._acc_grad_cos += self._grad_cos_value
-                self._grad_cos_steps += 1
-            if self._grad_norms is not None:
-                self._acc_grad_norm += self._grad_norms
-            torch.minimum(self._b_min, self._B, out=self._b_min)
-            torch.maximum(self._b_max, self._B, out=self._b_max)
-            self._diag_steps += 1
+        """Step the heads' optimizer (through the run's GradScaler); record the step's diagnostics."""
+        self.heads.step(ctx.scaler)
+        self._means.update(**self._stats)
+        if self._grad_cos_value is not None:
+            self._grad_cos_means.update(grad_cos=self._grad_cos_value)
+        self._extremes[0].update(B_min=self._B)
+        self._extremes[1].update(B_max=self._B)
 
     # -- reporting ------------------------------------------------------------------------------------
     def diagnostics(self) -> dict[str, float]:
-        """Epoch means (over training steps) of ε_i, B_i, cos_i, the encoder gradient norms before
-        modulation, L_gm; grad_cos_i (mean over its sampled steps: every ``grad_cos_every``-th step,
-        every step in paper mode); B_i's min/max; the fractions of steps with |Σ Δε| < 1/batch and
-        with a negative raw coefficient. One host sync; resets the accumulators."""
-        if self._diag_steps == 0:
-            return {}
-        m = len(self.modalities)
-        n = self._diag_steps
-        k = max(1, self._grad_cos_steps)
-        values = torch.cat([self._acc / n, self._acc_grad_cos / k, self._acc_grad_norm / n, self._b_min, self._b_max]).tolist()
-        out: dict[str, float] = {}
-        for j, name in enumerate(("eps", "B", "cos")):
-            for i, mod in enumerate(self.modalities):
-                out[f"{name}/{mod}"] = values[j * m + i]
-        base = 3 * m
-        out["L_gm"] = values[base]
-        out["frac_small_sum"] = values[base + 1]
-        out["frac_negative_B"] = values[base + 2]
-        for i, mod in enumerate(self.modalities):
-            if self._grad_cos_steps:
-                out[f"grad_cos/{mod}"] = values[base + 3 + i]
-            out[f"grad_norm/{mod}"] = values[base + 3 + m + i]
-            out[f"B_min/{mod}"] = values[base + 3 + 2 * m + i]
-            out[f"B_max/{mod}"] = values[base + 3 + 3 * m + i]
-        if self.config.direction is None:
-            for mod in self.modalities:
-                del out[f"cos/{mod}"]
-            del out["L_gm"]
-        self._acc.zero_()
-        self._acc_grad_cos.zero_()
-        self._acc_grad_norm.zero_()
-        self._b_min.fill_(math.inf)
-        self._b_max.fill_(-math.inf)
-        self._diag_steps = 0
-        self._grad_cos_steps = 0
+        """Epoch means over training steps of ε_i, B_i, cos_i and L_gm (with a direction term), the
+        fractions of steps with |Σ Δε| < 1/batch and with a negative raw coefficient, the encoder
+        gradient norms before modulation; grad_cos_i (mean over its sampled steps: every
+        ``grad_cos_every``-th step, every step in paper mode); B_i's min and max. Resets them."""
+        out = self._means.pop()
+        for means in (self._grad_cos_means, *self._extremes):
+            out.update(means.pop())
         return out
 
-    def retained_bytes(self) -> int:
-        """Bytes held between steps by the official mode's stale L_gm graph: the clones of W_F and
-        of the M head weights (not module state, so not in ``persistent_state_bytes``)."""
-        if self.config.direction != "official" or self.config.lam == 0 or self._stale_gm is None:
-            return 0
-        w = self.__dict__["_model"].out_layer.weight
-        return (len(self.modalities) + 1) * w.numel() * w.element_size()
+    def host_state(self) -> dict[str, Any]:
+        """The step counter of the grad_cos sampling; whether a previous L_gm is stored."""
+        return {"step": self._step, "has_stale": self._has_stale}
+
+    def load_host_state(self, state: Mapping[str, Any]) -> None:
+        self._step, self._has_stale = int(state["step"]), bool(state["has_stale"])

@@ -13,15 +13,14 @@ import torch.nn.functional as F
 from mmbalance.errors import ConfigError, UnsupportedError
 from mmbalance.measure import persistent_state_bytes
 from mmbalance.methods import METHODS
-from mmbalance.methods.cggm import (
-    CGGM,
-    CGGMConfig,
+from mmbalance.methods._cggm_formulas import (
     direction_loss,
     interpolation_matrix,
     last_layer_gradient,
     magnitude_coefficients,
     output_gradient,
 )
+from mmbalance.methods.cggm import CGGM, CGGMConfig
 from mmbalance.tasks import ClassificationTask, RegressionTask, SegmentationTask, make_task
 from mmbalance.train import TrainConfig, Trainer
 from tests.conftest import tiny_model, tiny_splits
@@ -31,13 +30,13 @@ F64 = torch.float64
 
 
 # -- helpers -------------------------------------------------------------------------------------
-def make_trainer(seed=0, n=32, batch=16, scaler=None, **overrides):
+def make_trainer(seed=0, n=32, batch=16, scaler=None, trace=False, **overrides):
     overrides.setdefault("head_dropout", 0.0)
     torch.manual_seed(seed)
     model = tiny_model(seed=seed)
     splits, _ = tiny_splits(n=n, seed=seed)
     task = make_task("cls", 3)
-    balancer = METHODS.build("cggm", None, **overrides)
+    balancer = CGGM(METHODS.resolve_config("cggm", None, overrides), trace=trace)
     trainer = Trainer(model, balancer, task, TrainConfig(batch_size=batch, seed=seed), CPU)
     if scaler is not None:
         trainer.scaler = scaler
@@ -52,8 +51,9 @@ def capture_grads(balancer, store):
 
     def spy(ctx):
         store["before"] = {n: p.grad.clone() for n, p in ctx.model.named_parameters() if p.grad is not None}
-        store["heads"] = {n: p.grad.clone() for n, p in balancer.heads.named_parameters() if p.grad is not None}
-        store["head_weights"] = [balancer.heads[m].out_layer.weight.detach().clone() for m in balancer.modalities]
+        heads = balancer.heads
+        store["heads"] = {n: p.grad.clone() for n, p in heads.named_parameters() if p.grad is not None}
+        store["head_weights"] = [heads[m].out_layer.weight.detach().clone() for m in balancer.modalities]
         store["fusion_weight"] = ctx.model.out_layer.weight.detach().clone()  # before this step's update
         store["output"] = ctx.output
         store["batch"] = ctx.batch
@@ -93,7 +93,8 @@ def test_stabilize_neutral_below_resolution_and_simplex_otherwise():
     c, _ = magnitude_coefficients(torch.tensor([0.5, -0.2], dtype=F64), stabilize=True, resolution=1 / 64)
     assert torch.allclose(c, torch.tensor([0.0, 1.0], dtype=F64))
     # a regular case is untouched: (0.1, 0.05, 0.05) -> (0.5, 0.75, 0.75)
-    c, _ = magnitude_coefficients(torch.tensor([0.1, 0.05, 0.05], dtype=F64), stabilize=True, resolution=1 / 64)
+    regular = torch.tensor([0.1, 0.05, 0.05], dtype=F64)
+    c, _ = magnitude_coefficients(regular, stabilize=True, resolution=1 / 64)
     assert torch.allclose(c, torch.tensor([0.5, 0.75, 0.75], dtype=F64), atol=1e-7)
 
 
@@ -185,14 +186,17 @@ def _autograd_last_layer(task, hidden, weight, bias, target, upsample=None):
     if isinstance(task, RegressionTask):
         z = z.reshape(-1, 1)
     task.loss(z, target).backward()
-    closed = last_layer_gradient(output_gradient(task, z.detach(), target), hidden, align_corners=None if upsample is None else upsample[1])
+    align_corners = None if upsample is None else upsample[1]
+    output_grad = output_gradient(task, z.detach(), target)
+    closed = last_layer_gradient(output_grad, hidden, align_corners=align_corners)
     return closed, w.grad
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_closed_form_classification(smoothing):
     g = torch.Generator().manual_seed(1)
-    h, w, b = torch.randn(7, 5, generator=g, dtype=F64), torch.randn(4, 5, generator=g, dtype=F64), torch.randn(4, dtype=F64)
+    h, w = torch.randn(7, 5, generator=g, dtype=F64), torch.randn(4, 5, generator=g, dtype=F64)
+    b = torch.randn(4, dtype=F64)
     y = torch.randint(0, 4, (7,), generator=g)
     closed, auto = _autograd_last_layer(ClassificationTask(4, label_smoothing=smoothing), h, w, b, y)
     assert torch.allclose(closed, auto, atol=1e-12)
@@ -201,7 +205,8 @@ def test_closed_form_classification(smoothing):
 @pytest.mark.parametrize("loss", ["l1", "mse"])
 def test_closed_form_regression(loss):
     g = torch.Generator().manual_seed(2)
-    h, w, b = torch.randn(9, 6, generator=g, dtype=F64), torch.randn(1, 6, generator=g, dtype=F64), torch.randn(1, dtype=F64)
+    h, w = torch.randn(9, 6, generator=g, dtype=F64), torch.randn(1, 6, generator=g, dtype=F64)
+    b = torch.randn(1, dtype=F64)
     y = torch.randn(9, generator=g, dtype=F64)
     closed, auto = _autograd_last_layer(RegressionTask(loss=loss), h, w, b, y)
     assert torch.allclose(closed, auto, atol=1e-12)
@@ -226,7 +231,8 @@ def test_interpolation_matrix_is_separable_bilinear():
         a_h = interpolation_matrix(4, 9, align_corners=ac, device=CPU, dtype=F64)
         a_w = interpolation_matrix(5, 7, align_corners=ac, device=CPU, dtype=F64)
         ours = torch.einsum("Hh,bchw,Ww->bcHW", a_h, x, a_w)
-        assert torch.allclose(ours, F.interpolate(x, size=(9, 7), mode="bilinear", align_corners=ac), atol=1e-12)
+        expected = F.interpolate(x, size=(9, 7), mode="bilinear", align_corners=ac)
+        assert torch.allclose(ours, expected, atol=1e-12)
 
 
 def test_paper_mode_direction_reaches_encoders_not_heads_without_autograd_grad(monkeypatch):
@@ -288,8 +294,9 @@ def test_magnitude_scales_encoder_grads_by_B_from_head_accuracy():
                 assert torch.equal(after, before), n
 
 
-def test_one_backward_one_fused_scaling_per_modality_and_no_host_sync(monkeypatch):
-    trainer, batches = make_trainer(direction="official")
+@pytest.mark.parametrize("trace", [False, True])
+def test_one_backward_one_fused_scaling_per_modality_and_no_host_sync(monkeypatch, trace):
+    trainer, batches = make_trainer(direction="official", trace=trace)
     trainer.train_step(batches[0], 0, 0)  # first step: builds heads, runs its one-off checks
     b = trainer.balancer
     counts = {"backward": 0, "foreach_mul": 0}
@@ -341,11 +348,12 @@ def test_one_backward_one_fused_scaling_per_modality_and_no_host_sync(monkeypatc
 
     b.on_after_backward = after_backward
     # Adam reads its CPU step counter with .item(): torch's own, not a device sync.
-    b.cls_optimizer.step = in_hook(b.cls_optimizer.step, on=False)
+    b.heads.optimizer.step = in_hook(b.heads.optimizer.step, on=False)
     trainer.train_step(batches[1], 0, 1)
     trainer.train_step(batches[0], 0, 2)
     monkeypatch.undo()
     assert counts == {"backward": 2, "foreach_mul": 2 * len(trainer.model.modalities)}
+    assert len(b.trace_records) == (3 if trace else 0)
 
 
 def test_magnitude_false_leaves_encoder_grads():
@@ -406,13 +414,14 @@ def test_persistent_memory_is_exact():
     m = 2
     params = m * per_head_params
     adam_state = 2 * params * 4 + m * per_head_tensors * 4  # exp_avg, exp_avg_sq (fp32) + fp32 `step`
-    buffers = (m + (4 * m + 3) + 3 * m) * 4  # ε^{t-1}, sums, grad norms, B min, B max
+    # ε^{t-1} in float64; the official direction's stored inputs of the previous L_gm: W_F and the
+    # M head weights (3 x 8 each, fp32) and M float64 coefficients (diagnostics are not module state)
+    buffers = m * 8 + (m + 1) * 3 * 8 * 4 + m * 8
     assert sum(p.numel() for p in b.heads.parameters()) == params
     grads = params * 4  # a gradient per trainable head parameter: every backward allocates it
     assert persistent_state_bytes(b, b.auxiliary_optimizers()) == params * 4 + grads + adam_state + buffers
     # during the step the head gradients exist: exactly the parameters' size
     assert sum(g.numel() * g.element_size() for g in store["heads"].values()) == params * 4
-    assert b.retained_bytes() == (m + 1) * 3 * 8 * 4  # official stale graph: clones of W_F and 2 W_i
 
 
 def test_diagnostics_are_epoch_means_and_reset():
@@ -488,9 +497,9 @@ class _VectorScoreTask(ClassificationTask):
 
 
 def test_task_whose_metric_cannot_give_eps():
-    trainer, batches = make_trainer()
-    trainer.balancer.task = _VectorScoreTask(3)
-    with pytest.raises(UnsupportedError, match="task.score"):
+    _, batches = make_trainer()
+    trainer = Trainer(tiny_model(), CGGM(), _VectorScoreTask(3), TrainConfig(batch_size=16), CPU)
+    with pytest.raises(UnsupportedError, match="task.score"):  # a score without `exact`: called plainly
         trainer.train_step(batches[0], 0, 0)
 
 
@@ -530,13 +539,13 @@ def test_observer_mode_trains_exactly_like_joint():
 def test_grad_cos_diagnostic_is_sampled(every, calls):
     trainer, batches = make_trainer(direction="official", grad_cos_every=every)
     b = trainer.balancer
-    original, seen = b._grad_cos, []
+    original, seen = b._cosines, []
 
     def counting(*a, **k):
         seen.append(1)
         return original(*a, **k)
 
-    b._grad_cos = counting
+    b._cosines = counting
     for i in range(7):
         trainer.train_step(batches[i % 2], 0, i)
     d = b.diagnostics()

@@ -149,8 +149,6 @@ NEXT_STEP_SEED = 123  # both runs draw what follows the checkpoint from this glo
 # expected to fail for them (strict, so a fix shows up as XPASS and this entry must go).
 _LAZY_OPTIMIZER = "{} is created on first use: a fresh balancer has no optimizer to load the saved state into"
 STATE_GAPS: dict[str, str] = {
-    "cggm": "heads and cls_optimizer are built on the first loss_terms and not rebuilt by load_state_dict; "
-    "the previous step's L_gm (_stale_gm, official direction) is not in the state",
     "g_blending": _LAZY_OPTIMIZER.format("head_optimizer"),
     "mla": _LAZY_OPTIMIZER.format("head_optimizer") + "; _batch_index (the projection's alpha) is not in "
     "the state",
