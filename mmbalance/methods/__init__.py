@@ -33,6 +33,7 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "qmf",
     "mla",
     "reconboost",
+    "mbsd",
 )
 
 
