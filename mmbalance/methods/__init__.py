@@ -34,6 +34,7 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "mla",
     "reconboost",
     "mbsd",
+    "cml",
 )
 
 
