@@ -35,6 +35,7 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "reconboost",
     "mbsd",
     "cml",
+    "lfm",
 )
 
 
