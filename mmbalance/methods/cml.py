@@ -32,7 +32,6 @@ from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import ModulationWindow
 from mmbalance.methods._epoch_means import EpochMeans
-from mmbalance.methods._positions import class_rows, label_rows, per_sample
 from mmbalance.methods._stages import stage_seed
 from mmbalance.models.base import ModelOutput, MultimodalModel
 
@@ -60,10 +59,11 @@ def removal_masks(ranks: Tensor) -> list[Tensor]:
 
 
 def calibration_penalty(chain: Sequence[Tensor], target: Tensor, epsilon: float = 0.0) -> Tensor:
-    """Per-position CML regulariser ``(N,)`` summed over the chain's consecutive pairs.
+    """Per-position CML regulariser, shaped like ``target``, summed over the chain's consecutive pairs.
 
-    ``chain[k]`` are the logits ``(N, K)`` of input k (``chain[0]`` all modalities, each next one a
-    modality fewer), ``target`` ``(N,)``. With ``c_k = max softmax``, ``ŷ_k = argmax``:
+    ``chain[k]`` are the logits of input k (``chain[0]`` all modalities, each next one a modality
+    fewer): ``(B, K)`` or ``(B, K, H, W)``, classes on dimension 1; ``target`` ``(B,)`` or ``(B, H, W)``.
+    With ``c_k = max softmax``, ``ŷ_k = argmax`` over the classes:
     ``ReLU((c_{k+1} − c_k)·[ŷ_k = y] − ε)`` (trick 1: where the superset is right, the subset may not be
     more confident) ``+ ReLU((c_{k+1} − sg(c_k))·[ŷ_k ≠ y ∧ ŷ_{k+1} ≠ y] − ε)`` (trick 2: where both are
     wrong, only the subset's confidence is pushed down).
@@ -73,13 +73,22 @@ def calibration_penalty(chain: Sequence[Tensor], target: Tensor, epsilon: float 
     """
     if len(chain) < 2:
         raise ConfigError(f"the CML chain needs 2 or more inputs (all, then subsets), got {len(chain)}")
+    return _penalty(*_confidences(chain), target, epsilon)
+
+
+def _confidences(chain: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Max-softmax confidence and argmax prediction of every chain input (classes on dimension 1)."""
     confidence, predicted = [], []
     for logits in chain:
         conf, pred = F.softmax(logits.float(), dim=1).max(dim=1)
         confidence.append(conf)
         predicted.append(pred)
+    return confidence, predicted
+
+
+def _penalty(confidence: list[Tensor], predicted: list[Tensor], target: Tensor, epsilon: float) -> Tensor:
     total = torch.zeros_like(confidence[0])
-    for k in range(len(chain) - 1):
+    for k in range(len(confidence) - 1):
         right = (predicted[k] == target).to(total.dtype)
         both_wrong = ((predicted[k + 1] != target) & (predicted[k] != target)).to(total.dtype)
         total = total + F.relu((confidence[k + 1] - confidence[k]) * right - epsilon)
@@ -142,12 +151,11 @@ class CML(Balancer):
         subsets = task.loss(chain[0], target)
         for logits in chain[1:]:
             subsets = subsets + task.loss(logits, target)
-        rows = [class_rows(output.prediction)] + [class_rows(z) for z in chain]
-        penalty = calibration_penalty(rows, label_rows(target), self.config.epsilon)
-        calibration = per_sample(penalty, target.shape[0]).sum()
-        full_conf = F.softmax(rows[0].detach().float(), dim=1).amax(dim=1)
-        last_conf = F.softmax(rows[-1].detach().float(), dim=1).amax(dim=1)
-        over = (last_conf > full_conf).float().mean()
+        confidence, predicted = _confidences([output.prediction, *chain])
+        penalty = _penalty(confidence, predicted, target, self.config.epsilon)
+        # the official sum over samples; a segmentation sample's value is the mean over its pixels
+        calibration = penalty.reshape(penalty.shape[0], -1).mean(dim=1).sum()
+        over = (confidence[-1].detach() > confidence[0].detach()).float().mean()
         self._means.update(penalty=calibration.detach(), single_over_full=over)
         return {
             "task": task.loss(output.prediction, target) / m,

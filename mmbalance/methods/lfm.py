@@ -33,7 +33,6 @@ from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig
 from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._headed import HeadedBalancer
-from mmbalance.methods._positions import class_rows
 from mmbalance.methods._stages import isolated_rng, stage_loader, stage_seed, target_size
 from mmbalance.models.base import ModelOutput, MultimodalModel
 
@@ -72,25 +71,30 @@ class LFMConfig(HeadConfig):
 
 
 # -- the arithmetic (hand-checked in tests/methods/test_lfm.py) -----------------------------------
-def alignment(logits_p: Tensor, logits_q: Tensor) -> Tensor:
-    """Official ``Alignment``: ``½ [KL(m ‖ p) + KL(m ‖ q)]``, ``m = ½ (p + q)``, batch mean over the rows
-    of ``(N, K)`` logits (``F.kl_div(p.log(), m, reduction="batchmean")``, with log-softmax for log p)."""
-    log_p, log_q = F.log_softmax(logits_p.float(), dim=1), F.log_softmax(logits_q.float(), dim=1)
+def _alignment_of_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:
     mix = 0.5 * (log_p.exp() + log_q.exp())
-    kl_p = F.kl_div(log_p, mix, reduction="batchmean")
-    kl_q = F.kl_div(log_q, mix, reduction="batchmean")
+    kl_p = F.kl_div(log_p, mix, reduction="none").sum(dim=1).mean()  # KL(mix || p), mean over positions
+    kl_q = F.kl_div(log_q, mix, reduction="none").sum(dim=1).mean()
     return 0.5 * (kl_p + kl_q)
 
 
+def alignment(logits_p: Tensor, logits_q: Tensor) -> Tensor:
+    """Official ``Alignment``: ``½ [KL(m ‖ p) + KL(m ‖ q)]``, ``m = ½ (p + q)``, with p, q the softmax
+    over the class dimension 1 of ``(B, K)`` or ``(B, K, H, W)`` logits, averaged over the positions
+    (samples, or every pixel): ``F.kl_div(p.log(), m, reduction="batchmean")`` for ``(B, K)``, with a
+    log-softmax for ``p.log()``."""
+    log_p, log_q = F.log_softmax(logits_p.float(), dim=1), F.log_softmax(logits_q.float(), dim=1)
+    return _alignment_of_log_probs(log_p, log_q)
+
+
 def pairwise_alignment(logits: Sequence[Tensor]) -> Tensor:
-    """``Σ_{a<b} alignment(f_a, f_b)`` over all modality pairs; logits ``(B, K)`` or ``(B, K, H, W)``
-    (every pixel a row)."""
+    """``Σ_{a<b} alignment(f_a, f_b)`` over all modality pairs (each log-softmax computed once)."""
     if len(logits) < 2:
         raise ConfigError(f"LFM aligns at least 2 modalities, got {len(logits)}")
-    rows = [class_rows(z) for z in logits]
+    log_probs = [F.log_softmax(z.float(), dim=1) for z in logits]
     total = None
-    for i, j in itertools.combinations(range(len(rows)), 2):
-        term = alignment(rows[i], rows[j])
+    for i, j in itertools.combinations(range(len(log_probs)), 2):
+        term = _alignment_of_log_probs(log_probs[i], log_probs[j])
         total = term if total is None else total + term
     assert total is not None
     return total

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,6 @@ from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig, ModulationWindow
 from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._headed import HeadedBalancer
-from mmbalance.methods._positions import class_rows, label_rows
 from mmbalance.methods._stages import target_size
 from mmbalance.models.base import ModelOutput, MultimodalModel
 
@@ -58,10 +57,38 @@ def rs_space_for(num_modalities: int, rs_space: str) -> str:
     return "logits" if num_modalities == 2 else "probs"
 
 
+class _Stats(NamedTuple):
+    """What the pair terms read of one modality: logits, probabilities, p(y), argmax == y."""
+
+    logits: Tensor
+    probs: Tensor
+    p_y: Tensor
+    hit: Tensor
+
+
+def _stats(logits: Tensor, target: Tensor) -> _Stats:
+    """Softmax over the class dimension 1, once per modality (softmax of a segmentation map is the
+    costliest part of the pair terms)."""
+    z = logits.float()
+    p = F.softmax(z, dim=1)
+    y = target.long().unsqueeze(1)
+    # max(dim=1).indices: torch.argmax's first-maximum rule, and much faster over dim 1 of a map on CPU
+    return _Stats(z, p, p.gather(1, y).squeeze(1), p.max(dim=1).indices == y.squeeze(1))
+
+
+def _pair(a: _Stats, b: _Stats, rs_space: str) -> tuple[Tensor, Tensor, Tensor]:
+    w = torch.where(a.hit | b.hit, (a.p_y - b.p_y).abs(), torch.zeros_like(a.p_y))
+    strong, weak = torch.maximum(a.p_y, b.p_y), torch.minimum(a.p_y, b.p_y)
+    kl = F.kl_div(strong, weak, reduction="none")
+    diff = a.logits - b.logits if rs_space == "logits" else a.probs - b.probs
+    return w * diff.pow(2).mean(dim=1), w * kl, w
+
+
 def pair_distillation(
     logits_a: Tensor, logits_b: Tensor, target: Tensor, rs_space: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-position ``(w·RS, w·KL, w)`` of one modality pair; logits ``(N, K)``, target ``(N,)``.
+    """Per-position ``(w·RS, w·KL, w)`` of one modality pair. Logits ``(B, K)`` or ``(B, K, H, W)``
+    (classes on dimension 1), target ``(B,)`` or ``(B, H, W)``; results shaped like the target.
 
     ``p_m = softmax(z_m)``; ``w = |p_a(y) − p_b(y)|`` where ``argmax p_a = y`` or ``argmax p_b = y``,
     else 0; ``RS = mean_k (z_a − z_b)²`` (``rs_space="logits"``) or ``mean_k (p_a − p_b)²``
@@ -69,22 +96,13 @@ def pair_distillation(
     ``p_w = min(...)`` (the official call passes probabilities, not log-probabilities, as input).
     Everything stays in the graph, the weight included, as in the official code.
     """
-    p_a, p_b = F.softmax(logits_a.float(), dim=1), F.softmax(logits_b.float(), dim=1)
-    y = target.reshape(-1, 1)
-    pa_y, pb_y = p_a.gather(1, y).squeeze(1), p_b.gather(1, y).squeeze(1)
-    hit = (p_a.argmax(dim=1) == target) | (p_b.argmax(dim=1) == target)
-    w = torch.where(hit, (pa_y - pb_y).abs(), torch.zeros_like(pa_y))
-    strong, weak = torch.maximum(pa_y, pb_y), torch.minimum(pa_y, pb_y)
-    kl = F.kl_div(strong, weak, reduction="none")
-    diff = logits_a.float() - logits_b.float() if rs_space == "logits" else p_a - p_b
-    rs = diff.pow(2).mean(dim=1)
-    return w * rs, w * kl, w
+    return _pair(_stats(logits_a, target), _stats(logits_b, target), rs_space)
 
 
 def mbsd_losses(logits: Sequence[Tensor], target: Tensor, rs_space: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(loss_RS, loss_KL, mean w)`` over all modality pairs: each pair's per-position terms are
-    averaged over positions (the official ``w @ term / B``), then over pairs (the 3-modal branch's
-    ``/ 3``; one pair for two modalities). Logits ``(B, K)`` or ``(B, K, H, W)``.
+    averaged over positions (samples, or every pixel of the batch; the official ``w @ term / B``),
+    then over pairs (the 3-modal branch's ``/ 3``; one pair for two modalities).
 
     Raises:
         ConfigError: fewer than 2 modalities, or an unknown ``rs_space``.
@@ -93,11 +111,11 @@ def mbsd_losses(logits: Sequence[Tensor], target: Tensor, rs_space: str) -> tupl
         raise ConfigError(f"MBSD needs at least 2 modalities' logits, got {len(logits)}")
     if rs_space not in ("logits", "probs"):
         raise ConfigError(f"rs_space must be 'logits' or 'probs' here, got {rs_space!r}")
-    rows, y = [class_rows(z) for z in logits], label_rows(target)
+    stats = [_stats(z, target) for z in logits]
     rs_sum = kl_sum = w_sum = None
-    pairs = list(itertools.combinations(range(len(rows)), 2))
+    pairs = list(itertools.combinations(range(len(stats)), 2))
     for i, j in pairs:
-        rs, kl, w = (t.mean() for t in pair_distillation(rows[i], rows[j], y, rs_space))
+        rs, kl, w = (t.mean() for t in _pair(stats[i], stats[j], rs_space))
         rs_sum = rs if rs_sum is None else rs_sum + rs
         kl_sum = kl if kl_sum is None else kl_sum + kl
         w_sum = w if w_sum is None else w_sum + w

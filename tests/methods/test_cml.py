@@ -12,6 +12,7 @@ from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS
 from mmbalance.methods.cml import CML, CMLConfig, calibration_penalty, removal_masks
 from mmbalance.methods.joint import Joint
+from mmbalance.models.base import ModelOutput
 from mmbalance.tasks import make_task
 from mmbalance.train import TrainConfig, Trainer
 
@@ -136,3 +137,16 @@ def test_short_run_on_each_declared_synthetic_task(dataset):
 
 def test_regression_is_not_declared():
     assert not CML.supports(task="reg")
+
+
+def test_segmentation_sums_each_images_mean_pixel_penalty():
+    bal = CML()
+    bal.setup(tiny_model(), make_task("cls", 3), lambda params, lr=None, **kw: torch.optim.SGD(params, lr=lr))
+    g = torch.Generator().manual_seed(0)
+    full, subset = torch.randn(2, 4, 3, 5, generator=g), torch.randn(2, 4, 3, 5, generator=g)
+    target = torch.randint(0, 4, (2, 3, 5), generator=g)
+    out = ModelOutput(full, {}, extras={"cml_chain": [subset]})
+    terms = bal.loss_terms(out, {"target": target}, make_task("seg", 4))
+    per_pixel = calibration_penalty([full, subset], target)
+    assert per_pixel.shape == (2, 3, 5) and per_pixel.sum() > 0
+    torch.testing.assert_close(terms["cml/calibration"], 0.1 * (per_pixel[0].mean() + per_pixel[1].mean()))
