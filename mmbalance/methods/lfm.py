@@ -180,20 +180,29 @@ class LFM(HeadedBalancer):
             )
 
     def _alpha_gradient(self, ctx: EpochContext) -> float:
-        """The official ``alpha_grad`` on the first half of the first validation batch (train mode,
-        outside the main RNG stream). One host read per epoch."""
+        """The official ``alpha_grad`` on the first half of the first validation batch (train mode, as
+        the official; outside the main RNG stream; the model's buffers, e.g. BatchNorm running
+        statistics, restored afterwards so that validation data stays out of the model's state). One
+        host read per epoch."""
         loader = stage_loader(ctx.val_loader, shuffle=False, seed=stage_seed(ctx.epoch))
         batch = ctx.to_device(next(iter(loader)))
         half = max(1, int(batch["target"].shape[0]) // 2)
         batch = {k: v[:half] for k, v in batch.items()}
-        with isolated_rng(ctx.device):
-            output = ctx.model(batch)
-            unimodal = self.heads(output.features, target_size(batch))
-            supervised = ctx.task.loss(output.prediction, batch["target"])
-            aligned = pairwise_alignment([unimodal[m] for m in self.modalities])
-            params = [p for p in ctx.model.parameters() if p.requires_grad] + list(self.heads.parameters())
-            value = hypergradient(supervised, aligned, self._alpha_cls, self._alpha_align, params)
-        return float(value)
+        buffers = [(b, b.detach().clone()) for b in ctx.model.buffers()]
+        try:
+            with isolated_rng(ctx.device):
+                output = ctx.model(batch)
+                unimodal = self.heads(output.features, target_size(batch))
+                supervised = ctx.task.loss(output.prediction, batch["target"])
+                aligned = pairwise_alignment([unimodal[m] for m in self.modalities])
+                params = [p for p in ctx.model.parameters() if p.requires_grad]
+                params += list(self.heads.parameters())
+                value = float(hypergradient(supervised, aligned, self._alpha_cls, self._alpha_align, params))
+        finally:
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+        return value
 
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Any) -> dict[str, Tensor]:
         """``task`` (2 α_cls L_task of the fused prediction), ``lfm/alignment`` (2 α_align Σ JS, through

@@ -138,10 +138,13 @@ def test_learned_alpha_uses_the_validation_batch_and_leaves_the_run_untouched():
     trainer, splits, _ = _trainer(LFM(LFMConfig(weighting="learned", lr_alpha=1.0)))
     bal = trainer.balancer
     trainer.balancer.heads({m: torch.zeros(1, 8) for m in bal.modalities})  # build the heads
+    norm = torch.nn.BatchNorm1d(8)  # train-mode forward passes update its running statistics
+    trainer.model.encoders["a"].append(norm)
     rng = torch.random.get_rng_state()
     bal.on_train_epoch_start(_epoch_context(trainer, splits))
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert all(p.grad is None for p in trainer.model.parameters())
+    assert torch.equal(norm.running_mean, torch.zeros(8)) and int(norm.num_batches_tracked) == 0
     # recompute the official alpha_grad on the first half of the first validation batch
     val = next(iter(make_loader(splits["val"], trainer.cfg, CPU, train=False)))
     half = {k: v[:8] for k, v in val.items()}
