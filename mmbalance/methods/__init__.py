@@ -40,6 +40,9 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "inforeg",
     "dgl",
     "arl",
+    "mbsd",
+    "cml",
+    "lfm",
 )
 
 
