@@ -37,6 +37,7 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "ogm",
     "mmcosine",
     "amco",
+    "sample_valuation",
 )
 
 
