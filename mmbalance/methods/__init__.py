@@ -38,6 +38,7 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "mmcosine",
     "amco",
     "sample_valuation",
+    "relearning",
 )
 
 
