@@ -80,7 +80,7 @@ class ResampledRows:
         start = (self.cursor % chunks) * self.chunk
         self.cursor += 1
         rows = slice(start, start + self.chunk)
-        return self.index[rows].tolist(), self.keep[rows]
+        return self.index[rows].tolist(), self.keep[rows]  # CPU tensors: no device read
 
     def state(self) -> dict[str, Any]:
         return {"index": self.index.clone(), "keep": self.keep.clone(), "chunk": self.chunk,

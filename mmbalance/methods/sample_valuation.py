@@ -138,16 +138,16 @@ class SampleValuation(Balancer):
         with isolated_rng(ctx.device):
             phi = valuate(ctx.model, valued, self.task.name, ctx.to_device, self.modalities).cpu()
         self.valued_samples += int(part.numel())
+        means = phi.mean(dim=0)
         if cfg.level == "sample":
             index, keep = sample_level_plan(phi)
         else:
-            count = int(resample_share(phi.mean(dim=0), cfg.alpha, cfg.func) * n)
+            count = int(resample_share(means, cfg.alpha, cfg.func) * n)
             index = torch.randint(n, (count,), generator=generator)
-            keep = torch.full((count,), int(phi.mean(dim=0).argmin()), dtype=torch.long)
+            keep = torch.full((count,), int(means.argmin()), dtype=torch.long)
         self.rows.reset(index, keep, max(1, len(loader)), generator)
-        means = phi.mean(dim=0).tolist()
         counts = torch.bincount(keep, minlength=len(self.modalities)).tolist()
-        self._stats = {f"contribution/{m}": means[j] for j, m in enumerate(self.modalities)}
+        self._stats = {f"contribution/{m}": float(means[j]) for j, m in enumerate(self.modalities)}
         self._stats.update({f"duplicates/{m}": float(counts[j]) for j, m in enumerate(self.modalities)})
 
     # -- training step --------------------------------------------------------------------------------
@@ -162,9 +162,13 @@ class SampleValuation(Balancer):
             raise ConfigError("sample_valuation: a re-sampling plan but no training set from an epoch start")
         dataset, collate_fn, to_device = self._source
         indices, keep = chunk
-        rows = to_device(fetch_rows(dataset, indices, collate_fn))
+        rows = fetch_rows(dataset, indices, collate_fn)
+        device = batch["target"].device
+        if device.type == "cuda":  # pinned, so the copies do not wait for the GPU (no per-step sync)
+            rows, keep = {k: v.pin_memory() for k, v in rows.items()}, keep.pin_memory()
+        rows = to_device(rows)
+        keep = keep.to(device, non_blocking=True)
         features, extras = model.encode(rows)
-        keep = keep.to(features[self.modalities[0]].device)
         masked = {m: keep_rows(features[m], keep == j) for j, m in enumerate(self.modalities)}
         output.extras[_RESAMPLED] = (model.fuse(masked, extras).prediction, rows["target"])
         return output
