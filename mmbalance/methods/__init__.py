@@ -43,6 +43,8 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "mbsd",
     "cml",
     "lfm",
+    "sample_valuation",
+    "relearning",
 )
 
 
