@@ -74,7 +74,8 @@ def _ctx(model, trainer, splits, val_dataset=None):
     val_loader = make_loader(val_dataset or splits["val"], CFG, CPU, train=False)
     return EpochContext(
         model=model, epoch=0, num_epochs=2, train_loader=train_loader, val_loader=val_loader,
-        task=trainer.task, device=CPU, optimizer=trainer.optimizer, to_device=lambda b: batch_to_device(b, CPU),
+        task=trainer.task, device=CPU, optimizer=trainer.optimizer,
+        to_device=lambda b: batch_to_device(b, CPU),
     )
 
 
@@ -124,4 +125,4 @@ def test_config_and_setup_errors():
         METHODS.build("g_blending", None, mode="fixed", weights={"a": -1.0})
     balancer = GBlending(GBlendingConfig(mode="fixed", weights={"a": 1.0, "c": 1.0}))
     with pytest.raises(ConfigError, match="unknown \\['c'\\], missing \\['b', 'fusion'\\]"):
-        balancer.setup(tiny_model(), make_task("cls", 3), lambda params, lr=None: torch.optim.SGD(params, lr=0.1))
+        balancer.setup(tiny_model(), make_task("cls", 3), lambda p, lr=None: torch.optim.SGD(p, lr=0.1))

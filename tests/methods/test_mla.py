@@ -58,13 +58,16 @@ def test_entropy_fusion_weights_by_hand():
     g = math.exp(hb_a - hb_b)
     assert wb["a"].dim() == 0 and wb["b"].item() == pytest.approx(g / (1 + g))
     # per-pixel weights for segmentation logits
-    assert entropy_weights({"a": torch.zeros(2, 4, 3, 3), "b": torch.ones(2, 4, 3, 3)})["a"].shape == (2, 1, 3, 3)
+    maps = {"a": torch.zeros(2, 4, 3, 3), "b": torch.ones(2, 4, 3, 3)}
+    assert entropy_weights(maps)["a"].shape == (2, 1, 3, 3)
 
 
 def _trainer(config: MLAConfig, seed: int = 0):
     splits, _ = tiny_splits(dims=(("a", 4), ("b", 3)))
     task = make_task("cls", 3)
-    cfg = TrainConfig(batch_size=16, seed=seed, optimizer="sgd", lr=0.1, cost_steps=0, eval_modality_scores=False)
+    cfg = TrainConfig(
+        batch_size=16, seed=seed, optimizer="sgd", lr=0.1, cost_steps=0, eval_modality_scores=False
+    )
     torch.manual_seed(seed)
     trainer = Trainer(tiny_model(seed=seed), MLA(config), task, cfg, CPU, steps_per_epoch=3)
     batch = {k: v[:16] for k, v in splits["train"].tensors.items()}
@@ -118,5 +121,6 @@ def test_fp16_scaler_unequal_widths_and_config_errors():
     with pytest.raises(ConfigError, match="fusion"):
         METHODS.build("mla", None, fusion="mean")
     with pytest.raises(ConfigError, match="exactly the modalities"):
-        MLA(MLAConfig(fusion="fixed", fusion_weights={"a": 1.0})).setup(tiny_model(), task, lambda p, **kw: None)
+        fixed = MLA(MLAConfig(fusion="fixed", fusion_weights={"a": 1.0}))
+        fixed.setup(tiny_model(), task, lambda p, **kw: None)
     assert not MLA.supports(task="reg")

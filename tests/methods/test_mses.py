@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mmbalance.methods.mses as mses_module
+import mmbalance.methods._validation_heads as validation_heads_module
 from mmbalance.balancer import EpochContext
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS
@@ -51,7 +51,7 @@ def _setup(restore="modality", stop_mode="freeze"):
 
 
 def _epoch(trainer, ctx, batches, epoch, scripted, monkeypatch):
-    monkeypatch.setattr(mses_module, "unimodal_validation", lambda *a, **k: scripted)
+    monkeypatch.setattr(validation_heads_module, "unimodal_validation", lambda *a, **k: scripted)
     trainer.balancer.on_train_epoch_start(EpochContext(**{**ctx.__dict__, "epoch": epoch}))
     for i, b in enumerate(batches):
         trainer.train_step(b, epoch, i)
@@ -75,7 +75,8 @@ def test_stop_restores_the_best_epoch_and_freezes_the_encoder(monkeypatch, resto
         elif restore == "modality":
             assert not torch.equal(v, at_best[k]), k  # the rest kept training
     d = balancer.diagnostics()
-    assert d["stopped/a"] == 1.0 and d["smoothed/a"] == pytest.approx(1.2) and d["smoothed/b"] == pytest.approx(0.92)
+    assert d["stopped/a"] == 1.0
+    assert d["smoothed/a"] == pytest.approx(1.2) and d["smoothed/b"] == pytest.approx(0.92)
 
 
 def test_zero_stop_mode_keeps_the_reimplementations_momentum_drift(monkeypatch):
@@ -86,7 +87,8 @@ def test_zero_stop_mode_keeps_the_reimplementations_momentum_drift(monkeypatch):
     _epoch(trainer, ctx, batches, 2, {"a": (1.5, 0.5), "b": (0.8, 0.5)}, monkeypatch)
     grads_zeroed = [p.grad for p in trainer.model.encoders["a"].parameters()]
     assert all(g is None for g in grads_zeroed)  # zero_grad(set_to_none) after the step
-    moved = any(not torch.equal(p, q) for p, q in zip(trainer.model.encoders["a"].parameters(), stopped_state, strict=True))
+    now = trainer.model.encoders["a"].parameters()
+    moved = any(not torch.equal(p, q) for p, q in zip(now, stopped_state, strict=True))
     assert moved  # Adam's momentum still moves a "stopped" encoder when its gradient is only zeroed
 
 

@@ -81,7 +81,8 @@ def test_gradient_scaling_is_nearly_a_no_op_under_adam():
         "grad": _steps(MSLR(MSLRConfig(strategy="keep", apply="grad", lr_scale={"a": 0.25}))),
         "lr": _steps(MSLR(MSLRConfig(strategy="keep", apply="lr", lr_scale={"a": 0.25}))),
     }
-    delta = {k: torch.cat([(p - s).flatten() for p, s in zip(m.encoders["a"].parameters(), start, strict=True)])
+    delta = {k: torch.cat([(p - s).flatten()
+                           for p, s in zip(m.encoders["a"].parameters(), start, strict=True)])
              for k, m in runs.items()}
     scale = delta["plain"].abs().max()
     assert (delta["grad"] - delta["plain"]).abs().max() < 0.05 * scale  # same update up to Adam's eps
@@ -97,6 +98,10 @@ def test_keep_with_unit_scales_reproduces_joint_exactly():
         models.append(model)
     for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.equal(p, q)
+    keep, dynamic = MSLR(MSLRConfig(strategy="keep")), MSLR(MSLRConfig())
+    for balancer in (keep, dynamic):
+        balancer.setup(tiny_model(), make_task("cls", 3), make_optimizer_factory(CFG))
+    assert keep.heads is None and dynamic.heads is not None  # fixed rates need no score heads
 
 
 def test_dynamic_fit_scores_validation_each_epoch():

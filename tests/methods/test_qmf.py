@@ -39,7 +39,8 @@ def test_energy_confidence_and_fusion_by_hand():
     # a sharper, larger-energy prediction gets the larger weight: (0, 10) -> 0.1 * logsumexp = 1.0000454
     assert energy_confidence(T([[0.0, 10.0]])).item() == pytest.approx(0.1 * math.log(1 + math.exp(10.0)))
     fused = quality_fusion({"a": fa, "b": fb}, {"a": T([[0.5]]), "b": T([[2.0]])})
-    torch.testing.assert_close(fused, T([[0.5 * 0 + 2 * math.log(2.0), 0.5 * math.log(3.0) + 2 * math.log(2.0)]]))
+    expected = T([[0.5 * 0 + 2 * math.log(2.0), 0.5 * math.log(3.0) + 2 * math.log(2.0)]])
+    torch.testing.assert_close(fused, expected)
     # segmentation logits (B, K, H, W): one weight per pixel
     assert energy_confidence(torch.zeros(2, 4, 3, 5)).shape == (2, 1, 3, 5)
 
@@ -47,7 +48,8 @@ def test_energy_confidence_and_fusion_by_hand():
 def test_ranking_loss_by_hand():
     # w = (0.5, 0.2, 0.9), normalised losses c = (1, 0, 0.5); pairs (0,1), (1,2), (2,0):
     # (0,1): t = +1, margin 1  -> max(0, 0.5 - (0.2 + 1)) = 0
-    # (1,2): t = -1, margin .5 -> max(0, -(0.2 - (0.9 - 0.5))) = 0.2   (higher-loss sample 2 is more confident)
+    # (1,2): t = -1, margin .5 -> max(0, -(0.2 - (0.9 - 0.5))) = 0.2
+    #        (higher-loss sample 2 is more confident)
     # (2,0): t = -1, margin .5 -> max(0, -(0.9 - (0.5 - 0.5))) = 0
     loss = ranking_loss(T([0.5, 0.2, 0.9]), T([1.0, 0.0, 0.5]))
     assert loss.item() == pytest.approx(0.2 / 3)
@@ -106,7 +108,9 @@ def test_cumulative_history_sums_each_samples_loss_over_steps():
     before = balancer.loss_history.clone()
     with torch.no_grad():  # the next step's per-sample losses, on the same weights
         logits = balancer.forward_step(trainer.model, first).extras["qmf.logits"]
-        step_two = torch.stack([task.loss(logits[m], first["target"], reduction="none").double() for m in ("a", "b")])
+        step_two = torch.stack(
+            [task.loss(logits[m], first["target"], reduction="none").double() for m in ("a", "b")]
+        )
     trainer.train_step(first, 0, 1)
     torch.testing.assert_close(balancer.loss_history[:, :16], before[:, :16] + step_two)
 

@@ -34,7 +34,8 @@ def test_boosting_loss_by_hand():
     expected = (-5 * math.log(0.75) + 0.2 * math.log(0.75)) / 2
     assert boosting_loss(pred, others, y, cls, 5.0, 1.0).item() == pytest.approx(expected)
     # empty ensemble (stage 0, official constant c0): q = 1 -> (w2 - w1) log p_y / K
-    assert boosting_loss(pred, None, y, cls, 5.0, 1.0).item() == pytest.approx((1.0 - 5.0) * math.log(0.75) / 2)
+    expected = (1.0 - 5.0) * math.log(0.75) / 2
+    assert boosting_loss(pred, None, y, cls, 5.0, 1.0).item() == pytest.approx(expected)
     # a sample the others already classify confidently weighs less than one they get wrong
     right = boosting_loss(pred, T([[0.0, 10.0]]), y, cls, 5.0, 1.0)
     wrong = boosting_loss(pred, T([[10.0, 0.0]]), y, cls, 5.0, 1.0)
@@ -68,7 +69,8 @@ def _setup(config: ReconBoostConfig, seed: int = 0):
 
 
 def test_stages_add_members_count_extra_steps_and_leave_other_encoders_alone():
-    trainer, balancer, ctx, batches = _setup(ReconBoostConfig(boost_epochs=2, correct_epochs=2, head_hidden=None))
+    config = ReconBoostConfig(boost_epochs=2, correct_epochs=2, head_hidden=None)
+    trainer, balancer, ctx, batches = _setup(config)
     model = trainer.model
     b_before = [p.detach().clone() for p in model.modality_parameters("b")]
     balancer.on_train_epoch_start(ctx(0))  # stage 0: boost modality "a" (3 batches x 2 passes)
@@ -109,7 +111,8 @@ def test_predict_is_rho_times_the_sum_of_member_learners():
 def test_consolidation_with_gradient_changes_the_boosting_step():
     results = []
     for grad in (False, True):
-        trainer, balancer, ctx, _ = _setup(ReconBoostConfig(boost_epochs=1, correct_epochs=1, consolidation_grad=grad))
+        config = ReconBoostConfig(boost_epochs=1, correct_epochs=1, consolidation_grad=grad)
+        trainer, balancer, ctx, _ = _setup(config)
         balancer.on_train_epoch_start(ctx(0))
         balancer.on_train_epoch_start(ctx(1))  # stage 1 has a previous learner
         results.append([p.detach().clone() for p in trainer.model.modality_parameters("b")])
@@ -131,6 +134,8 @@ def test_errors():
     other = ReconBoost(ReconBoostConfig(boost_epochs=1))
     other.setup(model, make_task("cls", 3), lambda p, lr=None, **kw: torch.optim.SGD(p, lr=0.1))
     bad = ctx(0)
-    bad = EpochContext(model, 0, 1, bad.train_loader, bad.val_loader, bad.task, CPU, bad.optimizer, bad.to_device)
+    bad = EpochContext(
+        model, 0, 1, bad.train_loader, bad.val_loader, bad.task, CPU, bad.optimizer, bad.to_device
+    )
     with pytest.raises(ShapeError, match="shared_head=False"):
         other.on_train_epoch_start(bad)

@@ -35,7 +35,7 @@ def test_each_unimodal_model_trains_exactly_as_if_alone():
     balancer = UME()
     trainer = Trainer(model, balancer, make_task("cls", 3), CFG, CPU, steps_per_epoch=3)
     batches = [batch_to_device(b, CPU) for b in make_loader(splits["train"], CFG, CPU, train=True)]
-    encoder, branch = copy.deepcopy(model.encoders["a"]), copy.deepcopy(balancer.branches["a"])
+    encoder, branch = copy.deepcopy(model.encoders["a"]), copy.deepcopy(balancer.heads.branches["a"])
     fusion_before = [p.clone() for p in list(model.fusion.parameters()) + list(model.head.parameters())]
     for i, b in enumerate(batches):
         trainer.train_step(b, 0, i)
@@ -49,7 +49,7 @@ def test_each_unimodal_model_trains_exactly_as_if_alone():
         make_task("cls", 3).loss(logits, b["target"]).backward()
         opt_e.step()
         opt_h.step()
-    for p, q in zip(list(model.encoders["a"].parameters()) + list(balancer.branches["a"].parameters()),
+    for p, q in zip(list(model.encoders["a"].parameters()) + list(balancer.heads.branches["a"].parameters()),
                     list(encoder.parameters()) + list(branch.parameters()), strict=True):
         assert torch.equal(p, q)
     after = list(model.fusion.parameters()) + list(model.head.parameters())
@@ -69,10 +69,10 @@ def test_prediction_is_the_unimodal_ensemble_not_the_fusion_head(head):
         before = balancer.predict(out)
         model.head.out_layer.weight.add_(1.0)
         after = balancer.predict(model(batch))
-        unimodal = balancer.unimodal_predictions(out.features, None)
+        unimodal = balancer.heads(out.features)
     assert torch.equal(before, after)
     assert torch.allclose(before, (unimodal["a"] + unimodal["b"]) / 2)
-    prefix = "branches.a.head" if head == "model" else "heads.heads.a.net"
+    prefix = "heads.branches.a.head" if head == "model" else "heads.heads.a.net"
     assert any(k.startswith(prefix) for k in balancer.inference_state_dict())
 
 
@@ -82,4 +82,5 @@ def test_config_and_setup_errors():
     with pytest.raises(ConfigError, match="head must be one of"):
         METHODS.build("ume", None, head="mlp")
     with pytest.raises(UnsupportedError, match="regression needs ensemble='logits'"):
-        UME(UMEConfig(ensemble="probs")).setup(tiny_model(classes=1), make_task("reg", 1), make_optimizer_factory(CFG))
+        probs = UME(UMEConfig(ensemble="probs"))
+        probs.setup(tiny_model(classes=1), make_task("reg", 1), make_optimizer_factory(CFG))

@@ -64,7 +64,8 @@ def test_teachers_train_then_stay_frozen_in_eval_mode():
     batch = batch_to_device(next(iter(loader)), CPU)
     trainer.train_step(batch, 0, 0)
     for m in ("a", "b"):
-        assert all(torch.equal(p, q) for p, q in zip(balancer.teachers[m].parameters(), trained[m], strict=True))
+        teacher = balancer.teachers[m].parameters()
+        assert all(torch.equal(p, q) for p, q in zip(teacher, trained[m], strict=True))
         assert all(p.grad is None for p in balancer.teachers[m].parameters())
     balancer.on_train_epoch_start(ctx)  # teachers are trained once per run
     assert balancer.extra_steps() == 2 * 2 * 3
