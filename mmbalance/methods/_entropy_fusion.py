@@ -19,13 +19,14 @@ import torch
 from torch import Tensor
 
 from mmbalance.errors import ShapeError
+from mmbalance.methods._precision import upcast
 
 __all__ = ["entropy_weights", "batch_entropy_weights", "fuse_logits"]
 
 
 def _entropy(logits: Tensor, dim: int) -> Tensor:
-    """Elementwise ``−p log p`` of ``softmax(logits, dim)`` (float32 at least)."""
-    log_p = torch.log_softmax(logits.float(), dim=dim)
+    """Elementwise ``−p log p`` of ``softmax(logits, dim)``, in the logits' dtype (at least float32)."""
+    log_p = torch.log_softmax(upcast(logits), dim=dim)
     return -(log_p.exp() * log_p)
 
 
@@ -62,5 +63,6 @@ def fuse_logits(logits: Mapping[str, Tensor], weights: Mapping[str, Tensor | flo
     terms = []
     for m, f in logits.items():
         w = weights[m]
-        terms.append(f.float() * (w.float() if isinstance(w, Tensor) else float(w)))
+        f = upcast(f)
+        terms.append(f * (w.to(f.dtype) if isinstance(w, Tensor) else float(w)))
     return functools.reduce(operator.add, terms)

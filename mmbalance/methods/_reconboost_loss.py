@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmbalance.errors import ShapeError
+from mmbalance.methods._precision import upcast
 from mmbalance.tasks import Task
 
 __all__ = ["boosting_loss", "consolidation_loss", "stage_modality"]
@@ -41,18 +42,18 @@ def boosting_loss(
         raise ShapeError(f"others {tuple(others.shape)} and prediction {tuple(prediction.shape)} differ")
     if task.name == "cls":
         y = target.long().reshape(-1, 1)
-        log_p = F.log_softmax(prediction.float(), dim=1).gather(1, y).squeeze(1)
+        log_p = F.log_softmax(upcast(prediction), dim=1).gather(1, y).squeeze(1)
         if others is None:
             q = torch.ones_like(log_p)
         else:
-            q = F.softmax(others.detach().float(), dim=1).gather(1, y).squeeze(1)
+            q = F.softmax(upcast(others.detach()), dim=1).gather(1, y).squeeze(1)
         return ((weight2 * q - weight1) * log_p).mean() / k
-    loss = task.loss(prediction.float(), target, reduction="none")
+    loss = task.loss(upcast(prediction), target, reduction="none")
     if others is None:
         q = torch.ones_like(loss)
     else:
         with torch.no_grad():
-            q = torch.exp(-task.loss(others.detach().float(), target, reduction="none"))
+            q = torch.exp(-task.loss(upcast(others.detach()), target, reduction="none"))
     return ((weight1 - weight2 * q) * loss).mean() / k
 
 
@@ -60,5 +61,5 @@ def consolidation_loss(prediction: Tensor, previous: Tensor, task_name: str) -> 
     """``MSE(softmax(prediction), softmax(previous))`` over the class dim (raw values for regression);
     ``previous`` carries no gradient. (Official: both operands detached.)"""
     if task_name == "reg":
-        return F.mse_loss(prediction.float(), previous.detach().float())
-    return F.mse_loss(F.softmax(prediction.float(), dim=1), F.softmax(previous.detach().float(), dim=1))
+        return F.mse_loss(upcast(prediction), upcast(previous.detach()))
+    return F.mse_loss(F.softmax(upcast(prediction), dim=1), F.softmax(upcast(previous.detach()), dim=1))

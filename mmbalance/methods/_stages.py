@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from mmbalance.errors import ConfigError
+from mmbalance.methods._precision import upcast
 from mmbalance.models.base import MultimodalModel
 
 __all__ = [
@@ -186,7 +187,7 @@ def unimodal_validation(
             target = batch["target"]
             rows = []
             for m in modalities:
-                prediction = predictions[m].float()
+                prediction = upcast(predictions[m])
                 rows.append(torch.stack([task.loss(prediction, target), task.score(prediction, target)]))
             row = torch.stack(rows).double() * size
             acc = row if acc is None else acc + row

@@ -167,7 +167,8 @@ class GBlending(HeadedBalancer):
         else:
             initial = [1.0 / len(self.candidates)] * len(self.candidates)
         k = len(self.candidates)
-        self.register_buffer("blend_weights", torch.tensor(initial, dtype=torch.float32))
+        # float64, as the re-implementations' Python-float weights; applied in each loss's dtype
+        self.register_buffer("blend_weights", torch.tensor(initial, dtype=torch.float64))
         # G and O of the last estimate (zeros before the first; `estimates` counts them).
         self.register_buffer("last_gain", torch.zeros(k, dtype=torch.float64))
         self.register_buffer("last_overfit", torch.zeros(k, dtype=torch.float64))
@@ -177,13 +178,18 @@ class GBlending(HeadedBalancer):
 
     # -- the step -----------------------------------------------------------------------------------
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Task) -> dict[str, Tensor]:
-        """``w_fusion * L_fusion`` and ``w_m * L_m`` for every modality (heads read un-detached features)."""
+        """``w_fusion * L_fusion`` and ``w_m * L_m`` for every modality (heads read un-detached
+        features). Each weight is cast to its loss's dtype, as a Python-float weight times a loss
+        tensor is in the re-implementations: a float32 loss gets the float32-rounded weight, a
+        float64 loss the exact one."""
         target = batch["target"]
         predictions = self.unimodal_predictions(output, batch)
         w = self.blend_weights
-        terms = {"task": w[-1] * task.loss(output.prediction, target)}
+        fused = task.loss(output.prediction, target)
+        terms = {"task": w[-1].to(fused.dtype) * fused}
         for i, m in enumerate(self.modalities):
-            terms[head_term(m)] = w[i] * task.loss(predictions[m], target)
+            loss = task.loss(predictions[m], target)
+            terms[head_term(m)] = w[i].to(loss.dtype) * loss
         return terms
 
     # -- weight estimation ----------------------------------------------------------------------------
@@ -219,7 +225,7 @@ class GBlending(HeadedBalancer):
         if weights is None:
             self.degenerate_estimates += 1
         else:
-            self.blend_weights.copy_(torch.tensor(weights, dtype=torch.float32))
+            self.blend_weights.copy_(torch.tensor(weights, dtype=torch.float64))
         return self.blend_weights.tolist()
 
     def _measure(

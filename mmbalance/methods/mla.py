@@ -35,6 +35,7 @@ from mmbalance.methods._entropy_fusion import batch_entropy_weights, entropy_wei
 from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._heads import UnimodalHeads, feature_kind, head_term, pool_features
 from mmbalance.methods._lazy_buffers import follow_saved_shapes_
+from mmbalance.methods._precision import upcast
 from mmbalance.methods._stages import target_size
 from mmbalance.models.base import ModelOutput, MultimodalModel
 from mmbalance.tasks import Task
@@ -147,8 +148,8 @@ class MLA(Balancer):
         """Batch mean of the shared linear layer's input: the pooled vector, or the map averaged over
         pixels."""
         if self.task is not None and self.task.name == "seg":
-            return feature.detach().float().mean(dim=(0, 2, 3))
-        return pool_features(feature.detach(), self.config.sequence_pool).float().mean(dim=0)
+            return upcast(feature.detach()).mean(dim=(0, 2, 3))
+        return upcast(pool_features(feature.detach(), self.config.sequence_pool)).mean(dim=0)
 
     def _fusion_weights(self, logits: Mapping[str, Tensor]) -> Mapping[str, Tensor | float]:
         cfg: MLAConfig = self.config
@@ -221,7 +222,7 @@ class MLA(Balancer):
             loss.backward()
             if self.config.projection and self._updates > 0 and weight.grad is not None:
                 if self.projector.numel() == 0:
-                    self.projector = torch.eye(weight.shape[1], device=weight.device)
+                    self.projector = torch.eye(weight.shape[1], device=weight.device, dtype=weight.dtype)
                 head_input = self._head_input_mean(pending["features"][m])
                 project_gradient_(self.projector, weight.grad, head_input, alpha)
             optimizer.step()
@@ -263,7 +264,7 @@ class MLA(Balancer):
 
     # -- diagnostics --------------------------------------------------------------------------------
     def _record(self, weights: Mapping[str, Tensor | float]) -> None:
-        means = [torch.as_tensor(weights[m]).float().mean() for m in self.modalities]
+        means = [torch.as_tensor(weights[m], dtype=torch.float64).mean() for m in self.modalities]
         self._means.update(fusion_weight=torch.stack(means))
 
     def diagnostics(self) -> dict[str, float]:

@@ -35,6 +35,7 @@ from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._headed import HeadedBalancer
 from mmbalance.methods._heads import head_term
 from mmbalance.methods._lazy_buffers import follow_saved_shapes_
+from mmbalance.methods._precision import upcast
 from mmbalance.methods._stages import target_size
 from mmbalance.models.base import ModelOutput, MultimodalModel
 from mmbalance.tasks import Task
@@ -63,8 +64,9 @@ class QMFConfig(HeadConfig):
 # -- the arithmetic, as pure functions (hand-checked in tests/methods/test_qmf.py) ----------------
 def energy_confidence(logits: Tensor, scale: float = 0.1) -> Tensor:
     """``scale · logsumexp(logits)`` over the class dim 1: ``(B, K) -> (B, 1)``, ``(B, K, H, W) ->
-    (B, 1, H, W)`` (per pixel). The official ``log(sum(exp(f)))/10``, computed stably."""
-    return scale * torch.logsumexp(logits.float(), dim=1, keepdim=True)
+    (B, 1, H, W)`` (per pixel), in the logits' dtype (at least float32). The official
+    ``log(sum(exp(f)))/10``, computed stably."""
+    return scale * torch.logsumexp(upcast(logits), dim=1, keepdim=True)
 
 
 def quality_fusion(
@@ -182,7 +184,7 @@ class QMF(HeadedBalancer):
         confidences = []
         for i, m in enumerate(self.modalities):
             terms[head_term(m)] = task.loss(logits[m], target)
-            per_sample = task.loss(logits[m].detach().float(), target, reduction="none").double()
+            per_sample = task.loss(upcast(logits[m].detach()), target, reduction="none").double()
             confidence = weights[m].reshape(weights[m].shape[0], -1).mean(dim=1)  # per pixel -> per sample
             if index is None:
                 correctness = normalize_history(per_sample, per_sample)

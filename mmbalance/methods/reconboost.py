@@ -222,9 +222,10 @@ class ReconBoost(Balancer):
     def _boosting_loss_fn(
         self, ctx: EpochContext, stage: int, modality: str, record: list[Tensor]
     ) -> Callable[[dict[str, Tensor]], Tensor]:
-        """The boosting phase's loss of one batch (appended, detached in float64, to ``record``):
-        the reconcilement loss of ``modality``'s learner against the other members' ensemble, plus
-        the consolidation term towards the previous stage's learner when ``consolidation_grad``."""
+        """The boosting phase's loss of one batch: the reconcilement loss of ``modality``'s learner
+        against the other members' ensemble (appended, detached in float64, to ``record``, as the
+        official ``stage_loss``), plus the consolidation term towards the previous stage's learner
+        when ``consolidation_grad``."""
         cfg: ReconBoostConfig = self.config
         model, task = ctx.model, ctx.task
         others = [m for m in self._members if m != modality]
@@ -238,11 +239,11 @@ class ReconBoost(Balancer):
             with torch.no_grad(), eval_mode(*other_encoders):
                 rest = self._ensemble({m: encode_modality(model, m, batch) for m in others}, others, size)
             loss = boosting_loss(prediction, rest, batch["target"], task, cfg.weight1, cfg.weight2)
+            record.append(loss.detach().double())
             if consolidate:
                 with torch.no_grad(), eval_mode(model.encoders[previous]):
                     before = self._learner(previous, encode_modality(model, previous, batch), size)
                 loss = loss + cfg.alpha * consolidation_loss(prediction, before, task.name)
-            record.append(loss.detach().double())
             return loss
 
         return loss_fn

@@ -32,6 +32,7 @@ from mmbalance.methods._config import HeadConfig
 from mmbalance.methods._grads import step_auxiliary
 from mmbalance.methods._headed import HeadedBalancer
 from mmbalance.methods._heads import head_term
+from mmbalance.methods._precision import upcast
 from mmbalance.methods._stages import target_size
 from mmbalance.models.base import ModelOutput, MultimodalModel
 from mmbalance.tasks import Task
@@ -68,8 +69,8 @@ def ensemble_predictions(predictions: Mapping[str, Tensor], how: str = "logits")
     if how == "logits":
         return stacked.mean(dim=0)
     if how == "probs":
-        log_probs = torch.log_softmax(stacked.float(), dim=2)
-        count = torch.tensor(float(len(values)), device=stacked.device)
+        log_probs = torch.log_softmax(upcast(stacked), dim=2)
+        count = torch.tensor(float(len(values)), dtype=log_probs.dtype, device=stacked.device)
         return torch.logsumexp(log_probs, dim=0) - torch.log(count)
     raise ShapeError(f"ensemble must be one of {ENSEMBLES}, got {how!r}")
 

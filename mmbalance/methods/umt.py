@@ -33,6 +33,7 @@ from mmbalance.errors import ShapeError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig
 from mmbalance.methods._heads import UnimodalHeads
+from mmbalance.methods._precision import upcast
 from mmbalance.methods._stages import (
     eval_mode,
     isolated_rng,
@@ -79,7 +80,7 @@ def distillation_loss(student: Mapping[str, Tensor], teacher: Mapping[str, Tenso
         t = teacher[m]
         if s.shape != t.shape:
             raise ShapeError(f"features[{m!r}] has shape {tuple(s.shape)}, its teacher's {tuple(t.shape)}")
-        terms.append(F.mse_loss(s.float(), t.float()))
+        terms.append(F.mse_loss(upcast(s), upcast(t)))
     return functools.reduce(operator.add, terms)  # summed left to right, in modality order
 
 

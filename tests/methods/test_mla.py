@@ -51,6 +51,17 @@ def test_entropy_fusion_weights_by_hand():
     assert w["a"].item() == pytest.approx(1 / (1 + gate_b))
     assert w["b"].item() == pytest.approx(gate_b / (1 + gate_b))
     torch.testing.assert_close(fuse_logits({"a": fa, "b": fb}, w), w["a"] * fa + w["b"] * fb)
+    # float64 logits keep float64 weights and fusion (to 1e-12; a float32 cast is off by ~1e-8)
+    logits64 = {
+        "a": torch.zeros(1, 2, dtype=torch.float64),
+        "b": torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64),
+    }
+    w64 = entropy_weights(logits64)
+    assert w64["b"].dtype == torch.float64
+    assert w64["b"].item() == pytest.approx(gate_b / (1 + gate_b), rel=1e-12, abs=0)
+    fused = fuse_logits(logits64, w64)
+    expected = (gate_b / (1 + gate_b)) * math.log(3.0)
+    assert fused.dtype == torch.float64 and fused[0, 0].item() == pytest.approx(expected, rel=1e-12, abs=0)
     # the released code: softmax over the batch (dim 0), entropy summed over the whole tensor
     ba, bb = torch.zeros(2, 2), T([[math.log(3.0), 0.0], [0.0, 0.0]])
     hb_a, hb_b = 2 * math.log(2.0), h_b + math.log(2.0)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmbalance.balancer import EpochContext
 from mmbalance.datasets.base import TensorDictDataset
@@ -82,9 +83,11 @@ def test_cumulative_history_matches_the_official_procedure():
     assert got.item() == pytest.approx(expected, rel=1e-12)
 
 
-def _indexed_trainer(history: str = "cumulative", with_index: bool = True, seed: int = 0):
+def _indexed_trainer(
+    history: str = "cumulative", with_index: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32
+):
     splits, _ = tiny_splits()
-    train = dict(splits["train"].tensors)
+    train = {k: v.to(dtype) if v.is_floating_point() else v for k, v in splits["train"].tensors.items()}
     if with_index:
         train["index"] = torch.arange(len(train["target"]))
     dataset = TensorDictDataset(train)
@@ -92,7 +95,7 @@ def _indexed_trainer(history: str = "cumulative", with_index: bool = True, seed:
     cfg = TrainConfig(batch_size=16, seed=seed, cost_steps=0, eval_modality_scores=False)
     torch.manual_seed(seed)
     balancer = QMF(QMFConfig(history=history))
-    trainer = Trainer(tiny_model(seed=seed), balancer, task, cfg, CPU, steps_per_epoch=3)
+    trainer = Trainer(tiny_model(seed=seed).to(dtype), balancer, task, cfg, CPU, steps_per_epoch=3)
     loader = make_loader(dataset, cfg, CPU, train=False)
     ctx = EpochContext(trainer.model, 0, 1, loader, loader, task, CPU, trainer.optimizer, lambda b: b)
     balancer.on_train_epoch_start(ctx)
@@ -113,6 +116,27 @@ def test_cumulative_history_sums_each_samples_loss_over_steps():
         )
     trainer.train_step(first, 0, 1)
     torch.testing.assert_close(balancer.loss_history[:, :16], before[:, :16] + step_two)
+
+
+
+def test_float64_model_history_and_confidences_by_hand():
+    """As the official numpy float64 History fed by the model's per-sample losses: on a float64
+    model the history holds the float64 cross-entropies (a float32 cast is off by ~1e-8) and the
+    confidence is 0.1 · logsumexp of the float64 logits."""
+    trainer, batches, task = _indexed_trainer(dtype=torch.float64)
+    balancer, first = trainer.balancer, batches[0]
+    with torch.no_grad():  # the step's logits, on the weights before the step
+        logits = balancer.forward_step(trainer.model, first).extras["qmf.logits"]
+    target = first["target"]
+    expected = torch.stack([F.cross_entropy(logits[m], target, reduction="none") for m in ("a", "b")])
+    trainer.train_step(first, 0, 0)
+    torch.testing.assert_close(balancer.loss_history[:, :16], expected, rtol=1e-12, atol=0)
+    confidence = energy_confidence(logits["a"])
+    assert confidence.dtype == torch.float64
+    by_hand = 0.1 * torch.log(torch.exp(logits["a"]).sum(dim=1, keepdim=True))
+    torch.testing.assert_close(confidence, by_hand, rtol=1e-12, atol=0)
+    mean = balancer.diagnostics()["confidence/a"]
+    assert mean == pytest.approx(confidence.mean().item(), rel=1e-12, abs=0)
 
 
 def test_cumulative_history_needs_an_index_and_round_trips():

@@ -33,6 +33,11 @@ def test_boosting_loss_by_hand():
     pred, others, y = T([[0.0, math.log(3.0)]]), T([[math.log(4.0), 0.0]]), T([1])
     expected = (-5 * math.log(0.75) + 0.2 * math.log(0.75)) / 2
     assert boosting_loss(pred, others, y, cls, 5.0, 1.0).item() == pytest.approx(expected)
+    # float64 outputs stay float64: the same value to 1e-12 (a float32 cast is off by ~1e-8)
+    pred64 = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64)
+    others64 = torch.tensor([[math.log(4.0), 0.0]], dtype=torch.float64)
+    loss64 = boosting_loss(pred64, others64, y, cls, 5.0, 1.0)
+    assert loss64.dtype == torch.float64 and loss64.item() == pytest.approx(expected, rel=1e-12, abs=0)
     # empty ensemble (stage 0, official constant c0): q = 1 -> (w2 - w1) log p_y / K
     expected = (1.0 - 5.0) * math.log(0.75) / 2
     assert boosting_loss(pred, None, y, cls, 5.0, 1.0).item() == pytest.approx(expected)
@@ -109,14 +114,18 @@ def test_predict_is_rho_times_the_sum_of_member_learners():
 
 
 def test_consolidation_with_gradient_changes_the_boosting_step():
-    results = []
+    results, logged = [], []
     for grad in (False, True):
-        config = ReconBoostConfig(boost_epochs=1, correct_epochs=1, consolidation_grad=grad)
+        config = ReconBoostConfig(boost_epochs=1, correct_epochs=1, consolidation_grad=grad, boost_batches=1)
         trainer, balancer, ctx, _ = _setup(config)
         balancer.on_train_epoch_start(ctx(0))
         balancer.on_train_epoch_start(ctx(1))  # stage 1 has a previous learner
         results.append([p.detach().clone() for p in trainer.model.modality_parameters("b")])
+        logged.append(balancer.diagnostics()["boost_loss"])
     assert any(not torch.equal(p, q) for p, q in zip(*results, strict=True))
+    # the logged stage loss is the reconcilement loss alone (official `stage_loss`), here of the
+    # same first batch on the same weights with and without the consolidation term
+    assert logged[0] == logged[1]
 
 
 def test_errors():

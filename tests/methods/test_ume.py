@@ -25,6 +25,15 @@ def test_ensemble_rules_by_hand():
     assert torch.allclose(ensemble_predictions(z, "logits"), torch.tensor([[math.log(3.0) / 2, 0.0]]))
     # softmax: a (0.5, 0.5), b (0.75, 0.25); mean (0.625, 0.375); log of it
     assert torch.allclose(ensemble_predictions(z, "probs"), torch.log(torch.tensor([[0.625, 0.375]])))
+    # float64 logits stay float64: log(0.625), log(0.375) to 1e-12 (a float32 cast is off by ~1e-8)
+    z64 = {
+        "a": torch.zeros(1, 2, dtype=torch.float64),
+        "b": torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64),
+    }
+    probs = ensemble_predictions(z64, "probs")
+    assert probs.dtype == torch.float64
+    expected = torch.tensor([[math.log(0.625), math.log(0.375)]], dtype=torch.float64)
+    torch.testing.assert_close(probs, expected, rtol=1e-12, atol=0)
 
 
 def test_each_unimodal_model_trains_exactly_as_if_alone():
