@@ -249,6 +249,14 @@ class MLA(Balancer):
         self._batch_index = (ctx.step_in_epoch + 1) % max(1, ctx.steps_per_epoch)
         self._batches_per_epoch = max(1, ctx.steps_per_epoch)
 
+    def host_state(self) -> dict[str, Any]:
+        """The batch position of the projection's α (a resumed run continues mid-epoch)."""
+        return {"batch_index": self._batch_index, "batches_per_epoch": self._batches_per_epoch}
+
+    def load_host_state(self, state: Mapping[str, Any]) -> None:
+        self._batch_index = int(state["batch_index"])
+        self._batches_per_epoch = int(state["batches_per_epoch"])
+
     # -- inference ----------------------------------------------------------------------------------
     def predict(self, output: ModelOutput) -> Tensor:
         """The shared head on every modality's features, fused by ``fusion``."""

@@ -60,16 +60,12 @@ SHARED = "shared"
 class ReconBoostConfig(HeadConfig):
     weight1: float = 5.0  # w₁, weight of the learner's own log-likelihood (train.py --weight1; CREMA-D 5)
     weight2: float = 1.0  # w₂, reconcilement weight on the ensemble's confidence q (--weight2)
-    # passes over the training split in each stage's boosting phase (--epochs_per_stage)
-    boost_epochs: int = 4
+    boost_epochs: int = 4  # boosting passes over the training split per stage (--epochs_per_stage)
     correct_epochs: int = 4  # runner epochs of global rectification per stage (--correct_epoch)
-    # ρ at the start, learnt during rectification (DynamicNet.boost_rate, --boost_rate)
-    boost_rate: float = 1.0
-    # LR of the boosting optimizer (official m_lr 0.01 with SGD); None = the run's LR
-    boost_lr: float | None = None
+    boost_rate: float = 1.0  # ρ at the start, learnt in rectification (DynamicNet.boost_rate)
+    boost_lr: float | None = None  # boosting LR (official m_lr 0.01, SGD); None = the run's LR
     shared_head: bool = True  # one head for all modalities (--common_space True); False: a head per modality
-    # H = Linear(d, 256) -> ReLU -> Linear(256, K) (dynamic_net.Head); None: Linear
-    head_hidden: int | None = 256
+    head_hidden: int | None = 256  # H: Linear(d, 256)-ReLU-Linear(256, K) (dynamic_net.Head); None: Linear
     alpha: float = 0.5  # α, weight of the memory-consolidation term (--alpha); only with consolidation_grad
     consolidation_grad: bool = False  # False = official (both operands detached: no effect, not computed)
     boost_batches: int | None = None  # cap on batches per boosting pass (None = the whole split)
@@ -77,12 +73,8 @@ class ReconBoostConfig(HeadConfig):
 
     def check(self) -> None:
         need(self, finite(self.weight1) and self.weight1 > 0, "weight1", "a finite number > 0")
-        need(
-            self,
-            finite(self.weight2) and 0 <= self.weight2 <= self.weight1,
-            "weight2",
-            f"in [0, weight1={self.weight1}] (above weight1 the loss is unbounded below)",
-        )
+        bounded = finite(self.weight2) and 0 <= self.weight2 <= self.weight1
+        need(self, bounded, "weight2", f"in [0, weight1={self.weight1}] (above, the loss is unbounded below)")
         need(self, self.boost_epochs >= 1, "boost_epochs", "an integer >= 1")
         need(self, self.correct_epochs >= 1, "correct_epochs", "an integer >= 1")
         need(self, finite(self.boost_rate) and self.boost_rate > 0, "boost_rate", "a finite number > 0")
@@ -128,6 +120,7 @@ class ReconBoost(Balancer):
         self.register_buffer("last_boost_loss", torch.full((), float("nan"), dtype=torch.float64))
         self._members: list[str] = []  # host mirror of in_ensemble (read every step without a sync)
         self.rectify_optimizer: torch.optim.Optimizer | None = None
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._after_load())
         self._extra_steps = 0
 
     def _load_from_state_dict(
@@ -135,6 +128,16 @@ class ReconBoost(Balancer):
     ) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._sync_members()
+
+    def _after_load(self) -> None:
+        """After a state-dict load (the heads are built from it by then): a balancer resumed inside
+        a stage gets the stage's rectification optimizer, for the saved optimizer state to load into."""
+        if self.rectify_optimizer is None and int(self.stages_done) > 0:
+            self.rectify_optimizer = self._rectify_optimizer()
+
+    def _rectify_optimizer(self) -> torch.optim.Optimizer:
+        """A fresh optimizer of the run's type over the ensemble head(s) and ρ."""
+        return self._optimizer_factory(list(self.heads.parameters()) + [self.rho])
 
     def _sync_members(self) -> None:
         """Refresh the host list of members from ``in_ensemble`` (one device read)."""
@@ -195,8 +198,7 @@ class ReconBoost(Balancer):
         self.in_ensemble[self.modalities.index(modality)] = True
         self._sync_members()
         self.stages_done.fill_(stage + 1)
-        params = list(self.heads.parameters()) + [self.rho]
-        self.rectify_optimizer = self._optimizer_factory(params)
+        self.rectify_optimizer = self._rectify_optimizer()
 
     def boost(self, ctx: EpochContext, stage: int, modality: str) -> float:
         """Train learner ``modality`` (its encoder and the head) for ``boost_epochs`` passes with the

@@ -135,3 +135,14 @@ def test_fp16_scaler_unequal_widths_and_config_errors():
         fixed = MLA(MLAConfig(fusion="fixed", fusion_weights={"a": 1.0}))
         fixed.setup(tiny_model(), task, lambda p, **kw: None)
     assert not MLA.supports(task="reg")
+
+
+def test_host_state_carries_the_projection_batch_position():
+    trainer, batch, _ = _trainer(MLAConfig())
+    trainer.train_step(batch, 0, 0)  # steps_per_epoch = 3: the next batch is number 1 of 3
+    state = trainer.balancer.training_state()
+    assert state["host"] == {"batch_index": 1, "batches_per_epoch": 3}
+    fresh, _, _ = _trainer(MLAConfig(), seed=1)
+    fresh.balancer.load_training_state(state)
+    assert (fresh.balancer._batch_index, fresh.balancer._batches_per_epoch) == (1, 3)
+    assert fresh.balancer._updates == 2  # the host mirror of head_updates follows the load

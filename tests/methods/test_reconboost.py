@@ -148,3 +148,21 @@ def test_errors():
     )
     with pytest.raises(ShapeError, match="shared_head=False"):
         other.on_train_epoch_start(bad)
+
+
+def test_training_state_resumes_inside_a_stage():
+    """A fresh balancer that loads a mid-stage state gets the stage's rectification optimizer (the
+    heads are built from the state first), so the saved optimizer state has a home."""
+    trainer, balancer, ctx, batches = _setup(ReconBoostConfig(boost_epochs=1, correct_epochs=2))
+    balancer.on_train_epoch_start(ctx(0))
+    trainer.train_step(batches[0], 0, 0)
+    state = balancer.training_state()
+    _, fresh, _, _ = _setup(ReconBoostConfig(boost_epochs=1, correct_epochs=2), seed=1)
+    assert fresh.rectify_optimizer is None  # no stage has started in this balancer
+    fresh.load_training_state(state)
+    assert fresh._members == ["a"]
+    saved, loaded = state["optimizers"][0], fresh.rectify_optimizer.state_dict()
+    assert saved["param_groups"] == loaded["param_groups"]
+    for key, value in saved["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(torch.as_tensor(tensor), torch.as_tensor(loaded["state"][key][name])), name
