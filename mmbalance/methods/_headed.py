@@ -6,7 +6,9 @@ Config's head fields (``head_hidden``, ``head_lr``, ``sequence_pool``, whichever
 :class:`~mmbalance.methods._config.HeadConfig`), adds their loss terms ``unimodal/<m>`` to the task
 loss, and steps their own optimizer after the main one, through the run's GradScaler. A method
 changes only what differs: ``heads_detach`` (whether the head loss reaches the encoders), and its
-own ``loss_terms`` / gradient edits built from :meth:`unimodal_predictions`.
+own ``loss_terms`` / gradient edits built from :meth:`unimodal_predictions`. A configuration that
+needs no heads (MSLR's fixed rates) returns ``False`` from :meth:`HeadedBalancer.uses_heads`: then
+``self.heads`` is ``None`` and the base adds no term and steps nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +38,11 @@ class HeadedBalancer(Balancer):
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
-        self.heads = self.make_heads(task, optimizer_factory)
+        self.heads = self.make_heads(task, optimizer_factory) if self.uses_heads() else None
+
+    def uses_heads(self) -> bool:
+        """Whether this configuration trains heads (default ``True``); read once, in ``setup``."""
+        return True
 
     def make_heads(self, task: Any, optimizer_factory: OptimizerFactory | None, **options: Any) -> UnimodalHeads:
         """Unimodal heads from the Config's head fields; ``options`` override them."""
@@ -58,9 +64,12 @@ class HeadedBalancer(Balancer):
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Any) -> dict[str, Tensor]:
         """``task`` on the fused prediction, then ``unimodal/<m>`` for every head."""
         terms = super().loss_terms(output, batch, task)
-        terms.update(self.heads.loss_terms(self.unimodal_predictions(output, batch), batch["target"], task))
+        if self.heads is not None:
+            predictions = self.unimodal_predictions(output, batch)
+            terms.update(self.heads.loss_terms(predictions, batch["target"], task))
         return terms
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         """Step the heads' own optimizer (after the main step, before ``scaler.update``)."""
-        self.heads.step(ctx.scaler)
+        if self.heads is not None:
+            self.heads.step(ctx.scaler)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from mmbalance.errors import ConfigError
+from mmbalance.methods._precision import upcast
 from mmbalance.models.base import MultimodalModel
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "encode_modality",
     "target_size",
     "iterate",
+    "train_pass",
     "mean_loss",
     "unimodal_validation",
 ]
@@ -104,13 +106,34 @@ def target_size(batch: Mapping[str, Tensor]) -> tuple[int, int] | None:
 
 
 def iterate(
-    loader: DataLoader, to_device: Callable[[Mapping[str, Tensor]], dict[str, Tensor]], max_batches: int | None
+    loader: DataLoader,
+    to_device: Callable[[Mapping[str, Tensor]], dict[str, Tensor]],
+    max_batches: int | None,
 ) -> Iterator[dict[str, Tensor]]:
     """Batches of ``loader`` on the device, at most ``max_batches`` of them (``None`` = all)."""
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             return
         yield to_device(batch)
+
+
+def train_pass(
+    loss_fn: Callable[[dict[str, Tensor]], Tensor],
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    to_device: Callable[[Mapping[str, Tensor]], dict[str, Tensor]],
+    max_batches: int | None = None,
+) -> int:
+    """One training pass of a stage: for each batch (at most ``max_batches``), zero the gradients,
+    back-propagate ``loss_fn(batch)`` (a 0-d loss) and step ``optimizer``. Returns the number of steps
+    (for :meth:`~mmbalance.balancer.Balancer.extra_steps`)."""
+    steps = 0
+    for batch in iterate(loader, to_device, max_batches):
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(batch).backward()
+        optimizer.step()
+        steps += 1
+    return steps
 
 
 @torch.no_grad()
@@ -161,12 +184,12 @@ def unimodal_validation(
             features, _ = model.encode(batch)
             predictions = heads(features, target_size(batch))
             size = int(batch["target"].shape[0])
-            row = torch.stack(
-                [
-                    torch.stack([task.loss(predictions[m].float(), batch["target"]), task.score(predictions[m].float(), batch["target"])])
-                    for m in modalities
-                ]
-            ).double() * size
+            target = batch["target"]
+            rows = []
+            for m in modalities:
+                prediction = upcast(predictions[m])
+                rows.append(torch.stack([task.loss(prediction, target), task.score(prediction, target)]))
+            row = torch.stack(rows).double() * size
             acc = row if acc is None else acc + row
             count += size
     if acc is None:

@@ -20,15 +20,19 @@ import copy
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
-from mmbalance.balancer import Balancer, EpochContext, OptimizerFactory, StepContext
+from mmbalance.balancer import EpochContext, OptimizerFactory
+from mmbalance.config import finite, need
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
-from mmbalance.methods._grads import step_auxiliary
-from mmbalance.methods._heads import UnimodalHeads
+from mmbalance.methods._config import HeadConfig
+from mmbalance.methods._headed import HeadedBalancer
+from mmbalance.methods._heads import UnimodalHeads, head_term
 from mmbalance.methods._stages import (
     encode_modality,
     eval_mode,
@@ -38,6 +42,7 @@ from mmbalance.methods._stages import (
     stage_loader,
     stage_seed,
     target_size,
+    train_pass,
 )
 from mmbalance.models.base import ModelOutput, MultimodalModel
 from mmbalance.tasks import Task
@@ -45,48 +50,39 @@ from mmbalance.tasks import Task
 __all__ = ["GBlending", "GBlendingConfig", "gblend_weights", "FUSION"]
 
 FUSION = "fusion"  # key of the multimodal (fusion-head) loss among the blend weights
-MODES = ("online", "offline", "fixed")
 ESTIMATORS = ("delta", "final")
 
 
 @dataclass(frozen=True)
-class GBlendingConfig:
-    mode: str = "online"  # online: re-estimate every super_epoch; offline: once at epoch 0; fixed: use `weights`
-    super_epoch: int = 10  # n, epochs between re-estimations (BalanceBenchmark super_epoch; MultiBench gb_epoch 20)
-    estimate_epochs: int | None = None  # N, epochs each candidate copy trains; None = the super-epoch, cut at the run's end
-    estimator: str = "delta"  # delta: paper, w ∝ ΔG/ΔO²; final: MultiBench delta=False, w ∝ L^V_{n+N}/O_{n+N}²
+class GBlendingConfig(HeadConfig):
+    # online: re-estimate every super_epoch; offline: once at epoch 0; fixed: use `weights`
+    mode: Literal["online", "offline", "fixed"] = "online"
+    # n, epochs between re-estimations (BalanceBenchmark super_epoch; MultiBench gb_epoch 20)
+    super_epoch: int = 10
+    # N, epochs each candidate copy trains; None = the super-epoch, cut at the run's end
+    estimate_epochs: int | None = None
+    # delta: paper, w ∝ ΔG/ΔO²; final: MultiBench delta=False, w ∝ L^V_{n+N}/O_{n+N}²
+    estimator: Literal["delta", "final"] = "delta"
     min_overfit: float = 1e-4  # floor on |O| (MultiBench's clamp), keeps w finite when O ≈ 0
-    estimate_batches: int | None = None  # cap on batches per estimation epoch and loss pass (None = whole splits)
-    weights: Mapping[str, float] = field(default_factory=dict)  # mode=fixed: {modality | "fusion": w}; {} = uniform
+    # cap on batches per estimation epoch and loss pass (None = whole splits)
+    estimate_batches: int | None = None
+    # mode=fixed: {modality | "fusion": w}; {} = uniform
+    weights: Mapping[str, float] = field(default_factory=dict)
     head_hidden: int | None = None  # unimodal heads: linear (None) or 2-layer MLP of this width
     head_lr: float | None = None  # unimodal heads' learning rate (None = the run's lr)
 
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not isinstance(self.super_epoch, int) or self.super_epoch < 1:
-            raise ValueError(f"super_epoch must be an integer >= 1, got {self.super_epoch!r}")
-        if self.estimate_epochs is not None and (not isinstance(self.estimate_epochs, int) or self.estimate_epochs < 1):
-            raise ValueError(f"estimate_epochs must be None or an integer >= 1, got {self.estimate_epochs!r}")
-        if self.estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
-        if not (self.min_overfit > 0 and math.isfinite(self.min_overfit)):
-            raise ValueError(f"min_overfit must be a finite number > 0, got {self.min_overfit!r}")
-        if self.estimate_batches is not None and (not isinstance(self.estimate_batches, int) or self.estimate_batches < 1):
-            raise ValueError(f"estimate_batches must be None or an integer >= 1, got {self.estimate_batches!r}")
-        if not isinstance(self.weights, Mapping):
-            raise ValueError(f"weights must be a mapping of modality / 'fusion' to a weight, got {self.weights!r}")
+    def check(self) -> None:
+        need(self, self.super_epoch >= 1, "super_epoch", "an integer >= 1")
+        epochs, batches = self.estimate_epochs, self.estimate_batches
+        need(self, epochs is None or epochs >= 1, "estimate_epochs", "None or an integer >= 1")
+        need(self, finite(self.min_overfit) and self.min_overfit > 0, "min_overfit", "a finite number > 0")
+        need(self, batches is None or batches >= 1, "estimate_batches", "None or an integer >= 1")
         for key, w in self.weights.items():
-            if not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+            if not (finite(w) and w >= 0):
                 raise ValueError(f"weights[{key!r}] must be a finite number >= 0, got {w!r}")
-        if self.weights and sum(self.weights.values()) <= 0:
-            raise ValueError(f"weights must not all be 0, got {dict(self.weights)}")
-        if self.weights and self.mode != "fixed":
-            raise ValueError(f"weights are only used with mode='fixed'; got mode={self.mode!r} and weights={dict(self.weights)}")
-        if self.head_hidden is not None and (not isinstance(self.head_hidden, int) or self.head_hidden < 1):
-            raise ValueError(f"head_hidden must be None or an integer >= 1, got {self.head_hidden!r}")
-        if self.head_lr is not None and not self.head_lr > 0:
-            raise ValueError(f"head_lr must be None or > 0, got {self.head_lr!r}")
+        need(self, not self.weights or sum(self.weights.values()) > 0, "weights", "not all 0")
+        fixed_only = f"{{}}: only used with mode='fixed', not {self.mode!r}"
+        need(self, not self.weights or self.mode == "fixed", "weights", fixed_only)
 
 
 def gblend_weights(
@@ -137,39 +133,42 @@ def gblend_weights(
 
 
 @register_method("g_blending")
-class GBlending(Balancer):
+class GBlending(HeadedBalancer):
     """Gradient-Blending: per-modality heads and OGR-optimal loss weights, re-estimated on validation."""
 
     Config = GBlendingConfig
-    tasks = frozenset({"cls", "reg", "seg"})
     paper = "Wang, Tran, Feiszli. What Makes Training Multi-Modal Classification Networks Hard? CVPR 2020"
     presets = {
         # Not from the paper: the 8-epoch synthetic benchmark's budget (two estimates of one epoch each).
         "synthetic": {"super_epoch": 4, "estimate_epochs": 1},
     }
 
+    heads_detach = False  # each unimodal loss trains its encoder (L = Σ w_m L_m + w_fusion L_fusion)
+
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
         cfg = self.config
         if FUSION in self.modalities:
-            raise ConfigError(f"g_blending reserves the weight key {FUSION!r}; a modality has that name: {self.modalities}")
+            raise ConfigError(
+                f"g_blending reserves the weight key {FUSION!r}; a modality has that name: {self.modalities}"
+            )
         self.candidates: tuple[str, ...] = (*self.modalities, FUSION)
         self._optimizer_factory = optimizer_factory
-        self.heads = UnimodalHeads.for_task(self.modalities, task, hidden=cfg.head_hidden, detach=False)
-        self.head_optimizer: torch.optim.Optimizer | None = None
         if cfg.mode == "fixed" and cfg.weights:
             unknown = set(cfg.weights) - set(self.candidates)
             missing = set(self.candidates) - set(cfg.weights)
             if unknown or missing:
                 raise ConfigError(
-                    f"weights must have exactly the keys {list(self.candidates)} (modalities and {FUSION!r}); "
+                    f"weights must have exactly the keys {list(self.candidates)} "
+                    f"(modalities and {FUSION!r}); "
                     f"unknown {sorted(unknown)}, missing {sorted(missing)}"
                 )
             initial = [float(cfg.weights[c]) for c in self.candidates]
         else:
             initial = [1.0 / len(self.candidates)] * len(self.candidates)
         k = len(self.candidates)
-        self.register_buffer("blend_weights", torch.tensor(initial, dtype=torch.float32))
+        # float64, as the re-implementations' Python-float weights; applied in each loss's dtype
+        self.register_buffer("blend_weights", torch.tensor(initial, dtype=torch.float64))
         # G and O of the last estimate (zeros before the first; `estimates` counts them).
         self.register_buffer("last_gain", torch.zeros(k, dtype=torch.float64))
         self.register_buffer("last_overfit", torch.zeros(k, dtype=torch.float64))
@@ -179,20 +178,19 @@ class GBlending(Balancer):
 
     # -- the step -----------------------------------------------------------------------------------
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Task) -> dict[str, Tensor]:
-        """``w_fusion * L_fusion`` and ``w_m * L_m`` for every modality (heads read un-detached features)."""
+        """``w_fusion * L_fusion`` and ``w_m * L_m`` for every modality (heads read un-detached
+        features). Each weight is cast to its loss's dtype, as a Python-float weight times a loss
+        tensor is in the re-implementations: a float32 loss gets the float32-rounded weight, a
+        float64 loss the exact one."""
         target = batch["target"]
-        predictions = self.heads(output.features, target_size(batch))
+        predictions = self.unimodal_predictions(output, batch)
         w = self.blend_weights
-        terms = {"task": w[-1] * task.loss(output.prediction, target)}
+        fused = task.loss(output.prediction, target)
+        terms = {"task": w[-1].to(fused.dtype) * fused}
         for i, m in enumerate(self.modalities):
-            terms[f"unimodal/{m}"] = w[i] * task.loss(predictions[m], target)
+            loss = task.loss(predictions[m], target)
+            terms[head_term(m)] = w[i].to(loss.dtype) * loss
         return terms
-
-    def on_after_optimizer_step(self, ctx: StepContext) -> None:
-        """Step the unimodal heads' own optimizer (built after the heads' lazy init)."""
-        if self.head_optimizer is None:
-            self.head_optimizer = self.heads.make_optimizer(self._optimizer_factory, lr=self.config.head_lr)
-        step_auxiliary(ctx.scaler, self.head_optimizer)
 
     # -- weight estimation ----------------------------------------------------------------------------
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
@@ -218,18 +216,20 @@ class GBlending(Balancer):
             for index, candidate in enumerate(self.candidates):
                 train = stage_loader(ctx.train_loader, shuffle=True, seed=stage_seed(ctx.epoch, index + 1))
                 losses.append(self._measure(candidate, ctx, train, train_eval, epochs))
-        weights, gains, overfits = gblend_weights(*zip(*losses, strict=True), estimator=cfg.estimator, min_overfit=cfg.min_overfit)
+        weights, gains, overfits = gblend_weights(
+            *zip(*losses, strict=True), estimator=cfg.estimator, min_overfit=cfg.min_overfit
+        )
         self.last_gain.copy_(torch.tensor(gains, dtype=torch.float64))
         self.last_overfit.copy_(torch.tensor(overfits, dtype=torch.float64))
         self.estimates += 1
         if weights is None:
             self.degenerate_estimates += 1
         else:
-            self.blend_weights.copy_(torch.tensor(weights, dtype=torch.float32))
+            self.blend_weights.copy_(torch.tensor(weights, dtype=torch.float64))
         return self.blend_weights.tolist()
 
     def _measure(
-        self, candidate: str, ctx: EpochContext, train, train_eval, epochs: int
+        self, candidate: str, ctx: EpochContext, train: DataLoader, train_eval: DataLoader, epochs: int
     ) -> tuple[float, float, float, float]:
         """``(L^T_n, L^V_n, L^T_{n+N}, L^V_{n+N})`` of a copy of ``candidate`` trained for ``epochs``."""
         task, cap = ctx.task, self.config.estimate_batches
@@ -253,19 +253,19 @@ class GBlending(Balancer):
                 feature = encode_modality(model, candidate, batch)
                 return task.loss(head(feature, target_size(batch)), batch["target"])
 
+        def losses() -> tuple[float, float]:
+            """(training, validation) loss of the candidate in eval mode."""
+            with eval_mode(model, heads):
+                train_loss = mean_loss(loss_fn, train_eval, ctx.to_device, cap)
+                return train_loss, mean_loss(loss_fn, ctx.val_loader, ctx.to_device, cap)
+
         optimizer = self._optimizer_factory(params)
-        with eval_mode(model, heads):
-            before = (mean_loss(loss_fn, train_eval, ctx.to_device, cap), mean_loss(loss_fn, ctx.val_loader, ctx.to_device, cap))
+        before = losses()
         model.train()
         heads.train()
         for _ in range(epochs):
-            for batch in iterate(train, ctx.to_device, cap):
-                optimizer.zero_grad(set_to_none=True)
-                loss_fn(batch).backward()
-                optimizer.step()
-                self._extra_steps += 1
-        with eval_mode(model, heads):
-            after = (mean_loss(loss_fn, train_eval, ctx.to_device, cap), mean_loss(loss_fn, ctx.val_loader, ctx.to_device, cap))
+            self._extra_steps += train_pass(loss_fn, optimizer, train, ctx.to_device, cap)
+        after = losses()
         return before[0], before[1], after[0], after[1]
 
     def diagnostics(self) -> dict[str, float]:

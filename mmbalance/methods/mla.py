@@ -9,67 +9,68 @@ Test time: the unimodal predictions are fused with entropy weights ``w_m ∝ exp
 
 Port of ``Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation:main.py``
 (``train_epoch``/``valid`` with ``--gs_flag``, ``calculate_gating_weights``) and ``utils/utils.py``
-(``GSPlugin.before_update``). Deviations (``methods/mla.md``): the released code never projects (its
-name test ``n == "module.weight"`` never matches an ``nn.Linear``; ``projection=False`` reproduces
-that); per-sample entropy weights by default (the code's softmax runs over the batch dimension:
-``fusion="dynamic_batch"``); each encoder is stepped once per batch.
+(``GSPlugin.before_update``); the fusion rule is in ``_entropy_fusion.py``. Deviations
+(``methods/mla.md``): the released code never projects (its name test ``n == "module.weight"``
+never matches an ``nn.Linear``; ``projection=False`` reproduces that); per-sample entropy weights by
+default (the code's softmax runs over the batch dimension: ``fusion="dynamic_batch"``); each encoder
+is stepped once per batch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from mmbalance.balancer import Balancer, EpochContext, OptimizerFactory, StepContext
+from mmbalance.config import finite
 from mmbalance.errors import ConfigError, ShapeError, UnsupportedError
 from mmbalance.methods import register_method
-from mmbalance.methods._heads import SEQUENCE_POOLS, UnimodalHeads, feature_kind, pool_features
+from mmbalance.methods._config import HeadConfig
+from mmbalance.methods._entropy_fusion import batch_entropy_weights, entropy_weights, fuse_logits
+from mmbalance.methods._epoch_means import EpochMeans
+from mmbalance.methods._heads import UnimodalHeads, feature_kind, head_term, pool_features
+from mmbalance.methods._lazy_buffers import follow_saved_shapes_
+from mmbalance.methods._precision import upcast
 from mmbalance.methods._stages import target_size
 from mmbalance.models.base import ModelOutput, MultimodalModel
 from mmbalance.tasks import Task
 
 __all__ = ["MLA", "MLAConfig", "project_gradient_", "entropy_weights", "batch_entropy_weights", "fuse_logits"]
 
-FUSIONS = ("dynamic", "dynamic_batch", "fixed")
 SHARED = "shared"
 
 
 @dataclass(frozen=True)
-class MLAConfig:
-    fusion: str = "dynamic"  # test-time fusion: dynamic (per-sample entropy), dynamic_batch (official, over the batch), fixed
-    fusion_weights: Mapping[str, float] = field(default_factory=dict)  # fixed: w_m per modality; empty = 1/M each
-    projection: bool = True  # project the shared head's gradient (paper); False = the released code (never fires)
+class MLAConfig(HeadConfig):
+    # test-time fusion: dynamic (per-sample entropy), dynamic_batch (official, over the batch), fixed
+    fusion: Literal["dynamic", "dynamic_batch", "fixed"] = "dynamic"
+    fusion_weights: Mapping[str, float] = field(default_factory=dict)  # fixed: w_m per modality; {} = 1/M
+    # project the shared head's gradient (paper); False = the released code (never fires)
+    projection: bool = True
     head_lr: float | None = None  # LR of the shared head (None = the run's LR)
     sequence_pool: str = "mean"  # pooling of (B, L, d) features (official: a.mean(dim=1))
 
-    def __post_init__(self) -> None:
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        if not isinstance(self.fusion_weights, Mapping):
-            raise ValueError(f"fusion_weights must map modality names to weights, got {self.fusion_weights!r}")
+    def check(self) -> None:
         for m, w in self.fusion_weights.items():
-            if not (isinstance(w, int | float) and math.isfinite(w) and w >= 0):
+            if not (finite(w) and w >= 0):
                 raise ValueError(f"fusion_weights[{m!r}] must be a finite number >= 0, got {w!r}")
         if self.fusion_weights and sum(self.fusion_weights.values()) <= 0:
             raise ValueError(f"fusion_weights must not all be 0, got {dict(self.fusion_weights)!r}")
-        if self.head_lr is not None and not self.head_lr > 0:
-            raise ValueError(f"head_lr must be None or > 0, got {self.head_lr!r}")
-        if self.sequence_pool not in SEQUENCE_POOLS:
-            raise ValueError(f"sequence_pool must be one of {SEQUENCE_POOLS}, got {self.sequence_pool!r}")
 
 
-# -- the arithmetic, as pure functions (hand-checked in tests/methods/test_mla.py) ----------------
 @torch.no_grad()
-def project_gradient_(projector: Tensor, weight_grad: Tensor, head_input_mean: Tensor, alpha: float) -> Tensor:
+def project_gradient_(
+    projector: Tensor, weight_grad: Tensor, head_input_mean: Tensor, alpha: float
+) -> Tensor:
     """One ``GSPlugin.before_update``: ``k = P rᵀ``; ``P ← P − k kᵀ / (α + r k)``; ``P ← P / ‖P‖_F``;
     then ``∇W ← ∇W Pᵀ`` in place. ``projector``: ``(d, d)``, updated in place and returned;
-    ``weight_grad``: ``(K, d)`` or a 1×1 conv's ``(K, d, 1, 1)``; ``head_input_mean``: ``(d,)``."""
+    ``weight_grad``: ``(K, d)`` or a 1×1 conv's ``(K, d, 1, 1)``; ``head_input_mean``: ``(d,)``.
+    Hand-checked in ``tests/methods/test_mla.py``."""
     d = projector.shape[0]
     r = head_input_mean.reshape(1, d).to(projector.dtype)
     k = projector @ r.T
@@ -80,62 +81,24 @@ def project_gradient_(projector: Tensor, weight_grad: Tensor, head_input_mean: T
     return projector
 
 
-def _entropy(logits: Tensor, dim: int) -> Tensor:
-    log_p = torch.log_softmax(logits.float(), dim=dim)
-    return -(log_p.exp() * log_p)
-
-
-def entropy_weights(logits: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Per-sample (per-pixel for maps) ``w_m = exp(max_j H_j − H_m) / Σ_j exp(max_j H_j − H_j)``
-    with ``H_m = −Σ_k p_k log p_k`` over the class dim 1: low entropy, high weight.
-    Shapes ``(B, 1)`` or ``(B, 1, H, W)``."""
-    entropies = torch.stack([_entropy(f, 1).sum(dim=1, keepdim=True) for f in logits.values()])
-    gates = torch.exp(entropies.max(dim=0).values - entropies)
-    gates = gates / gates.sum(dim=0)
-    return dict(zip(logits, gates.unbind(0), strict=True))
-
-
-def batch_entropy_weights(logits: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The released ``calculate_gating_weights``: softmax over the **batch** dim 0, entropy summed
-    over the whole tensor, one scalar weight per modality for the whole batch (0-d tensors)."""
-    entropies = torch.stack([_entropy(f, 0).sum() for f in logits.values()])
-    gates = torch.exp(entropies.max() - entropies)
-    gates = gates / gates.sum()
-    return dict(zip(logits, gates.unbind(0), strict=True))
-
-
-def fuse_logits(logits: Mapping[str, Tensor], weights: Mapping[str, Tensor | float]) -> Tensor:
-    """``Σ_m w_m f_m`` (weights broadcast over the class dim)."""
-    fused: Tensor | None = None
-    for m, f in logits.items():
-        w = weights[m]
-        term = f.float() * (w.float() if isinstance(w, Tensor) else float(w))
-        fused = term if fused is None else fused + term
-    if fused is None:
-        raise ShapeError("fuse_logits needs at least one modality's logits, got none")
-    return fused
-
-
 @register_method("mla")
 class MLA(Balancer):
     """Alternating unimodal updates through a shared, gradient-projected head; entropy-weighted fusion."""
 
     Config = MLAConfig
     presets = {
-        # main.py: main(av_alpha=0.55) -> fixed fusion 0.55 * out_a + 0.45 * out_v; modal3: a/v/t 0.35/0.25/0.4
+        # main.py: main(av_alpha=0.55) -> fixed fusion 0.55 * out_a + 0.45 * out_v;
+        # modal3: a/v/t 0.35/0.25/0.4
         "cremad": {"fusion_weights": {"audio": 0.55, "visual": 0.45}},
         "food101": {"fusion_weights": {"text": 0.55, "image": 0.45}},  # M3AEClassifier: a = text, v = image
         "iemocap": {"fusion_weights": {"audio": 0.35, "vision": 0.25, "text": 0.4}},
     }
     tasks = frozenset({"cls", "seg"})
-    min_modalities = 2
-    max_modalities = None
     paper = (
-        "Zhang, Yoon, Bansal, Yao. Multimodal Representation Learning by Alternating Unimodal Adaptation. CVPR 2024 "
+        "Zhang, Yoon, Bansal, Yao. Multimodal Representation Learning by Alternating Unimodal Adaptation. "
+        "CVPR 2024 "
         "(Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation)"
     )
-    grad_edit_scope = frozenset()  # the projected head is the balancer's own; model gradients are not edited
-
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
         cfg: MLAConfig = self.config
@@ -145,22 +108,23 @@ class MLA(Balancer):
                     f"mla fusion_weights must name exactly the modalities {list(self.modalities)}, "
                     f"got {sorted(cfg.fusion_weights)}"
                 )
-        self._optimizer_factory = optimizer_factory
-        self.head = UnimodalHeads((SHARED,), task.name, int(task.num_outputs), hidden=None,
-                                  sequence_pool=cfg.sequence_pool, detach=False)
-        self.head_optimizer: torch.optim.Optimizer | None = None
-        self.register_buffer("projector", torch.zeros(0, 0))  # P, identity of the head's input width at first use
+        # One linear head shared by all modalities, with its own optimizer (stepped once per modality).
+        self.head = UnimodalHeads(
+            (SHARED,), task.name, int(task.num_outputs), hidden=None, sequence_pool=cfg.sequence_pool,
+            detach=False, optimizer_factory=optimizer_factory, lr=cfg.head_lr,
+        )
+        # P: the identity of the head's input width at first use
+        self.register_buffer("projector", torch.zeros(0, 0))
         self.register_buffer("head_updates", torch.zeros((), dtype=torch.long))  # official exp_count
         self._updates = 0  # host mirror of head_updates (read every modality update without a device sync)
         self._batch_index, self._batches_per_epoch = 0, 1
         self._pending: dict[str, Any] | None = None
-        self._weight_sums: Tensor | None = None
-        self._weight_count = 0
+        self._means = EpochMeans(self.modalities)  # fusion weights of the batches predicted this epoch
 
-    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        saved = state_dict.get(prefix + "projector")
-        if isinstance(saved, Tensor) and saved.shape != self.projector.shape:  # lazily sized: follow the saved size
-            self.projector = torch.zeros_like(saved, device=self.projector.device)
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        follow_saved_shapes_(self, state_dict, prefix, ("projector",))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._updates = int(self.head_updates)
 
@@ -173,17 +137,19 @@ class MLA(Balancer):
             layout[m] = (kind, int(f.shape[1] if kind == "map" else f.shape[-1]))
         if len(set(layout.values())) != 1:
             raise ShapeError(
-                f"mla shares one head across modalities, so every features[m] needs the same kind and width; got {layout}"
+                "mla shares one head across modalities, so every features[m] needs the same kind and width; "
+                f"got {layout}"
             )
 
     def _logits(self, feature: Tensor, out_size: tuple[int, int] | None) -> Tensor:
         return self.head({SHARED: feature}, out_size)[SHARED]
 
     def _head_input_mean(self, feature: Tensor) -> Tensor:
-        """Batch mean of the shared linear layer's input: the pooled vector, or the map averaged over pixels."""
+        """Batch mean of the shared linear layer's input: the pooled vector, or the map averaged over
+        pixels."""
         if self.task is not None and self.task.name == "seg":
-            return feature.detach().float().mean(dim=(0, 2, 3))
-        return pool_features(feature.detach(), self.config.sequence_pool).float().mean(dim=0)
+            return upcast(feature.detach()).mean(dim=(0, 2, 3))
+        return upcast(pool_features(feature.detach(), self.config.sequence_pool)).mean(dim=0)
 
     def _fusion_weights(self, logits: Mapping[str, Tensor]) -> Mapping[str, Tensor | float]:
         cfg: MLAConfig = self.config
@@ -216,13 +182,14 @@ class MLA(Balancer):
         """``unimodal/<m>``: the shared head's loss on modality m (with the head as it is before this
         batch's updates; :meth:`backward` recomputes modality m's loss after the head has been
         stepped for the modalities before it, as the official loop does)."""
-        if self.head_optimizer is None:
-            self.head_optimizer = self.head.make_optimizer(self._optimizer_factory, lr=self.config.head_lr)
         device_type = batch["target"].device.type
-        autocast = (device_type, torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else None
+        autocast = None
+        if torch.is_autocast_enabled(device_type):
+            autocast = (device_type, torch.get_autocast_dtype(device_type))
         self._pending = {"features": output.features, "target": batch["target"], "size": target_size(batch),
                          "task": task, "autocast": autocast}
-        return {f"unimodal/{m}": task.loss(output.extras["mla.logits"][m], batch["target"]) for m in self.modalities}
+        logits = output.extras["mla.logits"]
+        return {head_term(m): task.loss(logits[m], batch["target"]) for m in self.modalities}
 
     def backward(self, terms: Mapping[str, Tensor], scaler: torch.amp.GradScaler) -> None:
         """For each modality in order: backward of its loss (encoder m and the shared head), project
@@ -235,10 +202,11 @@ class MLA(Balancer):
         """
         if scaler.is_enabled():
             raise UnsupportedError(
-                "mla steps its shared head once per modality in every batch (M steps); a GradScaler allows one step "
+                "mla steps its shared head once per modality in every batch (M steps); a GradScaler allows "
+                "one step "
                 "per optimizer per iteration, so amp='fp16' is unsupported: use amp='bf16' or 'none'"
             )
-        pending, optimizer = self._pending, self.head_optimizer
+        pending, optimizer = self._pending, self.head.optimizer
         if pending is None or optimizer is None:
             raise ConfigError("mla: backward ran before loss_terms prepared the batch")
         self._pending = None
@@ -246,7 +214,7 @@ class MLA(Balancer):
         alpha = 0.1 ** (self._batch_index / self._batches_per_epoch + 1)
         for i, m in enumerate(self.modalities):
             if i == 0:
-                loss = terms[f"unimodal/{m}"]
+                loss = terms[head_term(m)]
             else:
                 with self._autocast(pending["autocast"]):
                     logits = self._logits(pending["features"][m], pending["size"])
@@ -254,8 +222,9 @@ class MLA(Balancer):
             loss.backward()
             if self.config.projection and self._updates > 0 and weight.grad is not None:
                 if self.projector.numel() == 0:
-                    self.projector = torch.eye(weight.shape[1], device=weight.device)
-                project_gradient_(self.projector, weight.grad, self._head_input_mean(pending["features"][m]), alpha)
+                    self.projector = torch.eye(weight.shape[1], device=weight.device, dtype=weight.dtype)
+                head_input = self._head_input_mean(pending["features"][m])
+                project_gradient_(self.projector, weight.grad, head_input, alpha)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             self.head_updates += 1
@@ -263,18 +232,30 @@ class MLA(Balancer):
 
     @staticmethod
     def _autocast(spec: tuple[str, torch.dtype] | None) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if spec is None else torch.autocast(device_type=spec[0], dtype=spec[1])
+        if spec is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=spec[0], dtype=spec[1])
 
     def _head_weight(self) -> nn.Parameter:
         layer = self.head.heads[SHARED].net
         if not isinstance(layer, nn.Linear | nn.Conv2d):
-            raise ConfigError(f"mla's shared head must be one linear (1x1 conv) layer, got {type(layer).__name__}")
+            raise ConfigError(
+                f"mla's shared head must be one linear (1x1 conv) layer, got {type(layer).__name__}"
+            )
         return layer.weight
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         """Advance the batch position used by the projection's α (``batch_idx / len(dataloader)``)."""
         self._batch_index = (ctx.step_in_epoch + 1) % max(1, ctx.steps_per_epoch)
         self._batches_per_epoch = max(1, ctx.steps_per_epoch)
+
+    def host_state(self) -> dict[str, Any]:
+        """The batch position of the projection's α (a resumed run continues mid-epoch)."""
+        return {"batch_index": self._batch_index, "batches_per_epoch": self._batches_per_epoch}
+
+    def load_host_state(self, state: Mapping[str, Any]) -> None:
+        self._batch_index = int(state["batch_index"])
+        self._batches_per_epoch = int(state["batches_per_epoch"])
 
     # -- inference ----------------------------------------------------------------------------------
     def predict(self, output: ModelOutput) -> Tensor:
@@ -291,16 +272,10 @@ class MLA(Balancer):
 
     # -- diagnostics --------------------------------------------------------------------------------
     def _record(self, weights: Mapping[str, Tensor | float]) -> None:
-        row = torch.stack([torch.as_tensor(weights[m]).float().mean() for m in self.modalities]).detach()
-        self._weight_sums = row if self._weight_sums is None else self._weight_sums + row.to(self._weight_sums.device)
-        self._weight_count += 1
+        means = [torch.as_tensor(weights[m], dtype=torch.float64).mean() for m in self.modalities]
+        self._means.update(fusion_weight=torch.stack(means))
 
     def diagnostics(self) -> dict[str, float]:
-        """Mean fusion weight per modality over the batches evaluated since the last call, and the
-        number of shared-head updates so far."""
-        out: dict[str, float] = {"head_updates": float(self.head_updates)}
-        if self._weight_sums is not None and self._weight_count:
-            for m, w in zip(self.modalities, (self._weight_sums / self._weight_count).tolist(), strict=True):
-                out[f"fusion_weight/{m}"] = w
-        self._weight_sums, self._weight_count = None, 0
-        return out
+        """Mean fusion weight per modality over the batches predicted since the last call
+        (``fusion_weight/<m>``), and the number of shared-head updates so far."""
+        return {"head_updates": float(self.head_updates), **self._means.pop()}

@@ -17,52 +17,51 @@ restored (the re-implementation reloads the whole model and optimizer). Details 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from mmbalance.balancer import Balancer, EpochContext, OptimizerFactory, StepContext
+from mmbalance.balancer import EpochContext, OptimizerFactory, StepContext
+from mmbalance.config import need
 from mmbalance.methods import register_method
-from mmbalance.methods._grads import step_auxiliary
-from mmbalance.methods._heads import UnimodalHeads
-from mmbalance.methods._stages import isolated_rng, target_size, unimodal_validation
-from mmbalance.models.base import ModelOutput, MultimodalModel
+from mmbalance.methods._config import HeadConfig
+from mmbalance.methods._grads import scale_grads_
+from mmbalance.methods._validation_heads import ValidationHeadsBalancer
+from mmbalance.models.base import MultimodalModel
 from mmbalance.tasks import Task
 
 __all__ = ["MSES", "MSESConfig", "mses_step"]
 
-RESTORE = ("modality", "model", "none")
-STOP_MODES = ("freeze", "zero")
-
 
 @dataclass(frozen=True)
-class MSESConfig:
-    patience: int = 10  # epochs without a new best smoothed val loss before a modality stops (AGM code: AVMNIST 10)
-    smoothing: float = 0.4  # weight of the current val loss; 1 - smoothing goes to the previous epoch's raw loss
-    restore: str = "modality"  # on stop, reload: modality (its encoder + head at its best epoch) | model (all, as AGM) | none
-    stop_mode: str = "freeze"  # freeze: drop the stopped encoder's gradients; zero: multiply them by 0 (AGM code)
+class MSESConfig(HeadConfig):
+    # epochs without a new best smoothed val loss before a modality stops (AGM code: AVMNIST 10)
+    patience: int = 10
+    # weight of the current val loss; 1 - smoothing goes to the previous epoch's raw loss
+    smoothing: float = 0.4
+    # on stop, reload: modality (its encoder + head at its best epoch) | model (all, as AGM) | none
+    restore: Literal["modality", "model", "none"] = "modality"
+    # freeze: drop the stopped encoder's gradients; zero: multiply them by 0 (AGM code)
+    stop_mode: Literal["freeze", "zero"] = "freeze"
     head_hidden: int | None = None  # unimodal loss heads: linear (None) or 2-layer MLP of this width
     head_lr: float | None = None  # unimodal loss heads' learning rate (None = the run's lr)
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.patience, int) or self.patience < 0:
-            raise ValueError(f"patience must be an integer >= 0, got {self.patience!r}")
-        if not (0 < self.smoothing <= 1):
-            raise ValueError(f"smoothing must be in (0, 1], got {self.smoothing!r}")
-        if self.restore not in RESTORE:
-            raise ValueError(f"restore must be one of {RESTORE}, got {self.restore!r}")
-        if self.stop_mode not in STOP_MODES:
-            raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {self.stop_mode!r}")
-        if self.head_hidden is not None and (not isinstance(self.head_hidden, int) or self.head_hidden < 1):
-            raise ValueError(f"head_hidden must be None or an integer >= 1, got {self.head_hidden!r}")
-        if self.head_lr is not None and not self.head_lr > 0:
-            raise ValueError(f"head_lr must be None or > 0, got {self.head_lr!r}")
+    def check(self) -> None:
+        need(self, self.patience >= 0, "patience", "an integer >= 0")
+        need(self, 0 < self.smoothing <= 1, "smoothing", "in (0, 1]")
 
 
 def mses_step(
-    raw: float, previous_raw: float | None, best: float, best_epoch: int, epoch: int, *, smoothing: float, patience: int
+    raw: float,
+    previous_raw: float | None,
+    best: float,
+    best_epoch: int,
+    epoch: int,
+    *,
+    smoothing: float,
+    patience: int,
 ) -> tuple[float, float, int, bool, bool]:
     """One modality's early-stopping update after epoch ``epoch``.
 
@@ -78,13 +77,11 @@ def mses_step(
 
 
 @register_method("mses")
-class MSES(Balancer):
+class MSES(ValidationHeadsBalancer):
     """Stop each modality's training once its smoothed unimodal validation loss stops improving."""
 
     Config = MSESConfig
-    tasks = frozenset({"cls", "reg", "seg"})
     grad_edit_scope = frozenset({"encoders"})
-    paper = "Fujimori, Endo, Kawai, Mochizuki. Modality-specific learning rate control for multimodal classification. ACPR 2019"
     presets = {
         # Patience of the AGM_ICCV2023 re-implementation (run/*_main.py), by dataset.
         "avmnist": {"patience": 10},
@@ -93,14 +90,14 @@ class MSES(Balancer):
         # Not from the paper: patience scaled to the 8-epoch synthetic benchmark.
         "synthetic": {"patience": 2},
     }
+    paper = (
+        "Fujimori, Endo, Kawai, Mochizuki. Modality-specific learning rate control for multimodal "
+        "classification. ACPR 2019"
+    )
 
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
-        cfg = self.config
-        self._params: dict[str, list[nn.Parameter]] = {m: model.modality_parameters(m) for m in self.modalities}
-        self._optimizer_factory = optimizer_factory
-        self.heads = UnimodalHeads.for_task(self.modalities, task, hidden=cfg.head_hidden, detach=True)
-        self.head_optimizer: torch.optim.Optimizer | None = None
+        self._params = {m: model.modality_parameters(m) for m in self.modalities}
         k = len(self.modalities)
         # No NaN sentinels (state dicts compare with torch.equal): `measured` says which are set.
         self.register_buffer("measured", torch.zeros(k, dtype=torch.bool))
@@ -110,31 +107,16 @@ class MSES(Balancer):
         self.register_buffer("best_epoch", torch.full((k,), -1, dtype=torch.long))
         self.register_buffer("stopped", torch.zeros(k, dtype=torch.bool))
         self.register_buffer("stopped_at", torch.full((k,), -1, dtype=torch.long))
-        self._snapshots: dict[str, dict[str, dict[str, Tensor]]] = {}  # m -> {"model"|"encoder"|"head": state}
-        self._host_stopped: list[str] | None = None
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._forget_host_state())
-
-    def _forget_host_state(self) -> None:
-        self._host_stopped = None
-
-    def _stopped(self) -> list[str]:
-        """Host list of stopped modalities; read once per epoch (or after a state-dict load)."""
-        if self._host_stopped is None:
-            flags = self.stopped.tolist()
-            self._host_stopped = [m for m, s in zip(self.modalities, flags, strict=True) if s]
-        return self._host_stopped
+        # m -> {"model" | "encoder" | "head": state at m's best epoch}
+        self._snapshots: dict[str, dict[str, dict[str, Tensor]]] = {}
 
     # -- epoch level ------------------------------------------------------------------------------
-    def on_train_epoch_start(self, ctx: EpochContext) -> None:
-        """Score the epoch just finished (``ctx.epoch - 1``) on validation; snapshot new bests; stop
+    def on_unimodal_validation(
+        self, ctx: EpochContext, epoch: int, stats: dict[str, tuple[float, float]]
+    ) -> None:
+        """Smooth each running modality's validation loss of epoch ``epoch``; snapshot new bests; stop
         and restore modalities whose patience ran out."""
-        self._host_stopped = None
-        if ctx.epoch < 1 or not self.heads.built:
-            return
-        cfg = self.config
-        with isolated_rng(ctx.device):
-            stats = unimodal_validation(ctx.model, self.heads, ctx.val_loader, ctx.task, ctx.to_device, self.modalities)
-        finished = ctx.epoch - 1
+        cfg: MSESConfig = self.config
         for i, m in enumerate(self.modalities):
             if bool(self.stopped[i]):
                 continue
@@ -144,7 +126,7 @@ class MSES(Balancer):
                 float(self.val_loss[i]) if bool(self.measured[i]) else None,
                 float(self.best_loss[i]),
                 int(self.best_epoch[i]),
-                finished,
+                epoch,
                 smoothing=cfg.smoothing,
                 patience=cfg.patience,
             )
@@ -157,10 +139,9 @@ class MSES(Balancer):
                 self._snapshots[m] = self._snapshot(ctx.model, m)
             if stop:
                 self.stopped[i] = True
-                self.stopped_at[i] = finished
+                self.stopped_at[i] = epoch
                 if cfg.restore != "none" and m in self._snapshots:
                     self._restore(ctx.model, m)
-        self._host_stopped = None
 
     def _snapshot(self, model: MultimodalModel, m: str) -> dict[str, dict[str, Tensor]]:
         def clone(module: nn.Module) -> dict[str, Tensor]:
@@ -183,31 +164,17 @@ class MSES(Balancer):
         self.heads.heads[m].load_state_dict(snap["head"])
 
     # -- step level -------------------------------------------------------------------------------
-    def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Task) -> dict[str, Tensor]:
-        """Task loss and the unimodal heads' losses on detached features (they reach only the heads)."""
-        terms = {"task": task.loss(output.prediction, batch["target"])}
-        predictions = self.heads(output.features, target_size(batch))
-        for m in self.modalities:
-            terms[f"probe/{m}"] = task.loss(predictions[m], batch["target"])
-        return terms
-
     @torch.no_grad()
     def on_after_backward(self, ctx: StepContext) -> None:
         """A stopped modality's encoder gets no update: gradients dropped (freeze) or zeroed."""
-        for m in self._stopped():
+        for m, stopped in zip(self.modalities, self.host_values("stopped"), strict=True):
+            if not stopped:
+                continue
             if self.config.stop_mode == "freeze":
                 for p in self._params[m]:
                     p.grad = None
             else:
-                grads = [p.grad for p in self._params[m] if p.grad is not None]
-                if grads:
-                    torch._foreach_mul_(grads, 0.0)
-
-    def on_after_optimizer_step(self, ctx: StepContext) -> None:
-        """Step the unimodal heads' own optimizer."""
-        if self.head_optimizer is None:
-            self.head_optimizer = self.heads.make_optimizer(self._optimizer_factory, lr=self.config.head_lr)
-        step_auxiliary(ctx.scaler, self.head_optimizer)
+                scale_grads_(self._params[m], 0.0)
 
     def diagnostics(self) -> dict[str, float]:
         out: dict[str, float] = {}

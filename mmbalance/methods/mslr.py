@@ -15,54 +15,43 @@ test. Details in ``methods/mslr.md``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from mmbalance.balancer import Balancer, EpochContext, OptimizerFactory, StepContext
+from mmbalance.balancer import EpochContext, OptimizerFactory, StepContext
+from mmbalance.config import finite, need
 from mmbalance.errors import ConfigError, UnsupportedError
 from mmbalance.methods import register_method
-from mmbalance.methods._grads import step_auxiliary
-from mmbalance.methods._heads import UnimodalHeads
-from mmbalance.methods._stages import isolated_rng, target_size, unimodal_validation
-from mmbalance.models.base import ModelOutput, MultimodalModel
+from mmbalance.methods._config import HeadConfig
+from mmbalance.methods._grads import scale_grads_
+from mmbalance.methods._validation_heads import ValidationHeadsBalancer
+from mmbalance.models.base import MultimodalModel
 from mmbalance.tasks import Task
 
 __all__ = ["MSLR", "MSLRConfig", "dynamic_ratios"]
 
-STRATEGIES = ("keep", "dynamic")
-APPLY = ("lr", "grad")
-
 
 @dataclass(frozen=True)
-class MSLRConfig:
-    strategy: str = "dynamic"  # keep: fixed c_m; dynamic: c_m = c_m^0 * s_m / mean(last `window` s_m) (AGM re-impl.)
-    lr_scale: Mapping[str, float] = field(default_factory=dict)  # c_m^0 per modality (unimodal-tuned LR / lr); missing = 1
+class MSLRConfig(HeadConfig):
+    # keep: fixed c_m; dynamic: c_m = c_m^0 * s_m / mean(last `window` s_m) (AGM re-implementation)
+    strategy: Literal["keep", "dynamic"] = "dynamic"
+    # c_m^0 per modality (unimodal-tuned LR / lr); a missing modality has 1
+    lr_scale: Mapping[str, float] = field(default_factory=dict)
     window: int = 5  # epochs in the moving mean of the dynamic strategy (AGM code: 5)
-    apply: str = "lr"  # lr: scale the modality's parameter update (exact per-modality LR); grad: scale its gradient
+    # lr: scale the modality's parameter update (exact per-modality LR); grad: scale its gradient
+    apply: Literal["lr", "grad"] = "lr"
     head_hidden: int | None = None  # unimodal score heads: linear (None) or 2-layer MLP of this width
     head_lr: float | None = None  # unimodal score heads' learning rate (None = the run's lr)
 
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if not isinstance(self.lr_scale, Mapping):
-            raise ValueError(f"lr_scale must be a mapping of modality to a multiplier, got {self.lr_scale!r}")
+    def check(self) -> None:
         for key, c in self.lr_scale.items():
-            if not isinstance(c, int | float) or not math.isfinite(c) or c < 0:
+            if not (finite(c) and c >= 0):
                 raise ValueError(f"lr_scale[{key!r}] must be a finite number >= 0, got {c!r}")
-        if not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
-        if self.apply not in APPLY:
-            raise ValueError(f"apply must be one of {APPLY}, got {self.apply!r}")
-        if self.head_hidden is not None and (not isinstance(self.head_hidden, int) or self.head_hidden < 1):
-            raise ValueError(f"head_hidden must be None or an integer >= 1, got {self.head_hidden!r}")
-        if self.head_lr is not None and not self.head_lr > 0:
-            raise ValueError(f"head_lr must be None or > 0, got {self.head_lr!r}")
+        need(self, self.window >= 1, "window", "an integer >= 1")
 
 
 def dynamic_ratios(current: Sequence[float], history: Sequence[Sequence[float]]) -> list[float]:
@@ -81,13 +70,15 @@ def dynamic_ratios(current: Sequence[float], history: Sequence[Sequence[float]])
 
 
 @register_method("mslr")
-class MSLR(Balancer):
+class MSLR(ValidationHeadsBalancer):
     """Per-modality learning-rate multipliers, fixed or adapted from unimodal validation scores."""
 
     Config = MSLRConfig
-    tasks = frozenset({"cls", "reg", "seg"})
     grad_edit_scope = frozenset({"encoders"})
-    paper = "Yao, Mihalcea. Modality-specific Learning Rates for Effective Multimodal Additive Late-fusion. Findings of ACL 2022"
+    paper = (
+        "Yao, Mihalcea. Modality-specific Learning Rates for Effective Multimodal Additive Late-fusion. "
+        "Findings of ACL 2022"
+    )
     presets = {
         # Initial multipliers of the AGM_ICCV2023 re-implementation (run/*_main.py), by dataset.
         "cremad": {"lr_scale": {"audio": 0.9, "visual": 1.1}},
@@ -98,46 +89,37 @@ class MSLR(Balancer):
     }
 
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
-        super().setup(model, task, optimizer_factory)
-        cfg = self.config
-        unknown = set(cfg.lr_scale) - set(self.modalities)
+        cfg: MSLRConfig = self.config
+        unknown = set(cfg.lr_scale) - set(model.modalities)
         if unknown:
-            raise ConfigError(f"lr_scale names unknown modalities {sorted(unknown)}; the model has {list(self.modalities)}")
+            raise ConfigError(
+                f"lr_scale names unknown modalities {sorted(unknown)}; the model has {list(model.modalities)}"
+            )
         if cfg.strategy == "dynamic" and getattr(task, "score_name", None) == "neg_mae":
-            raise UnsupportedError("mslr strategy='dynamic' divides validation scores and needs a non-negative score; "
-                                   "the regression task uses score='neg_mae', expected 'sign_acc'")
-        self._params: dict[str, list[nn.Parameter]] = {m: model.modality_parameters(m) for m in self.modalities}
-        self._optimizer_factory = optimizer_factory
+            raise UnsupportedError(
+                "mslr strategy='dynamic' divides validation scores and needs a non-negative score; "
+                "the regression task uses score='neg_mae', expected 'sign_acc'"
+            )
+        super().setup(model, task, optimizer_factory)
+        self._params = {m: model.modality_parameters(m) for m in self.modalities}
         initial = [float(cfg.lr_scale.get(m, 1.0)) for m in self.modalities]
         self.register_buffer("initial_scale", torch.tensor(initial, dtype=torch.float64))
         self.register_buffer("coefficients", torch.tensor(initial, dtype=torch.float64))
-        self.register_buffer("score_history", torch.zeros(cfg.window, len(self.modalities), dtype=torch.float64))
+        history = torch.zeros(cfg.window, len(self.modalities), dtype=torch.float64)
+        self.register_buffer("score_history", history)  # the last `window` epochs' scores, oldest first
         self.register_buffer("history_len", torch.zeros((), dtype=torch.long))
-        self.heads: UnimodalHeads | None = None
-        self.head_optimizer: torch.optim.Optimizer | None = None
-        if cfg.strategy == "dynamic":
-            self.heads = UnimodalHeads.for_task(self.modalities, task, hidden=cfg.head_hidden, detach=True)
         self._before: dict[str, list[Tensor]] = {}
-        self._host_coefficients: list[float] | None = None
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._forget_host_state())
 
-    def _forget_host_state(self) -> None:
-        self._host_coefficients = None
-
-    def _coefficients(self) -> list[float]:
-        """Host copy of the coefficients; read once per epoch (or after a state-dict load), not per step."""
-        if self._host_coefficients is None:
-            self._host_coefficients = [float(c) for c in self.coefficients.tolist()]
-        return self._host_coefficients
+    def uses_heads(self) -> bool:
+        """Score heads for the dynamic strategy only (fixed multipliers need no scores)."""
+        return self.config.strategy == "dynamic"
 
     # -- epoch level ------------------------------------------------------------------------------
-    def on_train_epoch_start(self, ctx: EpochContext) -> None:
-        """Dynamic: score the epoch just finished on validation, update the window and ``c_m``."""
-        if self.heads is not None and ctx.epoch >= 1 and self.heads.built:
-            with isolated_rng(ctx.device):
-                stats = unimodal_validation(ctx.model, self.heads, ctx.val_loader, ctx.task, ctx.to_device, self.modalities)
-            self.update(torch.tensor([stats[m][1] for m in self.modalities], dtype=torch.float64))
-        self._host_coefficients = None
+    def on_unimodal_validation(
+        self, ctx: EpochContext, epoch: int, stats: dict[str, tuple[float, float]]
+    ) -> None:
+        """Dynamic strategy: the validation scores of epoch ``epoch`` update the window and ``c_m``."""
+        self.update(torch.tensor([stats[m][1] for m in self.modalities], dtype=torch.float64))
 
     def update(self, scores: Tensor) -> None:
         """AGM rule: while fewer than ``window`` epochs are stored, store; else ``c_m = c_m^0 *
@@ -153,26 +135,14 @@ class MSLR(Balancer):
         self.score_history.copy_(torch.cat([self.score_history[1:], scores.to(self.score_history)[None]]))
 
     # -- step level -------------------------------------------------------------------------------
-    def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Task) -> dict[str, Tensor]:
-        """Task loss; with the dynamic strategy also the score heads' losses on detached features
-        (they reach only the heads)."""
-        terms = {"task": task.loss(output.prediction, batch["target"])}
-        if self.heads is not None:
-            predictions = self.heads(output.features, target_size(batch))
-            for m in self.modalities:
-                terms[f"probe/{m}"] = task.loss(predictions[m], batch["target"])
-        return terms
-
     @torch.no_grad()
     def on_after_backward(self, ctx: StepContext) -> None:
         """``apply="grad"``: ``g_m *= c_m``; ``apply="lr"``: remember θ_m before the optimizer step."""
-        for m, c in zip(self.modalities, self._coefficients(), strict=True):
+        for m, c in zip(self.modalities, self.host_values("coefficients"), strict=True):
             if c == 1.0:
                 continue
             if self.config.apply == "grad":
-                grads = [p.grad for p in self._params[m] if p.grad is not None]
-                if grads:
-                    torch._foreach_mul_(grads, c)
+                scale_grads_(self._params[m], c)
             else:
                 if m not in self._before:  # allocated once, the first time c_m differs from 1
                     self._before[m] = [torch.empty_like(p) for p in self._params[m]]
@@ -182,17 +152,14 @@ class MSLR(Balancer):
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         """``apply="lr"``: ``θ_m ← θ_old + c_m (θ_new − θ_old)``; then step the score heads."""
         if self.config.apply == "lr":
-            for m, c in zip(self.modalities, self._coefficients(), strict=True):
+            for m, c in zip(self.modalities, self.host_values("coefficients"), strict=True):
                 if c != 1.0:
                     torch._foreach_lerp_(self._before[m], self._params[m], c)
                     torch._foreach_copy_(self._params[m], self._before[m])
-        if self.heads is not None:
-            if self.head_optimizer is None:
-                self.head_optimizer = self.heads.make_optimizer(self._optimizer_factory, lr=self.config.head_lr)
-            step_auxiliary(ctx.scaler, self.head_optimizer)
+        super().on_after_optimizer_step(ctx)
 
     def diagnostics(self) -> dict[str, float]:
-        out: dict[str, Any] = {f"coef/{m}": c for m, c in zip(self.modalities, self._coefficients(), strict=True)}
+        out = {f"coef/{m}": c for m, c in zip(self.modalities, self.host_values("coefficients"), strict=True)}
         n = int(self.history_len)
         if n:
             last = self.score_history[n - 1] if n < self.config.window else self.score_history[-1]

@@ -18,63 +18,60 @@ BraTS items differ per epoch), so by default the targets are the current step's 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmbalance.balancer import Balancer, EpochContext, OptimizerFactory, StepContext
+from mmbalance.balancer import EpochContext, OptimizerFactory
+from mmbalance.config import finite, need
 from mmbalance.errors import ConfigError, DataError, ShapeError
 from mmbalance.methods import register_method
-from mmbalance.methods._grads import step_auxiliary
-from mmbalance.methods._heads import SEQUENCE_POOLS, UnimodalHeads
+from mmbalance.methods._config import HeadConfig
+from mmbalance.methods._epoch_means import EpochMeans
+from mmbalance.methods._headed import HeadedBalancer
+from mmbalance.methods._heads import head_term
+from mmbalance.methods._lazy_buffers import follow_saved_shapes_
+from mmbalance.methods._precision import upcast
 from mmbalance.methods._stages import target_size
 from mmbalance.models.base import ModelOutput, MultimodalModel
 from mmbalance.tasks import Task
 
 __all__ = ["QMF", "QMFConfig", "energy_confidence", "quality_fusion", "normalize_history", "ranking_loss"]
 
-HISTORIES = ("step", "cumulative")
 INDEX_KEY = "index"
 
 
 @dataclass(frozen=True)
-class QMFConfig:
+class QMFConfig(HeadConfig):
     lam: float = 0.1  # λ, weight of the confidence-ranking loss (train_QMF_nyud2.py / _sun.py --lamb)
     conf_scale: float = 0.1  # w_m = conf_scale · logsumexp(f_m), i.e. −Energy / 10 (QMF.py, late_fusion.py)
     detach_weights: bool = True  # fused = Σ w_m.detach() f_m (late_fusion.py, --df); False: RGB-D QMF.py
-    history: str = "step"  # ranking targets: "step" (current per-sample loss) or "cumulative" (official; needs batch["index"])
+    # ranking targets: "step" (current per-sample loss) or "cumulative" (official; needs batch["index"])
+    history: Literal["step", "cumulative"] = "step"
     head_hidden: int | None = None  # None: linear heads (official clf with --hidden [])
     head_lr: float | None = None  # LR of the unimodal heads (None = the run's LR)
     sequence_pool: str = "mean"  # pooling of (B, L, d) features for the heads
 
-    def __post_init__(self) -> None:
-        if not (isinstance(self.lam, int | float) and math.isfinite(self.lam) and self.lam >= 0):
-            raise ValueError(f"lam must be a finite number >= 0, got {self.lam!r}")
-        if not (isinstance(self.conf_scale, int | float) and math.isfinite(self.conf_scale) and self.conf_scale > 0):
-            raise ValueError(f"conf_scale must be a finite number > 0, got {self.conf_scale!r}")
-        if self.history not in HISTORIES:
-            raise ValueError(f"history must be one of {HISTORIES}, got {self.history!r}")
-        if self.head_hidden is not None and (not isinstance(self.head_hidden, int) or self.head_hidden < 1):
-            raise ValueError(f"head_hidden must be None or an integer >= 1, got {self.head_hidden!r}")
-        if self.head_lr is not None and not self.head_lr > 0:
-            raise ValueError(f"head_lr must be None or > 0, got {self.head_lr!r}")
-        if self.sequence_pool not in SEQUENCE_POOLS:
-            raise ValueError(f"sequence_pool must be one of {SEQUENCE_POOLS}, got {self.sequence_pool!r}")
+    def check(self) -> None:
+        need(self, finite(self.lam) and self.lam >= 0, "lam", "a finite number >= 0")
+        need(self, finite(self.conf_scale) and self.conf_scale > 0, "conf_scale", "a finite number > 0")
 
 
 # -- the arithmetic, as pure functions (hand-checked in tests/methods/test_qmf.py) ----------------
 def energy_confidence(logits: Tensor, scale: float = 0.1) -> Tensor:
     """``scale · logsumexp(logits)`` over the class dim 1: ``(B, K) -> (B, 1)``, ``(B, K, H, W) ->
-    (B, 1, H, W)`` (per pixel). The official ``log(sum(exp(f)))/10``, computed stably."""
-    return scale * torch.logsumexp(logits.float(), dim=1, keepdim=True)
+    (B, 1, H, W)`` (per pixel), in the logits' dtype (at least float32). The official
+    ``log(sum(exp(f)))/10``, computed stably."""
+    return scale * torch.logsumexp(upcast(logits), dim=1, keepdim=True)
 
 
-def quality_fusion(logits: Mapping[str, Tensor], weights: Mapping[str, Tensor], detach: bool = True) -> Tensor:
+def quality_fusion(
+    logits: Mapping[str, Tensor], weights: Mapping[str, Tensor], detach: bool = True
+) -> Tensor:
     """``Σ_m w_m f_m`` (weights broadcast over the class dim); ``detach`` stops the fused loss's
     gradient through the weights.
 
@@ -100,7 +97,8 @@ def normalize_history(values: Tensor, reference: Tensor) -> Tensor:
     (``History.correctness_normalize``); 0 where ``reference`` is constant (the official 0/0)."""
     low, high = reference.min(), reference.max()
     span = high - low
-    return torch.where(span > 0, (values - low) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(values))
+    safe_span = torch.where(span > 0, span, torch.ones_like(span))
+    return torch.where(span > 0, (values - low) / safe_span, torch.zeros_like(values))
 
 
 def ranking_loss(confidence: Tensor, correctness: Tensor) -> Tensor:
@@ -110,7 +108,8 @@ def ranking_loss(confidence: Tensor, correctness: Tensor) -> Tensor:
     i.e. ``mean_i max(0, t (w_i − w_{i+1} − margin / t'))``. ``confidence``, ``correctness``: ``(B,)``."""
     if confidence.shape != correctness.shape or confidence.dim() != 1:
         raise ShapeError(
-            f"confidence and correctness must both be (B,), got {tuple(confidence.shape)} and {tuple(correctness.shape)}"
+            "confidence and correctness must both be (B,), got "
+            f"{tuple(confidence.shape)} and {tuple(correctness.shape)}"
         )
     c2 = correctness.roll(-1)
     target = torch.sign(correctness - c2).to(confidence.dtype)
@@ -121,7 +120,7 @@ def ranking_loss(confidence: Tensor, correctness: Tensor) -> Tensor:
 
 
 @register_method("qmf")
-class QMF(Balancer):
+class QMF(HeadedBalancer):
     """Energy-weighted late fusion of unimodal heads with a confidence-ranking regulariser."""
 
     Config = QMFConfig
@@ -134,32 +133,22 @@ class QMF(Balancer):
         "sunrgbd": {"lam": 0.1, "detach_weights": False},
     }
     tasks = frozenset({"cls", "seg"})
-    min_modalities = 2
-    max_modalities = None
     paper = (
         "Zhang, Wu, Zhang, Hu, Fu, Zhou, Peng. Provable Dynamic Fusion for Low-Quality Multimodal Data. "
         "ICML 2023 (QingyangZhang/QMF)"
     )
-    grad_edit_scope = frozenset()
+    heads_detach = False  # the heads are the predictor: their losses train the encoders
 
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
-        cfg: QMFConfig = self.config
-        self._optimizer_factory = optimizer_factory
-        self.heads = UnimodalHeads.for_task(
-            self.modalities, task, hidden=cfg.head_hidden, sequence_pool=cfg.sequence_pool, detach=False
-        )
-        self.head_optimizer: torch.optim.Optimizer | None = None
         # cumulative per-sample loss per modality (official History.correctness), sized at epoch 0
         self.register_buffer("loss_history", torch.zeros(len(self.modalities), 0, dtype=torch.float64))
-        self._sums: Tensor | None = None
-        self._steps = 0
+        self._means = EpochMeans(self.modalities)
 
-    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        key = prefix + "loss_history"
-        saved = state_dict.get(key)
-        if isinstance(saved, Tensor) and saved.shape != self.loss_history.shape:  # lazily sized: follow the saved size
-            self.loss_history = torch.zeros_like(saved, device=self.loss_history.device)
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        follow_saved_shapes_(self, state_dict, prefix, ("loss_history",))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
@@ -169,7 +158,10 @@ class QMF(Balancer):
             self.loss_history = torch.zeros(len(self.modalities), n, dtype=torch.float64, device=ctx.device)
 
     # -- forward and loss -----------------------------------------------------------------------
-    def _fuse(self, features: Mapping[str, Tensor], out_size: tuple[int, int] | None) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+    def _fuse(
+        self, features: Mapping[str, Tensor], out_size: tuple[int, int] | None
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """``(fused prediction, {m: logits}, {m: confidence w_m})``."""
         logits = self.heads(features, out_size)
         weights = {m: energy_confidence(logits[m], self.config.conf_scale) for m in self.modalities}
         return quality_fusion(logits, weights, self.config.detach_weights), logits, weights
@@ -185,16 +177,14 @@ class QMF(Balancer):
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Task) -> dict[str, Tensor]:
         """``task``: loss of the fused prediction; ``unimodal/<m>``: loss of head m;
         ``rank/<m>``: λ · ranking loss of modality m's confidence against its loss history."""
-        if self.head_optimizer is None:
-            self.head_optimizer = self.heads.make_optimizer(self._optimizer_factory, lr=self.config.head_lr)
         target = batch["target"]
         logits, weights = output.extras["qmf.logits"], output.extras["qmf.weights"]
         index = self._sample_index(batch) if self.config.history == "cumulative" else None
         terms = {"task": task.loss(output.prediction, target)}
         confidences = []
         for i, m in enumerate(self.modalities):
-            terms[f"unimodal/{m}"] = task.loss(logits[m], target)
-            per_sample = task.loss(logits[m].detach().float(), target, reduction="none").double()
+            terms[head_term(m)] = task.loss(logits[m], target)
+            per_sample = task.loss(upcast(logits[m].detach()), target, reduction="none").double()
             confidence = weights[m].reshape(weights[m].shape[0], -1).mean(dim=1)  # per pixel -> per sample
             if index is None:
                 correctness = normalize_history(per_sample, per_sample)
@@ -203,26 +193,27 @@ class QMF(Balancer):
                 correctness = normalize_history(self.loss_history[i, index], self.loss_history[i])
             terms[f"rank/{m}"] = self.config.lam * ranking_loss(confidence, correctness)
             confidences.append(confidence.detach().mean())
-        self._record(torch.stack(confidences))
+        self._means.update(confidence=torch.stack(confidences))
         return terms
 
     def _sample_index(self, batch: Mapping[str, Tensor]) -> Tensor:
         n = self.loss_history.shape[1]
         if INDEX_KEY not in batch:
             raise DataError(
-                f"qmf history='cumulative' needs each training batch to carry {INDEX_KEY!r} (dataset indices, int64 (B,)); "
+                f"qmf history='cumulative' needs each training batch to carry {INDEX_KEY!r} "
+                "(dataset indices, int64 (B,)); "
                 f"batch keys are {sorted(batch)}. Add the key to the dataset or use history='step'"
             )
         if n == 0:
-            raise ConfigError("qmf history='cumulative': the history is sized in on_train_epoch_start, which has not run")
+            raise ConfigError(
+                "qmf history='cumulative': the history is sized in on_train_epoch_start, which has not run"
+            )
         index = batch[INDEX_KEY].reshape(-1).long()
         if index.shape[0] != batch["target"].shape[0]:
-            raise ShapeError(f"batch[{INDEX_KEY!r}] has {index.shape[0]} entries for a batch of {batch['target'].shape[0]}")
+            raise ShapeError(
+                f"batch[{INDEX_KEY!r}] has {index.shape[0]} entries for a batch of {batch['target'].shape[0]}"
+            )
         return index
-
-    def on_after_optimizer_step(self, ctx: StepContext) -> None:
-        if self.head_optimizer is not None:
-            step_auxiliary(ctx.scaler, self.head_optimizer)
 
     def predict(self, output: ModelOutput) -> Tensor:
         """The quality-weighted fusion of the unimodal heads on ``output.features``."""
@@ -233,15 +224,6 @@ class QMF(Balancer):
         """The unimodal heads are the test-time predictor."""
         return dict(self.heads.state_dict(prefix="heads."))
 
-    # -- diagnostics --------------------------------------------------------------------------------
-    def _record(self, confidences: Tensor) -> None:
-        self._sums = confidences if self._sums is None else self._sums + confidences
-        self._steps += 1
-
     def diagnostics(self) -> dict[str, float]:
-        """Epoch mean of each modality's confidence ``w_m`` (training batches)."""
-        if self._sums is None or self._steps == 0:
-            return {}
-        means = (self._sums / self._steps).tolist()
-        self._sums, self._steps = None, 0
-        return {f"confidence/{m}": v for m, v in zip(self.modalities, means, strict=True)}
+        """Epoch mean of each modality's confidence ``w_m`` (training batches), ``confidence/<m>``."""
+        return self._means.pop()

@@ -21,20 +21,23 @@ segmentation use the task loss and ``q_i = exp(−ℓ_i(F_{−m}))``.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
+import functools
+import operator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmbalance.balancer import Balancer, EpochContext, OptimizerFactory, StepContext
+from mmbalance.config import finite, need
 from mmbalance.errors import ConfigError, ShapeError
 from mmbalance.methods import register_method
+from mmbalance.methods._config import HeadConfig
 from mmbalance.methods._grads import step_auxiliary
-from mmbalance.methods._heads import SEQUENCE_POOLS, UnimodalHeads, feature_kind
+from mmbalance.methods._heads import UnimodalHeads, feature_kind
+from mmbalance.methods._reconboost_loss import boosting_loss, consolidation_loss, stage_modality
 from mmbalance.methods._stages import (
     encode_modality,
     eval_mode,
@@ -43,6 +46,7 @@ from mmbalance.methods._stages import (
     stage_loader,
     stage_seed,
     target_size,
+    train_pass,
 )
 from mmbalance.models.base import ModelOutput, MultimodalModel
 from mmbalance.tasks import Task
@@ -53,93 +57,31 @@ SHARED = "shared"
 
 
 @dataclass(frozen=True)
-class ReconBoostConfig:
+class ReconBoostConfig(HeadConfig):
     weight1: float = 5.0  # w₁, weight of the learner's own log-likelihood (train.py --weight1; CREMA-D 5)
     weight2: float = 1.0  # w₂, reconcilement weight on the ensemble's confidence q (--weight2)
-    boost_epochs: int = 4  # passes over the training split in each stage's boosting phase (--epochs_per_stage)
+    boost_epochs: int = 4  # boosting passes over the training split per stage (--epochs_per_stage)
     correct_epochs: int = 4  # runner epochs of global rectification per stage (--correct_epoch)
-    boost_rate: float = 1.0  # ρ at the start, learnt during rectification (DynamicNet.boost_rate, --boost_rate)
-    boost_lr: float | None = None  # LR of the boosting optimizer (official m_lr 0.01 with SGD); None = the run's LR
+    boost_rate: float = 1.0  # ρ at the start, learnt in rectification (DynamicNet.boost_rate)
+    boost_lr: float | None = None  # boosting LR (official m_lr 0.01, SGD); None = the run's LR
     shared_head: bool = True  # one head for all modalities (--common_space True); False: a head per modality
-    head_hidden: int | None = 256  # H = Linear(d, 256) -> ReLU -> Linear(256, K) (dynamic_net.Head); None: Linear
+    head_hidden: int | None = 256  # H: Linear(d, 256)-ReLU-Linear(256, K) (dynamic_net.Head); None: Linear
     alpha: float = 0.5  # α, weight of the memory-consolidation term (--alpha); only with consolidation_grad
     consolidation_grad: bool = False  # False = official (both operands detached: no effect, not computed)
     boost_batches: int | None = None  # cap on batches per boosting pass (None = the whole split)
     sequence_pool: str = "mean"  # pooling of (B, L, d) features for the head
 
-    def __post_init__(self) -> None:
-        def finite(name: str) -> float:
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-            return float(value)
-
-        if not finite("weight1") > 0:
-            raise ValueError(f"weight1 must be > 0, got {self.weight1!r}")
-        if not 0 <= finite("weight2") <= self.weight1:
-            raise ValueError(
-                f"weight2 must be in [0, weight1={self.weight1}] (above weight1 the loss is unbounded below), "
-                f"got {self.weight2!r}"
-            )
-        for name in ("boost_epochs", "correct_epochs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not finite("boost_rate") > 0:
-            raise ValueError(f"boost_rate must be > 0, got {self.boost_rate!r}")
-        if self.boost_lr is not None and not self.boost_lr > 0:
-            raise ValueError(f"boost_lr must be None or > 0, got {self.boost_lr!r}")
-        if self.head_hidden is not None and (not isinstance(self.head_hidden, int) or self.head_hidden < 1):
-            raise ValueError(f"head_hidden must be None or an integer >= 1, got {self.head_hidden!r}")
-        if not finite("alpha") >= 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha!r}")
-        if self.boost_batches is not None and (not isinstance(self.boost_batches, int) or self.boost_batches < 1):
-            raise ValueError(f"boost_batches must be None or an integer >= 1, got {self.boost_batches!r}")
-        if self.sequence_pool not in SEQUENCE_POOLS:
-            raise ValueError(f"sequence_pool must be one of {SEQUENCE_POOLS}, got {self.sequence_pool!r}")
-
-
-# -- the arithmetic, as pure functions (hand-checked in tests/methods/test_reconboost.py) -----------
-def stage_modality(stage: int, modalities: tuple[str, ...]) -> str:
-    """Round robin in the model's modality order (``schedule.py``, fixed mode)."""
-    return modalities[stage % len(modalities)]
-
-
-def boosting_loss(
-    prediction: Tensor, others: Tensor | None, target: Tensor, task: Task, weight1: float, weight2: float
-) -> Tensor:
-    """The reconcilement loss of the learner being boosted.
-
-    cls (official): ``mean_i [ −w₁ mean_k(y_ik log p_ik) + w₂ mean_k(y_ik q_ik log p_ik) ]`` with
-    one-hot ``y``, ``p = softmax(prediction)``, ``q = softmax(others)`` (no gradient), i.e.
-    ``mean_i (w₂ q_i,y − w₁) log p_i,y / K``. reg / seg (adaptation): ``mean_i (w₁ − w₂ q_i) ℓ_i / K``
-    with the per-sample task loss ``ℓ_i`` of the learner and ``q_i = exp(−ℓ_i(others))`` (for
-    unsmoothed CE, the same formula). ``others=None`` (no other member yet) is ``q = 1``, as the
-    official empty-ensemble constant ``c0`` gives ``softmax`` of one column.
-    """
-    k = int(prediction.shape[1])
-    if others is not None and others.shape != prediction.shape:
-        raise ShapeError(f"others {tuple(others.shape)} and prediction {tuple(prediction.shape)} differ")
-    if task.name == "cls":
-        y = target.long().reshape(-1, 1)
-        log_p = F.log_softmax(prediction.float(), dim=1).gather(1, y).squeeze(1)
-        q = torch.ones_like(log_p) if others is None else F.softmax(others.detach().float(), dim=1).gather(1, y).squeeze(1)
-        return ((weight2 * q - weight1) * log_p).mean() / k
-    loss = task.loss(prediction.float(), target, reduction="none")
-    if others is None:
-        q = torch.ones_like(loss)
-    else:
-        with torch.no_grad():
-            q = torch.exp(-task.loss(others.detach().float(), target, reduction="none"))
-    return ((weight1 - weight2 * q) * loss).mean() / k
-
-
-def consolidation_loss(prediction: Tensor, previous: Tensor, task_name: str) -> Tensor:
-    """``MSE(softmax(prediction), softmax(previous))`` over the class dim (raw values for regression);
-    ``previous`` carries no gradient. (Official: both operands detached.)"""
-    if task_name == "reg":
-        return F.mse_loss(prediction.float(), previous.detach().float())
-    return F.mse_loss(F.softmax(prediction.float(), dim=1), F.softmax(previous.detach().float(), dim=1))
+    def check(self) -> None:
+        need(self, finite(self.weight1) and self.weight1 > 0, "weight1", "a finite number > 0")
+        bounded = finite(self.weight2) and 0 <= self.weight2 <= self.weight1
+        need(self, bounded, "weight2", f"in [0, weight1={self.weight1}] (above, the loss is unbounded below)")
+        need(self, self.boost_epochs >= 1, "boost_epochs", "an integer >= 1")
+        need(self, self.correct_epochs >= 1, "correct_epochs", "an integer >= 1")
+        need(self, finite(self.boost_rate) and self.boost_rate > 0, "boost_rate", "a finite number > 0")
+        lr, batches = self.boost_lr, self.boost_batches
+        need(self, lr is None or (finite(lr) and lr > 0), "boost_lr", "None or > 0")
+        need(self, finite(self.alpha) and self.alpha >= 0, "alpha", "a finite number >= 0")
+        need(self, batches is None or batches >= 1, "boost_batches", "None or an integer >= 1")
 
 
 @register_method("reconboost")
@@ -159,15 +101,10 @@ class ReconBoost(Balancer):
         # boosting : rectification ratio as the official 4 : 4) let every modality be boosted repeatedly.
         "synthetic": {"boost_epochs": 1, "correct_epochs": 1},
     }
-    tasks = frozenset({"cls", "reg", "seg"})
-    min_modalities = 2
-    max_modalities = None
     paper = (
         "Hua, Xu, Bao, Yang, Huang. ReconBoost: Boosting Can Achieve Modality Reconcilement. ICML 2024 "
         "(huacong/ReconBoost)"
     )
-    grad_edit_scope = frozenset()
-
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
         cfg: ReconBoostConfig = self.config
@@ -183,11 +120,29 @@ class ReconBoost(Balancer):
         self.register_buffer("last_boost_loss", torch.full((), float("nan"), dtype=torch.float64))
         self._members: list[str] = []  # host mirror of in_ensemble (read every step without a sync)
         self.rectify_optimizer: torch.optim.Optimizer | None = None
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._after_load())
         self._extra_steps = 0
 
-    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(
+        self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._members = [m for m, inside in zip(self.modalities, self.in_ensemble.tolist(), strict=True) if inside]
+        self._sync_members()
+
+    def _after_load(self) -> None:
+        """After a state-dict load (the heads are built from it by then): a balancer resumed inside
+        a stage gets the stage's rectification optimizer, for the saved optimizer state to load into."""
+        if self.rectify_optimizer is None and int(self.stages_done) > 0:
+            self.rectify_optimizer = self._rectify_optimizer()
+
+    def _rectify_optimizer(self) -> torch.optim.Optimizer:
+        """A fresh optimizer of the run's type over the ensemble head(s) and ρ."""
+        return self._optimizer_factory(list(self.heads.parameters()) + [self.rho])
+
+    def _sync_members(self) -> None:
+        """Refresh the host list of members from ``in_ensemble`` (one device read)."""
+        inside = self.in_ensemble.tolist()
+        self._members = [m for m, member in zip(self.modalities, inside, strict=True) if member]
 
     # -- learners -------------------------------------------------------------------------------
     def _learner(self, m: str, feature: Tensor, size: tuple[int, int] | None) -> Tensor:
@@ -195,26 +150,30 @@ class ReconBoost(Balancer):
         if self.config.shared_head:
             return self.heads({SHARED: feature}, size)[SHARED]
         if not self.heads.built:
-            raise ConfigError("reconboost: the per-modality heads are built by the first boosting stage, which has not run")
+            raise ConfigError(
+                "reconboost: the per-modality heads are built by the first boosting stage, which has not run"
+            )
         return self.heads.heads[m](feature, size)
 
-    def _ensemble(self, features: Mapping[str, Tensor], members: list[str], size: tuple[int, int] | None) -> Tensor | None:
-        """``ρ Σ_{m∈members} f_m``, or None for no member."""
-        total: Tensor | None = None
-        for m in members:
-            out = self._learner(m, features[m], size)
-            total = out if total is None else total + out
-        return None if total is None else self.rho * total
+    def _ensemble(
+        self, features: Mapping[str, Tensor], members: list[str], size: tuple[int, int] | None
+    ) -> Tensor | None:
+        """``ρ Σ_{m∈members} f_m`` (summed in member order), or None for no member."""
+        if not members:
+            return None
+        learners = (self._learner(m, features[m], size) for m in members)
+        return self.rho * functools.reduce(operator.add, learners)
 
     def _ensure_heads(self, model: MultimodalModel, batch: Mapping[str, Tensor]) -> None:
         """Build the heads (lazily sized) from one batch's features; check a shared head fits all."""
         with torch.no_grad(), eval_mode(model):
             features = {m: encode_modality(model, m, batch) for m in self.modalities}
-        layout = {m: (feature_kind(f, m), int(f.shape[1] if f.dim() == 4 else f.shape[-1])) for m, f in features.items()}
+        layout = {m: (feature_kind(f, m), int(f.shape[1] if f.dim() == 4 else f.shape[-1]))
+                  for m, f in features.items()}
         if self.config.shared_head and len(set(layout.values())) != 1:
             raise ShapeError(
-                f"reconboost shared_head=True needs every features[m] of the same kind and width, got {layout}; "
-                "use shared_head=False for a head per modality"
+                "reconboost shared_head=True needs every features[m] of the same kind and width, "
+                f"got {layout}; use shared_head=False for a head per modality"
             )
         if not self.heads.built:
             with torch.no_grad():
@@ -237,50 +196,59 @@ class ReconBoost(Balancer):
         modality = stage_modality(stage, self.modalities)
         self.boost(ctx, stage, modality)
         self.in_ensemble[self.modalities.index(modality)] = True
-        self._members = [m for m, inside in zip(self.modalities, self.in_ensemble.tolist(), strict=True) if inside]
+        self._sync_members()
         self.stages_done.fill_(stage + 1)
-        params = list(self.heads.parameters()) + [self.rho]
-        self.rectify_optimizer = self._optimizer_factory(params)
+        self.rectify_optimizer = self._rectify_optimizer()
 
     def boost(self, ctx: EpochContext, stage: int, modality: str) -> float:
         """Train learner ``modality`` (its encoder and the head) for ``boost_epochs`` passes with the
         reconcilement loss against the other members; returns the mean boosting loss. Runs under a
         forked RNG with a private loader (the main loop's random stream and order are untouched)."""
         cfg: ReconBoostConfig = self.config
-        model, task = ctx.model, ctx.task
-        others = [m for m in self._members if m != modality]
-        previous = stage_modality(stage - 1, self.modalities) if stage > 0 else None
-        total: Tensor | None = None
-        count = 0
+        losses: list[Tensor] = []
         with isolated_rng(ctx.device):
             loader = stage_loader(ctx.train_loader, shuffle=True, seed=stage_seed(stage))
             if not self.heads.built:
-                self._ensure_heads(model, next(iterate(loader, ctx.to_device, 1)))
-            params = list(model.modality_parameters(modality)) + self._head_parameters(modality)
+                self._ensure_heads(ctx.model, next(iterate(loader, ctx.to_device, 1)))
+            params = list(ctx.model.modality_parameters(modality)) + self._head_parameters(modality)
             optimizer = self._optimizer_factory(params, lr=cfg.boost_lr)
-            other_encoders = [model.encoders[m] for m in others]
+            loss_fn = self._boosting_loss_fn(ctx, stage, modality, losses)
             for _ in range(cfg.boost_epochs):
-                for batch in iterate(loader, ctx.to_device, cfg.boost_batches):
-                    size = target_size(batch)
-                    prediction = self._learner(modality, encode_modality(model, modality, batch), size)
-                    with torch.no_grad(), eval_mode(*other_encoders):
-                        rest = self._ensemble({m: encode_modality(model, m, batch) for m in others}, others, size)
-                    loss = boosting_loss(prediction, rest, batch["target"], task, cfg.weight1, cfg.weight2)
-                    if cfg.consolidation_grad and previous is not None and previous != modality and cfg.alpha > 0:
-                        with torch.no_grad(), eval_mode(model.encoders[previous]):
-                            before = self._learner(previous, encode_modality(model, previous, batch), size)
-                        loss = loss + cfg.alpha * consolidation_loss(prediction, before, task.name)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    self._extra_steps += 1
-                    total = loss.detach().double() if total is None else total + loss.detach().double()
-                    count += 1
-            optimizer.zero_grad(set_to_none=True)
-        if total is None:
+                self._extra_steps += train_pass(loss_fn, optimizer, loader, ctx.to_device, cfg.boost_batches)
+            optimizer.zero_grad(set_to_none=True)  # leave no gradient for the main loop to accumulate onto
+        if not losses:
             raise ConfigError("reconboost: the training loader yielded no batch for the boosting phase")
-        self.last_boost_loss.copy_(total / count)
+        self.last_boost_loss.copy_(functools.reduce(operator.add, losses) / len(losses))
         return float(self.last_boost_loss)
+
+    def _boosting_loss_fn(
+        self, ctx: EpochContext, stage: int, modality: str, record: list[Tensor]
+    ) -> Callable[[dict[str, Tensor]], Tensor]:
+        """The boosting phase's loss of one batch: the reconcilement loss of ``modality``'s learner
+        against the other members' ensemble (appended, detached in float64, to ``record``, as the
+        official ``stage_loss``), plus the consolidation term towards the previous stage's learner
+        when ``consolidation_grad``."""
+        cfg: ReconBoostConfig = self.config
+        model, task = ctx.model, ctx.task
+        others = [m for m in self._members if m != modality]
+        other_encoders = [model.encoders[m] for m in others]
+        previous = stage_modality(stage - 1, self.modalities) if stage > 0 else None
+        consolidate = cfg.consolidation_grad and previous not in (None, modality) and cfg.alpha > 0
+
+        def loss_fn(batch: dict[str, Tensor]) -> Tensor:
+            size = target_size(batch)
+            prediction = self._learner(modality, encode_modality(model, modality, batch), size)
+            with torch.no_grad(), eval_mode(*other_encoders):
+                rest = self._ensemble({m: encode_modality(model, m, batch) for m in others}, others, size)
+            loss = boosting_loss(prediction, rest, batch["target"], task, cfg.weight1, cfg.weight2)
+            record.append(loss.detach().double())
+            if consolidate:
+                with torch.no_grad(), eval_mode(model.encoders[previous]):
+                    before = self._learner(previous, encode_modality(model, previous, batch), size)
+                loss = loss + cfg.alpha * consolidation_loss(prediction, before, task.name)
+            return loss
+
+        return loss_fn
 
     # -- rectification (the runner's steps) ---------------------------------------------------------
     def forward_step(self, model: MultimodalModel, batch: Mapping[str, Tensor]) -> ModelOutput:
@@ -302,7 +270,9 @@ class ReconBoost(Balancer):
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         """Step the rectification optimizer of the head and ρ (the encoders are the runner's)."""
         if self.rectify_optimizer is None:
-            raise ConfigError("reconboost: no rectification optimizer; on_train_epoch_start has not run a stage")
+            raise ConfigError(
+                "reconboost: no rectification optimizer; on_train_epoch_start has not run a stage"
+            )
         step_auxiliary(ctx.scaler, self.rectify_optimizer)
 
     def predict(self, output: ModelOutput) -> Tensor:

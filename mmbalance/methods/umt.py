@@ -16,18 +16,24 @@ target, BatchNorm statistics drifting). Details in ``methods/umt.md``.
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from mmbalance.balancer import Balancer, EpochContext, OptimizerFactory
+from mmbalance.config import finite, need
 from mmbalance.errors import ShapeError
 from mmbalance.methods import register_method
+from mmbalance.methods._config import HeadConfig
 from mmbalance.methods._heads import UnimodalHeads
+from mmbalance.methods._precision import upcast
 from mmbalance.methods._stages import (
     eval_mode,
     isolated_rng,
@@ -36,6 +42,7 @@ from mmbalance.methods._stages import (
     stage_loader,
     stage_seed,
     target_size,
+    train_pass,
 )
 from mmbalance.models.base import ModelOutput, MultimodalModel
 from mmbalance.tasks import Task
@@ -44,24 +51,20 @@ __all__ = ["UMT", "UMTConfig", "distillation_loss"]
 
 
 @dataclass(frozen=True)
-class UMTConfig:
+class UMTConfig(HeadConfig):
     scaling: float = 10.0  # λ, weight of the summed feature-distillation MSE (BalanceBenchmark `scaling`)
     teacher_epochs: int | None = None  # epochs of each teacher's unimodal training; None = the run's epochs
-    teacher_batches: int | None = None  # cap on batches per teacher epoch and validation pass (None = whole splits)
+    # cap on batches per teacher epoch and validation pass (None = whole splits)
+    teacher_batches: int | None = None
     teacher_lr: float | None = None  # teachers' learning rate (None = the run's lr; same optimizer type)
     head_hidden: int | None = None  # teachers' heads: linear (None) or 2-layer MLP of this width
 
-    def __post_init__(self) -> None:
-        if not (self.scaling >= 0 and math.isfinite(self.scaling)):
-            raise ValueError(f"scaling must be a finite number >= 0, got {self.scaling!r}")
-        if self.teacher_epochs is not None and (not isinstance(self.teacher_epochs, int) or self.teacher_epochs < 0):
-            raise ValueError(f"teacher_epochs must be None or an integer >= 0, got {self.teacher_epochs!r}")
-        if self.teacher_batches is not None and (not isinstance(self.teacher_batches, int) or self.teacher_batches < 1):
-            raise ValueError(f"teacher_batches must be None or an integer >= 1, got {self.teacher_batches!r}")
-        if self.teacher_lr is not None and not self.teacher_lr > 0:
-            raise ValueError(f"teacher_lr must be None or > 0, got {self.teacher_lr!r}")
-        if self.head_hidden is not None and (not isinstance(self.head_hidden, int) or self.head_hidden < 1):
-            raise ValueError(f"head_hidden must be None or an integer >= 1, got {self.head_hidden!r}")
+    def check(self) -> None:
+        need(self, finite(self.scaling) and self.scaling >= 0, "scaling", "a finite number >= 0")
+        epochs, batches, lr = self.teacher_epochs, self.teacher_batches, self.teacher_lr
+        need(self, epochs is None or epochs >= 0, "teacher_epochs", "None or an integer >= 0")
+        need(self, batches is None or batches >= 1, "teacher_batches", "None or an integer >= 1")
+        need(self, lr is None or (finite(lr) and lr > 0), "teacher_lr", "None or > 0")
 
 
 def distillation_loss(student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) -> Tensor:
@@ -70,16 +73,15 @@ def distillation_loss(student: Mapping[str, Tensor], teacher: Mapping[str, Tenso
     Raises:
         ShapeError: a modality's student and teacher features differ in shape.
     """
-    total: Tensor | None = None
+    if not student:
+        raise ShapeError("no features to distil; expected at least one modality")
+    terms = []
     for m, s in student.items():
         t = teacher[m]
         if s.shape != t.shape:
             raise ShapeError(f"features[{m!r}] has shape {tuple(s.shape)}, its teacher's {tuple(t.shape)}")
-        term = F.mse_loss(s.float(), t.float())
-        total = term if total is None else total + term
-    if total is None:
-        raise ShapeError("no features to distil; expected at least one modality")
-    return total
+        terms.append(F.mse_loss(upcast(s), upcast(t)))
+    return functools.reduce(operator.add, terms)  # summed left to right, in modality order
 
 
 @register_method("umt")
@@ -87,7 +89,6 @@ class UMT(Balancer):
     """Distil frozen unimodal teachers' features into the multimodal encoders."""
 
     Config = UMTConfig
-    tasks = frozenset({"cls", "reg", "seg"})
     paper = "Du et al. On Uni-Modal Feature Learning in Supervised Multi-Modal Learning. ICML 2023"
 
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
@@ -97,10 +98,14 @@ class UMT(Balancer):
         self.teachers = nn.ModuleDict({m: copy.deepcopy(model.encoders[m]) for m in self.modalities})
         self.teachers.requires_grad_(False)
         self.teachers.eval()
-        self.teacher_heads = UnimodalHeads.for_task(self.modalities, task, hidden=self.config.head_hidden, detach=False)
+        # Teachers' heads, trained with their encoder in stage 1 (their optimizer is per teacher).
+        self.teacher_heads = UnimodalHeads.for_task(
+            self.modalities, task, hidden=self.config.head_hidden, detach=False
+        )
         self.register_buffer("teachers_trained", torch.zeros((), dtype=torch.bool))
         # Best validation loss of each teacher; inf until trained (no NaN: state dicts compare exactly).
-        self.register_buffer("teacher_val_loss", torch.full((len(self.modalities),), math.inf, dtype=torch.float64))
+        inf = torch.full((len(self.modalities),), math.inf, dtype=torch.float64)
+        self.register_buffer("teacher_val_loss", inf)
         self._extra_steps = 0
 
     def train(self, mode: bool = True) -> UMT:
@@ -119,50 +124,48 @@ class UMT(Balancer):
     def train_teachers(self, ctx: EpochContext) -> None:
         """Train each teacher (encoder copy + head) alone for ``teacher_epochs``; keep its
         best-validation-loss epoch; freeze it. Isolated from the main run's RNG and loader."""
-        cfg, task, cap = self.config, ctx.task, self.config.teacher_batches
-        epochs = ctx.num_epochs if cfg.teacher_epochs is None else cfg.teacher_epochs
         with isolated_rng(ctx.device):
             for index, m in enumerate(self.modalities):
-                encoder, loader = self.teachers[m], stage_loader(ctx.train_loader, shuffle=True, seed=stage_seed(index))
+                loader = stage_loader(ctx.train_loader, shuffle=True, seed=stage_seed(index))
                 if not self.teacher_heads.built:
                     with torch.no_grad(), eval_mode(self.teachers):
                         first = next(iterate(loader, ctx.to_device, 1))
                         self.teacher_heads(self._teacher_features(first), target_size(first))
-                head = self.teacher_heads.heads[m]
-
-                def loss_fn(batch: dict[str, Tensor], encoder: nn.Module = encoder, head: nn.Module = head, m: str = m) -> Tensor:
-                    feature = encoder(batch[m])
-                    feature = feature[0] if isinstance(feature, tuple) else feature
-                    return task.loss(head(feature, target_size(batch)), batch["target"])
-
-                params = list(encoder.parameters()) + list(head.parameters())
-                for p in params:
-                    p.requires_grad_(True)
-                optimizer = self._optimizer_factory(params, lr=cfg.teacher_lr)
-                best, best_state = math.inf, None
-                for _ in range(epochs):
-                    encoder.train()
-                    head.train()
-                    for batch in iterate(loader, ctx.to_device, cap):
-                        optimizer.zero_grad(set_to_none=True)
-                        loss_fn(batch).backward()
-                        optimizer.step()
-                        self._extra_steps += 1
-                    with eval_mode(encoder, head):
-                        val = mean_loss(loss_fn, ctx.val_loader, ctx.to_device, cap)
-                    if val < best:
-                        best = val
-                        best_state = [p.detach().clone() for p in params] + [b.detach().clone() for b in encoder.buffers()]
-                if best_state is not None:
-                    with torch.no_grad():
-                        for dst, src in zip(list(params) + list(encoder.buffers()), best_state, strict=True):
-                            dst.copy_(src)
-                    self.teacher_val_loss[index] = best
-                for p in params:
-                    p.requires_grad_(False)
-                    p.grad = None
-                encoder.eval()
+                self._train_teacher(ctx, index, m, loader)
         self.teachers_trained.fill_(True)
+
+    def _train_teacher(self, ctx: EpochContext, index: int, m: str, loader: DataLoader) -> None:
+        """Teacher ``m``: train, restore its best-validation-loss epoch, freeze."""
+        cfg, task, cap = self.config, ctx.task, self.config.teacher_batches
+        encoder, head = self.teachers[m], self.teacher_heads.heads[m]
+
+        def loss_fn(batch: dict[str, Tensor]) -> Tensor:
+            feature = encoder(batch[m])
+            feature = feature[0] if isinstance(feature, tuple) else feature
+            return task.loss(head(feature, target_size(batch)), batch["target"])
+
+        params = list(encoder.parameters()) + list(head.parameters())
+        state = params + list(encoder.buffers())
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = self._optimizer_factory(params, lr=cfg.teacher_lr)
+        best, best_state = math.inf, None
+        for _ in range(ctx.num_epochs if cfg.teacher_epochs is None else cfg.teacher_epochs):
+            encoder.train()
+            head.train()
+            self._extra_steps += train_pass(loss_fn, optimizer, loader, ctx.to_device, cap)
+            with eval_mode(encoder, head):
+                val = mean_loss(loss_fn, ctx.val_loader, ctx.to_device, cap)
+            if val < best:
+                best, best_state = val, [t.detach().clone() for t in state]
+        if best_state is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(state, best_state)
+            self.teacher_val_loss[index] = best
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        encoder.eval()
 
     @torch.no_grad()
     def _teacher_features(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -174,7 +177,8 @@ class UMT(Balancer):
 
     # -- stage 2 ------------------------------------------------------------------------------------
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Task) -> dict[str, Tensor]:
-        """Task loss plus ``λ * sum_m MSE(features_m, teacher_m)`` (one no-grad teacher forward per modality)."""
+        """Task loss plus ``λ * sum_m MSE(features_m, teacher_m)`` (one no-grad teacher forward per
+        modality)."""
         teacher = self._teacher_features(batch)
         student = {m: output.features[m] for m in self.modalities}
         return {

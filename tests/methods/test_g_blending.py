@@ -14,6 +14,7 @@ from mmbalance.tasks import make_task
 from mmbalance.train import TrainConfig, Trainer, batch_to_device, fit, make_loader
 
 from ..conftest import tiny_model, tiny_splits
+from ._float64 import float64_problem
 
 CPU = torch.device("cpu")
 CFG = TrainConfig(epochs=2, batch_size=16, eval_modality_scores=False, cost_steps=0)
@@ -74,7 +75,8 @@ def _ctx(model, trainer, splits, val_dataset=None):
     val_loader = make_loader(val_dataset or splits["val"], CFG, CPU, train=False)
     return EpochContext(
         model=model, epoch=0, num_epochs=2, train_loader=train_loader, val_loader=val_loader,
-        task=trainer.task, device=CPU, optimizer=trainer.optimizer, to_device=lambda b: batch_to_device(b, CPU),
+        task=trainer.task, device=CPU, optimizer=trainer.optimizer,
+        to_device=lambda b: batch_to_device(b, CPU),
     )
 
 
@@ -124,4 +126,49 @@ def test_config_and_setup_errors():
         METHODS.build("g_blending", None, mode="fixed", weights={"a": -1.0})
     balancer = GBlending(GBlendingConfig(mode="fixed", weights={"a": 1.0, "c": 1.0}))
     with pytest.raises(ConfigError, match="unknown \\['c'\\], missing \\['b', 'fusion'\\]"):
-        balancer.setup(tiny_model(), make_task("cls", 3), lambda params, lr=None: torch.optim.SGD(params, lr=0.1))
+        balancer.setup(tiny_model(), make_task("cls", 3), lambda p, lr=None: torch.optim.SGD(p, lr=0.1))
+
+
+def test_estimated_weights_are_kept_in_float64_by_hand(monkeypatch):
+    """The estimate's weights are the re-implementations' Python floats: with the losses of
+    test_delta_weights_by_hand, raw w = (7.5, 20, 0.15 / 0.55² = 60/121), sum 3387.5/121, so
+    w = (7.5·121, 20·121, 60) / 3387.5 = (363, 968, 24) / 1355 exactly (a float32 buffer is off by
+    ~1e-8)."""
+    model, splits, _ = float64_problem()
+    balancer = GBlending(GBlendingConfig(super_epoch=2, estimate_epochs=1))
+    trainer = Trainer(model, balancer, make_task("cls", 3), CFG, CPU, steps_per_epoch=3)
+    scripted = iter([(1.0, 1.1, 0.5, 0.8), (1.0, 1.0, 0.9, 0.95), (1.0, 1.05, 0.3, 0.9)])
+    monkeypatch.setattr(balancer, "_measure", lambda *args: next(scripted))
+    balancer.on_train_epoch_start(_ctx(model, trainer, splits))
+    expected = [363 / 1355, 968 / 1355, 24 / 1355]
+    assert balancer.blend_weights.dtype == torch.float64
+    for got, want in zip(balancer.blend_weights.tolist(), expected, strict=True):
+        assert got == pytest.approx(want, rel=1e-12, abs=0)
+    assert balancer.diagnostics()["w/b"] == pytest.approx(968 / 1355, rel=1e-12, abs=0)
+
+
+def test_each_weight_scales_its_loss_in_the_loss_dtype():
+    """float64 model: term = w · L exactly as the Python float w times a float64 loss; float32 model:
+    the float32-rounded w times the float32 loss (the re-implementations' `w * criterion(...)`)."""
+    weights = {"a": 0.1, "b": 0.2, FUSION: 0.7}  # none of them is a float32 number
+    task = make_task("cls", 3)
+    for dtype in (torch.float64, torch.float32):
+        model, splits, _ = float64_problem()
+        model = model.to(dtype)
+        balancer = GBlending(GBlendingConfig(mode="fixed", weights=weights))
+        Trainer(model, balancer, task, CFG, CPU, steps_per_epoch=3)
+        batch = {k: v[:16].to(dtype) if v.is_floating_point() else v[:16]
+                 for k, v in splits["train"].tensors.items()}
+        output = model(batch)
+        terms = balancer.loss_terms(output, batch, task)
+        with torch.no_grad():
+            head_a = balancer.heads.heads["a"](output.features["a"])
+            loss_a = task.loss(head_a, batch["target"])
+            loss_f = task.loss(output.prediction, batch["target"])
+        assert terms["unimodal/a"].dtype == dtype
+        if dtype == torch.float64:
+            assert terms["unimodal/a"].item() == pytest.approx(0.1 * loss_a.item(), rel=1e-12, abs=0)
+            assert terms["task"].item() == pytest.approx(0.7 * loss_f.item(), rel=1e-12, abs=0)
+        else:
+            rounded = torch.tensor(0.1, dtype=torch.float32)
+            assert torch.equal(terms["unimodal/a"].detach(), rounded * loss_a)

@@ -51,6 +51,17 @@ def test_entropy_fusion_weights_by_hand():
     assert w["a"].item() == pytest.approx(1 / (1 + gate_b))
     assert w["b"].item() == pytest.approx(gate_b / (1 + gate_b))
     torch.testing.assert_close(fuse_logits({"a": fa, "b": fb}, w), w["a"] * fa + w["b"] * fb)
+    # float64 logits keep float64 weights and fusion (to 1e-12; a float32 cast is off by ~1e-8)
+    logits64 = {
+        "a": torch.zeros(1, 2, dtype=torch.float64),
+        "b": torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64),
+    }
+    w64 = entropy_weights(logits64)
+    assert w64["b"].dtype == torch.float64
+    assert w64["b"].item() == pytest.approx(gate_b / (1 + gate_b), rel=1e-12, abs=0)
+    fused = fuse_logits(logits64, w64)
+    expected = (gate_b / (1 + gate_b)) * math.log(3.0)
+    assert fused.dtype == torch.float64 and fused[0, 0].item() == pytest.approx(expected, rel=1e-12, abs=0)
     # the released code: softmax over the batch (dim 0), entropy summed over the whole tensor
     ba, bb = torch.zeros(2, 2), T([[math.log(3.0), 0.0], [0.0, 0.0]])
     hb_a, hb_b = 2 * math.log(2.0), h_b + math.log(2.0)
@@ -58,13 +69,16 @@ def test_entropy_fusion_weights_by_hand():
     g = math.exp(hb_a - hb_b)
     assert wb["a"].dim() == 0 and wb["b"].item() == pytest.approx(g / (1 + g))
     # per-pixel weights for segmentation logits
-    assert entropy_weights({"a": torch.zeros(2, 4, 3, 3), "b": torch.ones(2, 4, 3, 3)})["a"].shape == (2, 1, 3, 3)
+    maps = {"a": torch.zeros(2, 4, 3, 3), "b": torch.ones(2, 4, 3, 3)}
+    assert entropy_weights(maps)["a"].shape == (2, 1, 3, 3)
 
 
 def _trainer(config: MLAConfig, seed: int = 0):
     splits, _ = tiny_splits(dims=(("a", 4), ("b", 3)))
     task = make_task("cls", 3)
-    cfg = TrainConfig(batch_size=16, seed=seed, optimizer="sgd", lr=0.1, cost_steps=0, eval_modality_scores=False)
+    cfg = TrainConfig(
+        batch_size=16, seed=seed, optimizer="sgd", lr=0.1, cost_steps=0, eval_modality_scores=False
+    )
     torch.manual_seed(seed)
     trainer = Trainer(tiny_model(seed=seed), MLA(config), task, cfg, CPU, steps_per_epoch=3)
     batch = {k: v[:16] for k, v in splits["train"].tensors.items()}
@@ -118,5 +132,17 @@ def test_fp16_scaler_unequal_widths_and_config_errors():
     with pytest.raises(ConfigError, match="fusion"):
         METHODS.build("mla", None, fusion="mean")
     with pytest.raises(ConfigError, match="exactly the modalities"):
-        MLA(MLAConfig(fusion="fixed", fusion_weights={"a": 1.0})).setup(tiny_model(), task, lambda p, **kw: None)
+        fixed = MLA(MLAConfig(fusion="fixed", fusion_weights={"a": 1.0}))
+        fixed.setup(tiny_model(), task, lambda p, **kw: None)
     assert not MLA.supports(task="reg")
+
+
+def test_host_state_carries_the_projection_batch_position():
+    trainer, batch, _ = _trainer(MLAConfig())
+    trainer.train_step(batch, 0, 0)  # steps_per_epoch = 3: the next batch is number 1 of 3
+    state = trainer.balancer.training_state()
+    assert state["host"] == {"batch_index": 1, "batches_per_epoch": 3}
+    fresh, _, _ = _trainer(MLAConfig(), seed=1)
+    fresh.balancer.load_training_state(state)
+    assert (fresh.balancer._batch_index, fresh.balancer._batches_per_epoch) == (1, 3)
+    assert fresh.balancer._updates == 2  # the host mirror of head_updates follows the load

@@ -39,6 +39,23 @@ def test_window_update_follows_the_agm_rule():
     assert balancer.coefficients.tolist() == pytest.approx([1.3, 0.7])
 
 
+
+def test_scores_window_and_coefficients_are_float64_by_hand():
+    """The AGM code keeps the score memory and the coefficients as Python floats: window 2,
+    c0 = (1.3, 0.7); scores (1/3, 0.1), (2/3, 0.3) fill the window (means 0.5, 0.2); scores
+    (0.55, 0.25) give ratios (1.1, 1.25) and c = (1.3 · 1.1, 0.7 · 1.25) = (1.43, 0.875). None of these
+    is a float32 number: float32 storage is off by ~1e-8 relative."""
+    balancer = MSLR(MSLRConfig(window=2, lr_scale={"a": 1.3, "b": 0.7}))
+    balancer.setup(tiny_model(), make_task("cls", 3), make_optimizer_factory(CFG))
+    for scores in ([1 / 3, 0.1], [2 / 3, 0.3], [0.55, 0.25]):
+        balancer.update(torch.tensor(scores, dtype=torch.float64))
+    for got, want in zip(balancer.coefficients.tolist(), [1.43, 0.875], strict=True):
+        assert got == pytest.approx(want, rel=1e-12, abs=0)
+    history = balancer.score_history.flatten().tolist()
+    for got, want in zip(history, [2 / 3, 0.3, 0.55, 0.25], strict=True):
+        assert got == want  # stored exactly
+    assert balancer.diagnostics()["coef/a"] == pytest.approx(1.43, rel=1e-12, abs=0)
+
 def _steps(balancer, optimizer="adam", n=4):
     splits, _ = tiny_splits()
     cfg = TrainConfig(epochs=1, batch_size=16, optimizer=optimizer, eval_modality_scores=False, cost_steps=0)
@@ -81,7 +98,8 @@ def test_gradient_scaling_is_nearly_a_no_op_under_adam():
         "grad": _steps(MSLR(MSLRConfig(strategy="keep", apply="grad", lr_scale={"a": 0.25}))),
         "lr": _steps(MSLR(MSLRConfig(strategy="keep", apply="lr", lr_scale={"a": 0.25}))),
     }
-    delta = {k: torch.cat([(p - s).flatten() for p, s in zip(m.encoders["a"].parameters(), start, strict=True)])
+    delta = {k: torch.cat([(p - s).flatten()
+                           for p, s in zip(m.encoders["a"].parameters(), start, strict=True)])
              for k, m in runs.items()}
     scale = delta["plain"].abs().max()
     assert (delta["grad"] - delta["plain"]).abs().max() < 0.05 * scale  # same update up to Adam's eps
@@ -97,6 +115,10 @@ def test_keep_with_unit_scales_reproduces_joint_exactly():
         models.append(model)
     for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.equal(p, q)
+    keep, dynamic = MSLR(MSLRConfig(strategy="keep")), MSLR(MSLRConfig())
+    for balancer in (keep, dynamic):
+        balancer.setup(tiny_model(), make_task("cls", 3), make_optimizer_factory(CFG))
+    assert keep.heads is None and dynamic.heads is not None  # fixed rates need no score heads
 
 
 def test_dynamic_fit_scores_validation_each_epoch():

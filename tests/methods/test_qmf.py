@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmbalance.balancer import EpochContext
 from mmbalance.datasets.base import TensorDictDataset
@@ -39,7 +40,8 @@ def test_energy_confidence_and_fusion_by_hand():
     # a sharper, larger-energy prediction gets the larger weight: (0, 10) -> 0.1 * logsumexp = 1.0000454
     assert energy_confidence(T([[0.0, 10.0]])).item() == pytest.approx(0.1 * math.log(1 + math.exp(10.0)))
     fused = quality_fusion({"a": fa, "b": fb}, {"a": T([[0.5]]), "b": T([[2.0]])})
-    torch.testing.assert_close(fused, T([[0.5 * 0 + 2 * math.log(2.0), 0.5 * math.log(3.0) + 2 * math.log(2.0)]]))
+    expected = T([[0.5 * 0 + 2 * math.log(2.0), 0.5 * math.log(3.0) + 2 * math.log(2.0)]])
+    torch.testing.assert_close(fused, expected)
     # segmentation logits (B, K, H, W): one weight per pixel
     assert energy_confidence(torch.zeros(2, 4, 3, 5)).shape == (2, 1, 3, 5)
 
@@ -47,7 +49,8 @@ def test_energy_confidence_and_fusion_by_hand():
 def test_ranking_loss_by_hand():
     # w = (0.5, 0.2, 0.9), normalised losses c = (1, 0, 0.5); pairs (0,1), (1,2), (2,0):
     # (0,1): t = +1, margin 1  -> max(0, 0.5 - (0.2 + 1)) = 0
-    # (1,2): t = -1, margin .5 -> max(0, -(0.2 - (0.9 - 0.5))) = 0.2   (higher-loss sample 2 is more confident)
+    # (1,2): t = -1, margin .5 -> max(0, -(0.2 - (0.9 - 0.5))) = 0.2
+    #        (higher-loss sample 2 is more confident)
     # (2,0): t = -1, margin .5 -> max(0, -(0.9 - (0.5 - 0.5))) = 0
     loss = ranking_loss(T([0.5, 0.2, 0.9]), T([1.0, 0.0, 0.5]))
     assert loss.item() == pytest.approx(0.2 / 3)
@@ -80,9 +83,11 @@ def test_cumulative_history_matches_the_official_procedure():
     assert got.item() == pytest.approx(expected, rel=1e-12)
 
 
-def _indexed_trainer(history: str = "cumulative", with_index: bool = True, seed: int = 0):
+def _indexed_trainer(
+    history: str = "cumulative", with_index: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32
+):
     splits, _ = tiny_splits()
-    train = dict(splits["train"].tensors)
+    train = {k: v.to(dtype) if v.is_floating_point() else v for k, v in splits["train"].tensors.items()}
     if with_index:
         train["index"] = torch.arange(len(train["target"]))
     dataset = TensorDictDataset(train)
@@ -90,7 +95,7 @@ def _indexed_trainer(history: str = "cumulative", with_index: bool = True, seed:
     cfg = TrainConfig(batch_size=16, seed=seed, cost_steps=0, eval_modality_scores=False)
     torch.manual_seed(seed)
     balancer = QMF(QMFConfig(history=history))
-    trainer = Trainer(tiny_model(seed=seed), balancer, task, cfg, CPU, steps_per_epoch=3)
+    trainer = Trainer(tiny_model(seed=seed).to(dtype), balancer, task, cfg, CPU, steps_per_epoch=3)
     loader = make_loader(dataset, cfg, CPU, train=False)
     ctx = EpochContext(trainer.model, 0, 1, loader, loader, task, CPU, trainer.optimizer, lambda b: b)
     balancer.on_train_epoch_start(ctx)
@@ -106,9 +111,32 @@ def test_cumulative_history_sums_each_samples_loss_over_steps():
     before = balancer.loss_history.clone()
     with torch.no_grad():  # the next step's per-sample losses, on the same weights
         logits = balancer.forward_step(trainer.model, first).extras["qmf.logits"]
-        step_two = torch.stack([task.loss(logits[m], first["target"], reduction="none").double() for m in ("a", "b")])
+        step_two = torch.stack(
+            [task.loss(logits[m], first["target"], reduction="none").double() for m in ("a", "b")]
+        )
     trainer.train_step(first, 0, 1)
     torch.testing.assert_close(balancer.loss_history[:, :16], before[:, :16] + step_two)
+
+
+
+def test_float64_model_history_and_confidences_by_hand():
+    """As the official numpy float64 History fed by the model's per-sample losses: on a float64
+    model the history holds the float64 cross-entropies (a float32 cast is off by ~1e-8) and the
+    confidence is 0.1 · logsumexp of the float64 logits."""
+    trainer, batches, task = _indexed_trainer(dtype=torch.float64)
+    balancer, first = trainer.balancer, batches[0]
+    with torch.no_grad():  # the step's logits, on the weights before the step
+        logits = balancer.forward_step(trainer.model, first).extras["qmf.logits"]
+    target = first["target"]
+    expected = torch.stack([F.cross_entropy(logits[m], target, reduction="none") for m in ("a", "b")])
+    trainer.train_step(first, 0, 0)
+    torch.testing.assert_close(balancer.loss_history[:, :16], expected, rtol=1e-12, atol=0)
+    confidence = energy_confidence(logits["a"])
+    assert confidence.dtype == torch.float64
+    by_hand = 0.1 * torch.log(torch.exp(logits["a"]).sum(dim=1, keepdim=True))
+    torch.testing.assert_close(confidence, by_hand, rtol=1e-12, atol=0)
+    mean = balancer.diagnostics()["confidence/a"]
+    assert mean == pytest.approx(confidence.mean().item(), rel=1e-12, abs=0)
 
 
 def test_cumulative_history_needs_an_index_and_round_trips():

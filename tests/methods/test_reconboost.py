@@ -33,8 +33,14 @@ def test_boosting_loss_by_hand():
     pred, others, y = T([[0.0, math.log(3.0)]]), T([[math.log(4.0), 0.0]]), T([1])
     expected = (-5 * math.log(0.75) + 0.2 * math.log(0.75)) / 2
     assert boosting_loss(pred, others, y, cls, 5.0, 1.0).item() == pytest.approx(expected)
+    # float64 outputs stay float64: the same value to 1e-12 (a float32 cast is off by ~1e-8)
+    pred64 = torch.tensor([[0.0, math.log(3.0)]], dtype=torch.float64)
+    others64 = torch.tensor([[math.log(4.0), 0.0]], dtype=torch.float64)
+    loss64 = boosting_loss(pred64, others64, y, cls, 5.0, 1.0)
+    assert loss64.dtype == torch.float64 and loss64.item() == pytest.approx(expected, rel=1e-12, abs=0)
     # empty ensemble (stage 0, official constant c0): q = 1 -> (w2 - w1) log p_y / K
-    assert boosting_loss(pred, None, y, cls, 5.0, 1.0).item() == pytest.approx((1.0 - 5.0) * math.log(0.75) / 2)
+    expected = (1.0 - 5.0) * math.log(0.75) / 2
+    assert boosting_loss(pred, None, y, cls, 5.0, 1.0).item() == pytest.approx(expected)
     # a sample the others already classify confidently weighs less than one they get wrong
     right = boosting_loss(pred, T([[0.0, 10.0]]), y, cls, 5.0, 1.0)
     wrong = boosting_loss(pred, T([[10.0, 0.0]]), y, cls, 5.0, 1.0)
@@ -68,7 +74,8 @@ def _setup(config: ReconBoostConfig, seed: int = 0):
 
 
 def test_stages_add_members_count_extra_steps_and_leave_other_encoders_alone():
-    trainer, balancer, ctx, batches = _setup(ReconBoostConfig(boost_epochs=2, correct_epochs=2, head_hidden=None))
+    config = ReconBoostConfig(boost_epochs=2, correct_epochs=2, head_hidden=None)
+    trainer, balancer, ctx, batches = _setup(config)
     model = trainer.model
     b_before = [p.detach().clone() for p in model.modality_parameters("b")]
     balancer.on_train_epoch_start(ctx(0))  # stage 0: boost modality "a" (3 batches x 2 passes)
@@ -107,13 +114,18 @@ def test_predict_is_rho_times_the_sum_of_member_learners():
 
 
 def test_consolidation_with_gradient_changes_the_boosting_step():
-    results = []
+    results, logged = [], []
     for grad in (False, True):
-        trainer, balancer, ctx, _ = _setup(ReconBoostConfig(boost_epochs=1, correct_epochs=1, consolidation_grad=grad))
+        config = ReconBoostConfig(boost_epochs=1, correct_epochs=1, consolidation_grad=grad, boost_batches=1)
+        trainer, balancer, ctx, _ = _setup(config)
         balancer.on_train_epoch_start(ctx(0))
         balancer.on_train_epoch_start(ctx(1))  # stage 1 has a previous learner
         results.append([p.detach().clone() for p in trainer.model.modality_parameters("b")])
+        logged.append(balancer.diagnostics()["boost_loss"])
     assert any(not torch.equal(p, q) for p, q in zip(*results, strict=True))
+    # the logged stage loss is the reconcilement loss alone (official `stage_loss`), here of the
+    # same first batch on the same weights with and without the consolidation term
+    assert logged[0] == logged[1]
 
 
 def test_errors():
@@ -131,6 +143,26 @@ def test_errors():
     other = ReconBoost(ReconBoostConfig(boost_epochs=1))
     other.setup(model, make_task("cls", 3), lambda p, lr=None, **kw: torch.optim.SGD(p, lr=0.1))
     bad = ctx(0)
-    bad = EpochContext(model, 0, 1, bad.train_loader, bad.val_loader, bad.task, CPU, bad.optimizer, bad.to_device)
+    bad = EpochContext(
+        model, 0, 1, bad.train_loader, bad.val_loader, bad.task, CPU, bad.optimizer, bad.to_device
+    )
     with pytest.raises(ShapeError, match="shared_head=False"):
         other.on_train_epoch_start(bad)
+
+
+def test_training_state_resumes_inside_a_stage():
+    """A fresh balancer that loads a mid-stage state gets the stage's rectification optimizer (the
+    heads are built from the state first), so the saved optimizer state has a home."""
+    trainer, balancer, ctx, batches = _setup(ReconBoostConfig(boost_epochs=1, correct_epochs=2))
+    balancer.on_train_epoch_start(ctx(0))
+    trainer.train_step(batches[0], 0, 0)
+    state = balancer.training_state()
+    _, fresh, _, _ = _setup(ReconBoostConfig(boost_epochs=1, correct_epochs=2), seed=1)
+    assert fresh.rectify_optimizer is None  # no stage has started in this balancer
+    fresh.load_training_state(state)
+    assert fresh._members == ["a"]
+    saved, loaded = state["optimizers"][0], fresh.rectify_optimizer.state_dict()
+    assert saved["param_groups"] == loaded["param_groups"]
+    for key, value in saved["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(torch.as_tensor(tensor), torch.as_tensor(loaded["state"][key][name])), name

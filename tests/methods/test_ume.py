@@ -25,6 +25,15 @@ def test_ensemble_rules_by_hand():
     assert torch.allclose(ensemble_predictions(z, "logits"), torch.tensor([[math.log(3.0) / 2, 0.0]]))
     # softmax: a (0.5, 0.5), b (0.75, 0.25); mean (0.625, 0.375); log of it
     assert torch.allclose(ensemble_predictions(z, "probs"), torch.log(torch.tensor([[0.625, 0.375]])))
+    # float64 logits stay float64: log(0.625), log(0.375) to 1e-12 (a float32 cast is off by ~1e-8)
+    z64 = {
+        "a": torch.zeros(1, 2, dtype=torch.float64),
+        "b": torch.tensor([[math.log(3.0), 0.0]], dtype=torch.float64),
+    }
+    probs = ensemble_predictions(z64, "probs")
+    assert probs.dtype == torch.float64
+    expected = torch.tensor([[math.log(0.625), math.log(0.375)]], dtype=torch.float64)
+    torch.testing.assert_close(probs, expected, rtol=1e-12, atol=0)
 
 
 def test_each_unimodal_model_trains_exactly_as_if_alone():
@@ -35,7 +44,7 @@ def test_each_unimodal_model_trains_exactly_as_if_alone():
     balancer = UME()
     trainer = Trainer(model, balancer, make_task("cls", 3), CFG, CPU, steps_per_epoch=3)
     batches = [batch_to_device(b, CPU) for b in make_loader(splits["train"], CFG, CPU, train=True)]
-    encoder, branch = copy.deepcopy(model.encoders["a"]), copy.deepcopy(balancer.branches["a"])
+    encoder, branch = copy.deepcopy(model.encoders["a"]), copy.deepcopy(balancer.heads.branches["a"])
     fusion_before = [p.clone() for p in list(model.fusion.parameters()) + list(model.head.parameters())]
     for i, b in enumerate(batches):
         trainer.train_step(b, 0, i)
@@ -49,7 +58,7 @@ def test_each_unimodal_model_trains_exactly_as_if_alone():
         make_task("cls", 3).loss(logits, b["target"]).backward()
         opt_e.step()
         opt_h.step()
-    for p, q in zip(list(model.encoders["a"].parameters()) + list(balancer.branches["a"].parameters()),
+    for p, q in zip(list(model.encoders["a"].parameters()) + list(balancer.heads.branches["a"].parameters()),
                     list(encoder.parameters()) + list(branch.parameters()), strict=True):
         assert torch.equal(p, q)
     after = list(model.fusion.parameters()) + list(model.head.parameters())
@@ -69,10 +78,10 @@ def test_prediction_is_the_unimodal_ensemble_not_the_fusion_head(head):
         before = balancer.predict(out)
         model.head.out_layer.weight.add_(1.0)
         after = balancer.predict(model(batch))
-        unimodal = balancer.unimodal_predictions(out.features, None)
+        unimodal = balancer.heads(out.features)
     assert torch.equal(before, after)
     assert torch.allclose(before, (unimodal["a"] + unimodal["b"]) / 2)
-    prefix = "branches.a.head" if head == "model" else "heads.heads.a.net"
+    prefix = "heads.branches.a.head" if head == "model" else "heads.heads.a.net"
     assert any(k.startswith(prefix) for k in balancer.inference_state_dict())
 
 
@@ -82,4 +91,5 @@ def test_config_and_setup_errors():
     with pytest.raises(ConfigError, match="head must be one of"):
         METHODS.build("ume", None, head="mlp")
     with pytest.raises(UnsupportedError, match="regression needs ensemble='logits'"):
-        UME(UMEConfig(ensemble="probs")).setup(tiny_model(classes=1), make_task("reg", 1), make_optimizer_factory(CFG))
+        probs = UME(UMEConfig(ensemble="probs"))
+        probs.setup(tiny_model(classes=1), make_task("reg", 1), make_optimizer_factory(CFG))

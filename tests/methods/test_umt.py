@@ -27,6 +27,12 @@ def test_distillation_loss_by_hand():
     with pytest.raises(ShapeError, match="features\\['a'\\] has shape \\(1, 2\\), its teacher's \\(1, 3\\)"):
         distillation_loss({"a": torch.zeros(1, 2)}, {"a": torch.zeros(1, 3)})
 
+    # float64 features stay float64 (BalanceBenchmark's MSE in the model's dtype): a = (1/3, 0.1)
+    # against zeros: (1/9 + 1/100) / 2 = 109/1800; a float32 cast is off by ~1e-8
+    third = {"a": torch.tensor([[1 / 3, 0.1]], dtype=torch.float64)}
+    value = distillation_loss(third, {"a": torch.zeros(1, 2, dtype=torch.float64)})
+    assert value.dtype == torch.float64
+    assert value.item() == pytest.approx(109 / 1800, rel=1e-12, abs=0)
 
 def test_zero_scaling_with_trained_teachers_reproduces_joint_exactly():
     """The teacher stage runs on a forked RNG and a private loader: it leaves the main run untouched."""
@@ -64,7 +70,8 @@ def test_teachers_train_then_stay_frozen_in_eval_mode():
     batch = batch_to_device(next(iter(loader)), CPU)
     trainer.train_step(batch, 0, 0)
     for m in ("a", "b"):
-        assert all(torch.equal(p, q) for p, q in zip(balancer.teachers[m].parameters(), trained[m], strict=True))
+        teacher = balancer.teachers[m].parameters()
+        assert all(torch.equal(p, q) for p, q in zip(teacher, trained[m], strict=True))
         assert all(p.grad is None for p in balancer.teachers[m].parameters())
     balancer.on_train_epoch_start(ctx)  # teachers are trained once per run
     assert balancer.extra_steps() == 2 * 2 * 3
