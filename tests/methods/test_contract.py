@@ -145,20 +145,6 @@ RESUME_EPOCH = 1  # the checkpoint is taken inside the second epoch, after one e
 RESUME_AFTER = 2  # steps of that epoch before the checkpoint; the step after it is compared
 NEXT_STEP_SEED = 123  # both runs draw what follows the checkpoint from this global RNG state
 
-# Methods whose training state is known to miss something a resumed run needs: the resume test is
-# expected to fail for them (strict, so a fix shows up as XPASS and this entry must go).
-_LAZY_OPTIMIZER = "{} is created on first use: a fresh balancer has no optimizer to load the saved state into"
-STATE_GAPS: dict[str, str] = {
-    "g_blending": _LAZY_OPTIMIZER.format("head_optimizer"),
-    "mla": _LAZY_OPTIMIZER.format("head_optimizer") + "; _batch_index (the projection's alpha) is not in "
-    "the state",
-    "mses": _LAZY_OPTIMIZER.format("head_optimizer"),
-    "mslr": _LAZY_OPTIMIZER.format("head_optimizer"),
-    "qmf": _LAZY_OPTIMIZER.format("head_optimizer"),
-    "reconboost": "rectify_optimizer is created only at a stage's first epoch, so a resume inside a stage "
-    "has none to load into",
-    "ume": _LAZY_OPTIMIZER.format("head_optimizer"),
-}
 
 
 def _checkpoint(trainer):
@@ -255,14 +241,7 @@ def _differences(a, b, path):
     return [] if type(a) is type(b) and a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
-def _known_gap(method):
-    reason = STATE_GAPS.get(method)
-    return pytest.mark.xfail(reason=reason, strict=True) if reason else ()
-
-
-@pytest.mark.parametrize(
-    "method, ds_name", [pytest.param(m, d, marks=_known_gap(m)) for m, d in CASES]
-)
+@pytest.mark.parametrize("method, ds_name", CASES)
 def test_resume_from_training_state_continues_identically(method, ds_name):
     """Checkpoint inside epoch 1, load it into a fresh trainer built from other initial weights
     (whose ``on_train_epoch_start`` of epoch 1 saw those weights), and continue both runs into
