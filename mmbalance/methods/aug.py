@@ -128,9 +128,9 @@ class AUG(Balancer):
     Config = AUGConfig
     presets = {
         "cremad": {"merge_weights": {"audio": 0.4, "visual": 0.6}},  # train_CREMAD.py --merge_alpha 0.4
-        # hidden = half the encoder width, as 512 -> 256 (the synthetic encoders give 64 or 16 channels);
-        # 256 makes the classifiers larger than the whole synthetic model (9x joint's step time)
-        "synthetic": {"classifier_hidden": 32},
+        # 256 is sized for 512-d ResNet features; on the 64-d / 16-channel synthetic features it makes
+        # the classifiers larger than the whole model (1x1 convs on every pixel for seg4)
+        "synthetic": {"classifier_hidden": 128},
     }
     tasks = frozenset({"cls", "seg"})
     paper = (
