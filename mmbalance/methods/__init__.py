@@ -45,6 +45,8 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "lfm",
     "sample_valuation",
     "relearning",
+    "aug",
+    "remix",
 )
 
 
