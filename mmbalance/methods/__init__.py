@@ -40,6 +40,7 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "inforeg",
     "dgl",
     "arl",
+    "g2d",
 )
 
 
