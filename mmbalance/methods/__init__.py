@@ -41,6 +41,7 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "dgl",
     "arl",
     "g2d",
+    "di_mml",
 )
 
 
