@@ -114,11 +114,11 @@ def test_loss_terms_distil_the_fused_prediction_toward_every_teacher():
     output = bal.forward_step(trainer.model, batch)
     terms = bal.loss_terms(output, batch, trainer.task)
     features, predictions = bal._teacher_outputs(batch)
-    expected_logit = sum(logit_distillation(output.prediction, predictions[m], 3.0, "cls") for m in ("a", "b"))
+    expected_logit = sum(logit_distillation(output.prediction, predictions[m], 3.0, "cls") for m in "ab")
     torch.testing.assert_close(terms["logit_kd"], 0.5 * expected_logit)
-    expected_feature = sum(((output.features[m] - features[m]) ** 2).mean() for m in ("a", "b"))
+    expected_feature = sum(((output.features[m] - features[m]) ** 2).mean() for m in "ab")
     torch.testing.assert_close(terms["feature_kd"], 2.0 * expected_feature)
-    scores = torch.stack([confidence_score(predictions[m], batch["target"], trainer.task) for m in ("a", "b")])
+    scores = torch.stack([confidence_score(predictions[m], batch["target"], trainer.task) for m in "ab"])
     torch.testing.assert_close(bal._scores, scores)
     terms["feature_kd"].backward()  # reaches the encoders, never the frozen teachers
     assert all(p.grad is not None for p in trainer.model.encoders.parameters())
@@ -130,7 +130,8 @@ def test_neutral_setting_reproduces_joint_exactly():
     splits, spec = tiny_splits()
     cfg = TrainConfig(epochs=2, batch_size=16, eval_modality_scores=False, cost_steps=0)
     models = []
-    for balancer in (Joint(), G2D(G2DConfig(logit_weight=0.0, feature_weight=0.0, smp=False, teacher_epochs=2))):
+    neutral = G2DConfig(logit_weight=0.0, feature_weight=0.0, smp=False, teacher_epochs=2)
+    for balancer in (Joint(), G2D(neutral)):
         model = tiny_model()
         fit(model, balancer, splits, spec, make_task("cls", 3), cfg, CPU)
         models.append(model)
