@@ -47,6 +47,8 @@ BUILTIN_METHODS: tuple[str, ...] = (
     "relearning",
     "aug",
     "remix",
+    "g2d",
+    "di_mml",
 )
 
 
