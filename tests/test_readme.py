@@ -40,3 +40,15 @@ def test_quick_start_is_two_commands_and_ci_runs_the_second():
     assert "matrices/default.toml" in commands[0]
     ci = (ROOT / ".ci" / "run").read_text()
     assert commands[1] in ci.splitlines()
+
+
+def test_method_table_lists_every_registered_method_with_its_tasks_and_card():
+    section = README.split("## What is inside", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(\w+)` \| ([a-z, ]+) \| ([0-9+-]+) \| (.+?) \| (.+?) \|$", section, re.M)
+    listed = {name: (tasks, card) for name, tasks, _, _, card in rows}
+    assert sorted(listed) == sorted(METHODS.names())
+    for name, (tasks, card) in listed.items():
+        cls = METHODS.get(name)
+        assert tasks == ", ".join(t for t in ("cls", "reg", "seg") if t in cls.tasks), name
+        if card != "baseline":
+            assert card == f"[card](methods/{name}.md)" and (ROOT / "methods" / f"{name}.md").is_file(), name
