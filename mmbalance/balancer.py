@@ -175,7 +175,11 @@ class Balancer(nn.Module):
         """Once, before the first epoch, after the model is on its device: build auxiliary heads,
         own optimizers, parameter groups. Modules created here must be moved with
         ``self.to(device)``; the runner calls ``balancer.to(device)`` right after ``setup``. Subclasses
-        call ``super().setup`` first: it records the modalities, the task and :attr:`model`."""
+        call ``super().setup`` first: it checks the task against :attr:`tasks` (raising
+        :class:`~mmbalance.errors.UnsupportedError`) and records the modalities, the task and
+        :attr:`model`."""
+        if task.name not in self.tasks:
+            raise UnsupportedError(f"method {self.name!r} supports tasks {sorted(self.tasks)}, not task {task.name!r}")
         self.modalities = tuple(model.modalities)
         self.task = task
         self.__dict__["_model_ref"] = model  # a plain reference (see ``model``), not a submodule

@@ -20,3 +20,12 @@ def test_model_reference_is_set_by_setup_and_stays_out_of_the_state():
     assert balancer.model is model
     assert not list(balancer.parameters()) and not balancer.state_dict()
     assert "_model_ref" not in dict(balancer.named_modules())
+
+
+def test_setup_rejects_a_task_the_method_does_not_declare():
+    from mmbalance.errors import UnsupportedError
+    from mmbalance.methods import METHODS
+
+    pmr = METHODS.build("pmr")  # classification only
+    with pytest.raises(UnsupportedError, match="method 'pmr' supports tasks \\['cls'\\], not task 'reg'"):
+        pmr.setup(tiny_model(classes=1), make_task("reg", 1), lambda params, **kw: None)

@@ -113,8 +113,6 @@ class ARL(Balancer):
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: Any) -> None:
         super().setup(model, task, optimizer_factory)
-        if task.name not in self.tasks:
-            raise ConfigError(f"arl needs class probabilities (task 'cls' or 'seg'), got task {task.name!r}")
         self._params = {m: model.modality_parameters(m) for m in self.modalities}
         self._epoch = 0
         self._omega: Tensor | None = None

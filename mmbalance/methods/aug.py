@@ -141,8 +141,6 @@ class AUG(Balancer):
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
         cfg: AUGConfig = self.config
-        if task.name not in self.tasks:
-            raise ConfigError(f"aug needs class logits (task 'cls' or 'seg'), got task {task.name!r}")
         if cfg.merge_weights and set(cfg.merge_weights) != set(self.modalities):
             raise ConfigError(
                 f"merge_weights must name every modality {self.modalities}, got {sorted(cfg.merge_weights)}"

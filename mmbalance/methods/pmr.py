@@ -117,8 +117,6 @@ class PMR(Balancer):
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
-        if task.name != "cls":
-            raise ConfigError(f"pmr needs class labels (task 'cls'), got task {task.name!r}")
         self.num_classes = int(task.num_outputs)
         self._epoch = 0
         self._updates = 0  # prototype updates so far (the EMA starts at the third)

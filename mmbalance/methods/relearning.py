@@ -92,8 +92,6 @@ class Relearning(Balancer):
         """Keep a copy of every encoder's initial parameters (a buffer, so it is saved and follows the
         device), as the official ``init_para.pkl`` saved right after the model is built."""
         super().setup(model, task, optimizer_factory)
-        if task.name not in self.tasks:
-            raise ConfigError(f"relearning clusters by class (cls; the sign for reg), got task {task.name!r}")
         self.num_clusters = int(task.num_outputs) if task.name == "cls" else 2
         self._params = {m: model.modality_parameters(m) for m in self.modalities}
         for m, params in self._params.items():

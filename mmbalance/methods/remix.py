@@ -123,8 +123,6 @@ class Remix(HeadedBalancer):
     )
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
-        if task.name not in self.tasks:
-            raise ConfigError(f"remix needs class distributions (task 'cls' or 'seg'), got {task.name!r}")
         super().setup(model, task, optimizer_factory)
         self._seed = torch.initial_seed() % (2**63)  # the schedule's shuffles; saved: a resume keeps it
         self._epoch = 0

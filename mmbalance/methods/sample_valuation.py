@@ -108,8 +108,6 @@ class SampleValuation(Balancer):
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
-        if task.name not in self.tasks:
-            raise ConfigError(f"sample_valuation values correctness (cls, reg), got task {task.name!r}")
         self.rows = ResampledRows()
         self._source: tuple[Any, Any, Any] | None = None  # (train dataset, collate_fn, to_device)
         self.valued_samples = 0  # samples valued so far (cost record)

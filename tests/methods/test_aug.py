@@ -240,7 +240,7 @@ def test_config_and_setup_errors():
     cfg = TrainConfig(batch_size=16, eval_modality_scores=False, cost_steps=0)
     with pytest.raises(ConfigError, match="merge_weights must name every modality"):
         Trainer(tiny_model(), AUG(AUGConfig(merge_weights={"a": 1.0})), CLS3, cfg, CPU)
-    with pytest.raises(ConfigError, match="task 'cls' or 'seg'"):
+    with pytest.raises(UnsupportedError, match="not task 'reg'"):
         Trainer(tiny_model(classes=1), AUG(), make_task("reg", 1), cfg, CPU)
     assert not AUG.supports(task="reg") and AUG.supports(task="seg", modalities=4)
     with pytest.raises(UnsupportedError):

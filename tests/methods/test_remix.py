@@ -187,7 +187,7 @@ def test_config_and_setup_errors():
     for bad in ({"alpha": -1.0}, {"gamma": float("nan")}, {"warmup": -1}, {"head_hidden": 0}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             METHODS.build("remix", None, **bad)
-    with pytest.raises(ConfigError, match="task 'cls' or 'seg'"):
+    with pytest.raises(UnsupportedError, match="not task 'reg'"):
         Trainer(tiny_model(classes=1), Remix(), make_task("reg", 1), CFG, CPU)
     with pytest.raises(UnsupportedError):
         Remix().check_supported(DATASETS.build("synthetic_reg3").spec)
