@@ -244,7 +244,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics is not None else None
     _print_tables(
         Path(args.dir), fmt=args.format, split=args.split, layout=args.layout, metrics=metrics,
-        delta=args.delta, marks=not args.no_marks, max_width=args.width,
+        delta=args.delta, marks=not args.no_marks, max_width=args.width, cost=not args.no_cost,
     )
     return 0
 
@@ -276,6 +276,7 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
         help="github: one table per dataset when a line would be longer than N characters; 0 never "
         "splits (default: %(default)s)",
     )
+    p.add_argument("--no-cost", action="store_true", help="the metric tables only, without the cost table")
     p.set_defaults(func=_cmd_table)
 
 
