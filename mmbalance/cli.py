@@ -11,34 +11,33 @@ when its method called ``sys.exit``; a diverged run is a result (exit 0). Ctrl-C
 from __future__ import annotations
 
 import argparse
-import fnmatch
+import functools
 import math
 import shlex
 import sys
+import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tabulate import tabulate
 
 import mmbalance
 from mmbalance.config import parse_set
-from mmbalance.datasets import DATASETS
-from mmbalance.datasets.fixtures import add_fixtures_command
 from mmbalance.errors import ConfigError, MMBalanceError, ResultError
-from mmbalance.matrix import load_spec, parse_shard
-from mmbalance.matrix_run import check_thread_count, run_matrix
-from mmbalance.methods import METHODS
-from mmbalance.models import MODELS
-from mmbalance.output import prepare_output
-from mmbalance.resolve import RunSpec, resolve_run
-from mmbalance.results import load_plan, load_rows, read_row, write_row
-from mmbalance.runner import run_one
-from mmbalance.tables import DEFAULT_MAX_WIDTH, FORMATS, LAYOUTS, SPLITS, render_tables
-from mmbalance.train import resolve_device
+from mmbalance.table_grid import DEFAULT_MAX_WIDTH, FORMATS, LAYOUTS, SPLITS
+from mmbalance.tracking import TRACKERS, Tracking, parse_log
 
-__all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_OUT"]
+if TYPE_CHECKING:
+    from mmbalance.matrix import MatrixSpec
+
+# Everything that imports torch (registries, training, the matrix) is imported inside the command
+# that needs it, so that ``--version``, ``--help``, ``list`` and ``table`` start in well under a
+# second; ``bench`` and ``fixtures`` register their options only when they are the command
+# (:class:`Deferred`).
+
+__all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_OUT", "Deferred"]
 
 DEFAULT_OUT = "runs"  # where `run` writes rows and `show` looks for them; `matrix` adds the spec's stem
 EXIT_USER_ERROR = 2
@@ -46,6 +45,19 @@ EXIT_USER_ERROR = 2
 
 def _error_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _cause(exc: BaseException) -> str:
+    """The first chained cause that is not a user error (a plugin's ImportError, ...), with where it
+    was raised: `` [cause: ModuleNotFoundError: No module named 'x', at plugin.py:3]``; "" if none."""
+    cause = exc.__cause__
+    while isinstance(cause, MMBalanceError):
+        cause = cause.__cause__
+    if cause is None:
+        return ""
+    frames = traceback.extract_tb(cause.__traceback__)
+    where = f", at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    return f" [cause: {type(cause).__name__}: {_error_line(cause)}{where}]"
 
 
 def _command_line(argv: Sequence[str]) -> str:
@@ -67,39 +79,13 @@ def _int_at_least(option: str, minimum: int = 1) -> Callable[[str], int]:
 
 
 # -- list ------------------------------------------------------------------------------------------
-def _modality_range(cls: type) -> str:
-    lo = getattr(cls, "min_modalities", None)
-    if lo is None:
-        names = getattr(cls, "modality_names", ())
-        return f"{len(names)} ({', '.join(names)})" if names else "any"
-    hi = getattr(cls, "max_modalities", None)
-    return f"{lo}+" if hi is None else (str(lo) if hi == lo else f"{lo}-{hi}")
-
-
-def _tasks_text(cls: type) -> str:
-    tasks = getattr(cls, "tasks", None)
-    if tasks is None:
-        return str(getattr(cls, "task", "?"))
-    return ", ".join(sorted(tasks))
-
-
 def _cmd_list(args: argparse.Namespace) -> int:
-    registries = {"methods": METHODS, "datasets": DATASETS, "models": MODELS}
-    kinds = [args.kind] if args.kind else list(registries)
+    from mmbalance.catalog import KINDS, entries
 
     sections = []
-    for kind in kinds:
-        registry = registries[kind]
-        caps: dict[str, Any] = {"task": args.task}
-        if kind != "models":
-            caps["modalities"] = args.modalities
-        lines = []
-        for name in registry.names(args.pattern, **caps):
-            cls = registry.get(name)
-            lines.append([name, _tasks_text(cls), _modality_range(cls), getattr(cls, "paper", "") or ""])
-        for name, error in sorted(registry.broken().items()):
-            if fnmatch.fnmatchcase(name, args.pattern):
-                lines.append([name, "BROKEN", "", f"plugin failed to import: {_error_line(error)}"])
+    for kind in [args.kind] if args.kind else list(KINDS):
+        modalities = args.modalities if kind != "models" else None
+        lines = entries(kind, args.pattern, task=args.task, modalities=modalities)
         header = ["name", "tasks", "modalities", "paper"]
         body = tabulate(lines, headers=header, tablefmt="simple") if lines else "(none match)"
         sections.append(f"{kind}:\n{body}")
@@ -146,7 +132,39 @@ def _print_metrics(row: dict[str, Any]) -> None:
     print(tabulate(body, headers=["metric", "val", "test"], tablefmt="simple", disable_numparse=True))
 
 
+def _add_log(p: argparse.ArgumentParser, where: str) -> None:
+    p.add_argument("--log", action="append", default=[], metavar="|".join(TRACKERS),
+                   help="also mirror each run (config, per-epoch history, metrics, cost; named by its run "
+                   "id) to TensorBoard and / or MLflow; repeatable or comma-separated (extras: "
+                   "pip install 'mmbalance[tensorboard]' / 'mmbalance[mlflow]')")
+    p.add_argument("--log-dir", metavar="DIR",
+                   help=f"TensorBoard's folder and the MLflow SQLite store's (default: {where}/tracking)")
+    p.add_argument("--mlflow-uri", metavar="URI",
+                   help="MLflow tracking URI (default: sqlite:///<log dir>/mlflow.db; file:PATH is MLflow's "
+                   "file store, which MLflow 3 opens only with MLFLOW_ALLOW_FILE_STORE=true)")
+
+
+def _tracking(args: argparse.Namespace, out: Path, experiment: str) -> Tracking | None:
+    trackers = parse_log(args.log)
+    if not trackers:
+        if args.log_dir or args.mlflow_uri:
+            raise ConfigError("--log-dir / --mlflow-uri need --log tensorboard|mlflow")
+        return None
+    tracking = Tracking(trackers, args.log_dir or str(out / "tracking"), args.mlflow_uri, experiment)
+    tracking.check_installed()  # before anything trains
+    return tracking
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from mmbalance.matrix_run import check_thread_count
+    from mmbalance.output import prepare_output
+    from mmbalance.resolve import RunSpec, resolve_run
+    from mmbalance.results import load_rows, write_row
+    from mmbalance.runner import run_one
+    from mmbalance.train import resolve_device
+
     spec = RunSpec(
         method=args.method, dataset=args.dataset, model=args.model, preset=args.preset,
         seed=args.seed, overrides=parse_set(args.sets), data_root=args.data_root,
@@ -155,8 +173,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = prepare_output(args.out)  # before training: a result that cannot be written is not trained
     check_thread_count(load_rows(out).rows, device, torch.get_num_threads(), out)
+    tracking = _tracking(args, out, "mmbalance")
     try:
-        row = run_one(resolved, device=device, quiet=args.quiet, command=args.command_line)
+        row = run_one(resolved, device=device, quiet=args.quiet, command=args.command_line, tracking=tracking)
     except SystemExit as exc:  # a method or plugin exiting is a failed run, not the end of this command
         print(f"mmbalance: error: run {resolved.run_id} failed: the run called sys.exit({exc.code!r}); "
               "nothing was written", file=sys.stderr)
@@ -187,6 +206,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="registered model builder (default: the dataset's)")
     p.add_argument("--data-root", help="folder holding the dataset files (datasets that read files)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_log(p, "OUT")
     p.set_defaults(func=_cmd_run)
 
 
@@ -195,6 +215,9 @@ def _print_tables(out: Path, **options: Any) -> None:
     """Print the tables of the rows in ``out`` (``options`` go to
     :func:`~mmbalance.tables.render_tables`); each unreadable file is a warning line naming it (one
     error line naming the first of them when nothing is left to show)."""
+    from mmbalance.results import load_plan, load_rows
+    from mmbalance.tables import render_tables
+
     loaded = load_rows(out)
     plan, plan_problems = load_plan(out)
     problems = (*loaded.problems, *plan_problems)
@@ -207,13 +230,36 @@ def _print_tables(out: Path, **options: Any) -> None:
     sys.stdout.flush()
 
 
+def _check_data(spec: MatrixSpec, out: Path, shard: Any, sets: Any, data_root: str | None) -> None:
+    """Stop before the first run when the runs still to do would miss data (one error for all)."""
+    from mmbalance.matrix import check_data, plan_matrix, select_shard
+    from mmbalance.matrix_run import DONE_STATUSES
+    from mmbalance.results import read_row
+
+    def done(run: Any) -> bool:
+        try:
+            return read_row(out / f"{run.run_id}.json").status in DONE_STATUSES
+        except ResultError:
+            return False
+
+    runs = select_shard(plan_matrix(spec, set_overrides=sets, data_root=data_root), shard)
+    check_data([r for r in runs if not done(r)], spec.source)
+
+
 def _cmd_matrix(args: argparse.Namespace) -> int:
+    from mmbalance.matrix import load_spec, parse_shard
+    from mmbalance.matrix_run import run_matrix
+    from mmbalance.runner import run_one
+
     shard = parse_shard(args.shard)
     sets = parse_set(args.sets)
     spec = load_spec(args.spec)
     out = Path(args.out) if args.out else Path(DEFAULT_OUT) / Path(args.spec).stem
+    _check_data(spec, out, shard, sets, args.data_root)
+    tracking = _tracking(args, out, Path(args.spec).stem)
+    run_fn = functools.partial(run_one, tracking=tracking) if tracking else None
     report = run_matrix(spec, out, shard=shard, set_overrides=sets, data_root=args.data_root,
-                        device=args.device, quiet=args.quiet)
+                        device=args.device, quiet=args.quiet, run_fn=run_fn)
     print(report.summary(), file=sys.stderr)
     if not args.no_tables:
         _print_tables(out)
@@ -223,9 +269,10 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
 def _add_matrix(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "matrix", help="run (or resume) a methods x datasets x seeds matrix",
-        description="Run the matrix of a TOML spec (format: `python -c 'import mmbalance.matrix; "
-        "help(mmbalance.matrix)'` or matrices/README.md), one JSON row per run in OUT; re-running "
-        "skips finished runs and retries failed ones. Prints the metric and cost tables at the end.",
+        description="Run the matrix of a TOML spec (format: `mmbalance matrix --spec-help`, or "
+        "matrices/README.md), one JSON row per run in OUT; re-running skips finished runs and retries "
+        "failed ones. Checks that every dataset's files are there before the first run. Prints the "
+        "metric and cost tables at the end.",
     )
     p.add_argument("spec", help="matrix spec (TOML), e.g. matrices/default.toml")
     p.add_argument("--out", help=f"results folder (default: {DEFAULT_OUT}/<spec name>)")
@@ -236,7 +283,25 @@ def _add_matrix(sub: argparse._SubParsersAction) -> None:
     _add_device(p, None)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("--no-tables", action="store_true", help="do not print the tables at the end")
+    _add_log(p, "OUT")
+    p.add_argument("--spec-help", action=_SpecHelp, help="print the spec format (TOML) and exit")
     p.set_defaults(func=_cmd_matrix)
+
+
+class _SpecHelp(argparse.Action):
+    """``matrix --spec-help``: print the spec format and exit (before the SPEC argument is needed)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        import mmbalance.matrix
+        import mmbalance.variants
+
+        doc = (mmbalance.matrix.__doc__ or "").split("\nThis module plans")[0].rstrip()
+        grids = (mmbalance.variants.__doc__ or "").split("\n", 1)[1].rstrip()
+        print(f"{doc}\n\nVariants and grids:\n{grids}\n\nMore: matrices/README.md in the repository.")
+        parser.exit()
 
 
 # -- table -----------------------------------------------------------------------------------------
@@ -327,6 +392,8 @@ def _flat(prefix: str, value: Any) -> list[tuple[str, Any]]:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    from mmbalance.results import read_row
+
     row = read_row(_find_row_file(args.target, Path(args.dir)))
     d = row.data
     lines = [
@@ -386,6 +453,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     if bool(args.targets) == bool(args.label):
         raise ConfigError("plot needs RUN (row files or run ids) or --label with --dataset, one of the two")
     if args.label:
+        from mmbalance.results import load_rows
+
         if not args.dataset:
             raise ConfigError(f"--label {args.label!r} needs --dataset: the seed mean is over one dataset")
         loaded = load_rows(args.dir)
@@ -427,29 +496,49 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     from mmbalance import bench
 
     p = sub.add_parser(
-        "bench", help="step-time ratio and memory overhead of every method vs joint; regression gate",
-        description=(bench.__doc__ or "").split("\n\n")[0],
+        "bench", help=_BENCH_HELP,
+        description=(bench.__doc__ or "").split("\n\n")[0].replace("``", ""),
     )
     bench.add_arguments(p)
     p.set_defaults(func=bench.main)
 
 
+def _add_fixtures(sub: argparse._SubParsersAction) -> None:
+    from mmbalance.datasets.fixtures import add_fixtures_command
+
+    add_fixtures_command(sub)
+
+
+_BENCH_HELP = "step-time ratio and memory overhead of every method vs joint; regression gate"
+
+
 # -- entry point -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Deferred:
+    """A subcommand whose options come from a module that imports torch: ``add`` runs only when it
+    is the command given; otherwise the parser lists it with its ``help`` line alone."""
+
+    name: str
+    help: str
+    add: Callable[[argparse._SubParsersAction], None]
+
+
 # One line per subcommand: the function adding its parser.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+COMMANDS: list[Callable[[argparse._SubParsersAction], None] | Deferred] = [
     _add_list,
     _add_run,
     _add_matrix,
     _add_table,
     _add_show,
     _add_plot,
-    add_fixtures_command,
-    _add_bench,
+    Deferred("fixtures", "write tiny copies of the paper datasets in their on-disk formats", _add_fixtures),
+    Deferred("bench", _BENCH_HELP, _add_bench),
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``mmbalance`` argument parser with every subcommand of :data:`COMMANDS`."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``mmbalance`` argument parser with every subcommand of :data:`COMMANDS`; with
+    ``command``, the :class:`Deferred` subcommands other than it get a placeholder parser."""
     parser = argparse.ArgumentParser(
         prog="mmbalance",
         description="Multimodal imbalance: balancing methods behind one interface, and a resumable "
@@ -462,22 +551,42 @@ def build_parser() -> argparse.ArgumentParser:
         "processes that each want every core slow each other's small steps down by orders of magnitude",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in COMMANDS:
-        add(sub)
+    for entry in COMMANDS:
+        if not isinstance(entry, Deferred):
+            entry(sub)
+        elif command is None or command == entry.name:
+            entry.add(sub)
+        else:
+            sub.add_parser(entry.name, help=entry.help, add_help=False)
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str:
+    """The subcommand named in ``argv`` ("" when none), skipping the global options."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--threads":
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return ""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 failed runs, 2 user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(_command_of(argv)).parse_args(argv)
     args.command_line = _command_line(argv)
     if args.threads is not None:
+        import torch
+
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))
     except MMBalanceError as exc:
-        print(f"mmbalance: error: {_error_line(exc)}", file=sys.stderr)
+        print(f"mmbalance: error: {_error_line(exc)}{_cause(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("mmbalance: interrupted", file=sys.stderr)

@@ -60,7 +60,7 @@ from typing import Any
 
 from mmbalance.config import format_set
 from mmbalance.datasets import DATASETS
-from mmbalance.errors import ConfigError, RegistryError, UnsupportedError
+from mmbalance.errors import ConfigError, DataError, RegistryError, UnsupportedError
 from mmbalance.methods import METHODS
 from mmbalance.registry import config_fields
 from mmbalance.resolve import ResolvedRun, RunSpec, list_valued_keys, resolve_run
@@ -76,6 +76,8 @@ __all__ = [
     "plan_matrix",
     "plan_hash",
     "select_shard",
+    "missing_data",
+    "check_data",
 ]
 
 SPEC_KEYS = (
@@ -462,3 +464,29 @@ def select_shard(runs: Sequence[PlannedRun], shard: tuple[int, int] | None) -> l
             f"{len(runs)} (use N <= {len(runs)})"
         )
     return list(runs[k - 1 :: n])
+
+
+def missing_data(runs: Sequence[PlannedRun]) -> list[str]:
+    """Every missing data root, folder or file of the runs' datasets, each once, in run order
+    (:meth:`~mmbalance.datasets.MultimodalDataset.missing_data`; nothing is read)."""
+    out: dict[str, None] = {}
+    for run in runs:
+        if run.resolved is not None:
+            for line in DATASETS.get(run.dataset).missing_data(run.resolved.dataset_config):
+                out.setdefault(line, None)
+    return list(out)
+
+
+def check_data(runs: Sequence[PlannedRun], source: str) -> None:
+    """Refuse to start a matrix whose runs would miss data.
+
+    Raises:
+        DataError: one error listing everything missing and how many runs need it.
+    """
+    missing = missing_data(runs)
+    if missing:
+        raise DataError(
+            f"{source}: data missing for the runs to do, nothing was run: {'; '.join(missing)} "
+            "(the dataset READMEs under datasets/ describe each layout; `mmbalance fixtures DIR` "
+            "writes tiny copies to try the pipeline)"
+        )

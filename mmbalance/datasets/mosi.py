@@ -204,6 +204,11 @@ class _SentimentDataset(MultimodalDataset):
         self.check_split_name(split)
         return TensorDictDataset(self._splits[split])
 
+    @classmethod
+    def required_files(cls, config: Any, folder: Path) -> list[tuple[Path, str]]:
+        file = config.file or (cls.mult_file if config.flavour == "mult" else cls.mmsa_file)
+        return [(folder / file, f"the {config.flavour} pickle of {cls.release}")]
+
 
 @register_dataset("mosi")
 class MOSI(_SentimentDataset):
