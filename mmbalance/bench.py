@@ -362,7 +362,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast on CUDA")
     parser.add_argument("--seed", type=int, default=0, help="seed of the models and batches (default 0)")
     parser.add_argument("--out", default="bench.json", help="JSON report path (default bench.json)")
-    parser.add_argument("--format", default="github", choices=["github", "latex", "csv"], help="printed table format")
+    parser.add_argument("--format", default="github", choices=["github", "latex", "csv"],
+                        help="printed table format (default: github)")
     parser.add_argument("--compare", metavar="BASE.json", help="fail if a ratio grew > threshold or memory grew")
     parser.add_argument("--threshold", type=float, default=0.10, help="relative ratio growth allowed (default 0.10)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

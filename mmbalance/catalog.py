@@ -5,8 +5,8 @@ imports torch (seconds). ``list`` reads this static copy of what it shows instea
 name, tasks, modality counts and paper line (:data:`mmbalance._catalog_data.CATALOG`). The copy is
 generated from the live registries by ``python -m mmbalance.catalog`` and a test fails when it
 differs from them, so it cannot go stale unnoticed. Plugins (the ``mmbalance.methods`` entry-point
-group) are not in it: when any is installed, ``list`` reads the live registries (see
-:func:`entries`).
+group) are not in it: when any is installed, or the registries are imported already (a Python
+session that registered its own entries), ``list`` reads the live registries (:func:`entries`).
 """
 
 from __future__ import annotations
@@ -115,9 +115,11 @@ def entries(
     kind: str, pattern: str = "*", task: str | None = None, modalities: int | None = None
 ) -> list[list[str]]:
     """``[name, tasks, modalities, paper]`` lines of ``list``: from the static catalog, or from the
-    live registries (plugins and broken plugins included) when plugins are installed."""
+    live registries (plugins and broken plugins included) when plugins are installed or the
+    registries are already imported in this process."""
     broken: Mapping[str, BaseException] = {}
-    if plugins_installed():
+    loaded = all(f"mmbalance.{k}" in sys.modules for k in KINDS)  # in-process registrations count too
+    if loaded or plugins_installed():
         catalog = build(plugins=True)
         broken = _registry(kind).broken()
     else:

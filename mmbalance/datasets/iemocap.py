@@ -160,11 +160,12 @@ class IEMOCAP(MultimodalDataset):
 
     @classmethod
     def required_files(cls, config: Any, folder: Path) -> list[tuple[Path, str]]:
-        features = {"audio": config.audio_feature, "vision": config.vision_feature, "text": config.text_feature}
-        files = [(folder / FOLDERS[m] / f"{features[m]}.h5", f"{m} features") for m in MODALITIES]
+        names = {"audio": config.audio_feature, "vision": config.vision_feature, "text": config.text_feature}
+        files = [(folder / FOLDERS[m] / f"{names[m]}.h5", f"{m} features") for m in MODALITIES]
         target = folder / "target" / str(config.fold)
         for tag in RELEASE_SPLITS.values():
-            files += [(target / f"{tag}_label.npy", "labels"), (target / f"{tag}_int2name.npy", "utterance ids")]
+            files += [(target / f"{tag}_label.npy", "labels")]
+            files += [(target / f"{tag}_int2name.npy", "utterance ids")]
         return files
 
     def __init__(self, config: IEMOCAPConfig) -> None:
