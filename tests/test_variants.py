@@ -176,3 +176,20 @@ def test_a_planned_run_shows_under_the_plans_label():
     assert [r.label for r in plan.relabel([row, _row("joint", 0, 0.5)])] == ["cggm_official[c=1]", "joint"]
     text = metric_table([row], plan=plan, metrics=["acc"])
     assert "cggm_official[c=1]" in text and "| cggm " not in text
+
+
+def test_a_matrix_writes_variant_and_grid_rows_under_their_labels(tmp_path):
+    from mmbalance.matrix_run import run_matrix
+    from mmbalance.results import load_rows
+
+    tiny = {"max_train_batches": 1, "cost_steps": 0, "eval_modality_scores": False, **SETS}
+    spec = _spec(
+        overrides=tiny,
+        variants={"cggm_paper": {"method": "cggm", "direction": "paper", "lam": [0.1, 0.2]}},
+    )
+    report = run_matrix(spec, tmp_path, quiet=True)
+    assert not report.failed
+    labels = sorted(r.label for r in load_rows(tmp_path).rows)
+    assert labels == ["cggm_paper[lam=0.1]", "cggm_paper[lam=0.2]", "joint"]
+    again = run_matrix(spec, tmp_path, quiet=True)  # the same runs: resumed, nothing trains
+    assert again.skipped == 3
