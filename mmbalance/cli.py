@@ -15,27 +15,32 @@ import functools
 import math
 import shlex
 import sys
-import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tabulate import tabulate
 
 import mmbalance
+from mmbalance.cli_support import (
+    BENCH_HELP,
+    Deferred,
+    SpecHelp,
+    add_bench,
+    add_fixtures,
+    add_log,
+    cause_text,
+    check_matrix_data,
+    command_of,
+    tracking_of,
+)
 from mmbalance.config import parse_set
 from mmbalance.errors import ConfigError, MMBalanceError, ResultError
 from mmbalance.table_grid import DEFAULT_MAX_WIDTH, FORMATS, LAYOUTS, SPLITS
-from mmbalance.tracking import TRACKERS, Tracking, parse_log
-
-if TYPE_CHECKING:
-    from mmbalance.matrix import MatrixSpec
 
 # Everything that imports torch (registries, training, the matrix) is imported inside the command
-# that needs it, so that ``--version``, ``--help``, ``list`` and ``table`` start in well under a
-# second; ``bench`` and ``fixtures`` register their options only when they are the command
-# (:class:`Deferred`).
+# that needs it, so that ``--version``, ``--help`` and ``list`` never import torch;
+# ``bench`` and ``fixtures`` register their options only when they are the command (:class:`Deferred`).
 
 __all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_OUT", "Deferred"]
 
@@ -45,19 +50,6 @@ EXIT_USER_ERROR = 2
 
 def _error_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _cause(exc: BaseException) -> str:
-    """The first chained cause that is not a user error (a plugin's ImportError, ...), with where it
-    was raised: `` [cause: ModuleNotFoundError: No module named 'x', at plugin.py:3]``; "" if none."""
-    cause = exc.__cause__
-    while isinstance(cause, MMBalanceError):
-        cause = cause.__cause__
-    if cause is None:
-        return ""
-    frames = traceback.extract_tb(cause.__traceback__)
-    where = f", at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
-    return f" [cause: {type(cause).__name__}: {_error_line(cause)}{where}]"
 
 
 def _command_line(argv: Sequence[str]) -> str:
@@ -132,29 +124,6 @@ def _print_metrics(row: dict[str, Any]) -> None:
     print(tabulate(body, headers=["metric", "val", "test"], tablefmt="simple", disable_numparse=True))
 
 
-def _add_log(p: argparse.ArgumentParser, where: str) -> None:
-    p.add_argument("--log", action="append", default=[], metavar="|".join(TRACKERS),
-                   help="also mirror each run (config, per-epoch history, metrics, cost; named by its run "
-                   "id) to TensorBoard and / or MLflow; repeatable or comma-separated (extras: "
-                   "pip install 'mmbalance[tensorboard]' / 'mmbalance[mlflow]')")
-    p.add_argument("--log-dir", metavar="DIR",
-                   help=f"TensorBoard's folder and the MLflow SQLite store's (default: {where}/tracking)")
-    p.add_argument("--mlflow-uri", metavar="URI",
-                   help="MLflow tracking URI (default: sqlite:///<log dir>/mlflow.db; file:PATH is MLflow's "
-                   "file store, which MLflow 3 opens only with MLFLOW_ALLOW_FILE_STORE=true)")
-
-
-def _tracking(args: argparse.Namespace, out: Path, experiment: str) -> Tracking | None:
-    trackers = parse_log(args.log)
-    if not trackers:
-        if args.log_dir or args.mlflow_uri:
-            raise ConfigError("--log-dir / --mlflow-uri need --log tensorboard|mlflow")
-        return None
-    tracking = Tracking(trackers, args.log_dir or str(out / "tracking"), args.mlflow_uri, experiment)
-    tracking.check_installed()  # before anything trains
-    return tracking
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     import torch
 
@@ -173,7 +142,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = prepare_output(args.out)  # before training: a result that cannot be written is not trained
     check_thread_count(load_rows(out).rows, device, torch.get_num_threads(), out)
-    tracking = _tracking(args, out, "mmbalance")
+    tracking = tracking_of(args, out, "mmbalance")
     try:
         row = run_one(resolved, device=device, quiet=args.quiet, command=args.command_line, tracking=tracking)
     except SystemExit as exc:  # a method or plugin exiting is a failed run, not the end of this command
@@ -206,7 +175,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="registered model builder (default: the dataset's)")
     p.add_argument("--data-root", help="folder holding the dataset files (datasets that read files)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _add_log(p, "OUT")
+    add_log(p, "OUT")
     p.set_defaults(func=_cmd_run)
 
 
@@ -230,22 +199,6 @@ def _print_tables(out: Path, **options: Any) -> None:
     sys.stdout.flush()
 
 
-def _check_data(spec: MatrixSpec, out: Path, shard: Any, sets: Any, data_root: str | None) -> None:
-    """Stop before the first run when the runs still to do would miss data (one error for all)."""
-    from mmbalance.matrix import check_data, plan_matrix, select_shard
-    from mmbalance.matrix_run import DONE_STATUSES
-    from mmbalance.results import read_row
-
-    def done(run: Any) -> bool:
-        try:
-            return read_row(out / f"{run.run_id}.json").status in DONE_STATUSES
-        except ResultError:
-            return False
-
-    runs = select_shard(plan_matrix(spec, set_overrides=sets, data_root=data_root), shard)
-    check_data([r for r in runs if not done(r)], spec.source)
-
-
 def _cmd_matrix(args: argparse.Namespace) -> int:
     from mmbalance.matrix import load_spec, parse_shard
     from mmbalance.matrix_run import run_matrix
@@ -255,8 +208,8 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
     sets = parse_set(args.sets)
     spec = load_spec(args.spec)
     out = Path(args.out) if args.out else Path(DEFAULT_OUT) / Path(args.spec).stem
-    _check_data(spec, out, shard, sets, args.data_root)
-    tracking = _tracking(args, out, Path(args.spec).stem)
+    check_matrix_data(spec, out, shard, sets, args.data_root)
+    tracking = tracking_of(args, out, Path(args.spec).stem)
     run_fn = functools.partial(run_one, tracking=tracking) if tracking else None
     report = run_matrix(spec, out, shard=shard, set_overrides=sets, data_root=args.data_root,
                         device=args.device, quiet=args.quiet, run_fn=run_fn)
@@ -283,25 +236,9 @@ def _add_matrix(sub: argparse._SubParsersAction) -> None:
     _add_device(p, None)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("--no-tables", action="store_true", help="do not print the tables at the end")
-    _add_log(p, "OUT")
-    p.add_argument("--spec-help", action=_SpecHelp, help="print the spec format (TOML) and exit")
+    add_log(p, "OUT")
+    p.add_argument("--spec-help", action=SpecHelp, help="print the spec format (TOML) and exit")
     p.set_defaults(func=_cmd_matrix)
-
-
-class _SpecHelp(argparse.Action):
-    """``matrix --spec-help``: print the spec format and exit (before the SPEC argument is needed)."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
-
-    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
-        import mmbalance.matrix
-        import mmbalance.variants
-
-        doc = (mmbalance.matrix.__doc__ or "").split("\nThis module plans")[0].rstrip()
-        grids = (mmbalance.variants.__doc__ or "").split("\n", 1)[1].rstrip()
-        print(f"{doc}\n\nVariants and grids:\n{grids}\n\nMore: matrices/README.md in the repository.")
-        parser.exit()
 
 
 # -- table -----------------------------------------------------------------------------------------
@@ -491,38 +428,7 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_plot)
 
 
-# -- bench -----------------------------------------------------------------------------------------
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from mmbalance import bench
-
-    p = sub.add_parser(
-        "bench", help=_BENCH_HELP,
-        description=(bench.__doc__ or "").split("\n\n")[0].replace("``", ""),
-    )
-    bench.add_arguments(p)
-    p.set_defaults(func=bench.main)
-
-
-def _add_fixtures(sub: argparse._SubParsersAction) -> None:
-    from mmbalance.datasets.fixtures import add_fixtures_command
-
-    add_fixtures_command(sub)
-
-
-_BENCH_HELP = "step-time ratio and memory overhead of every method vs joint; regression gate"
-
-
 # -- entry point -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Deferred:
-    """A subcommand whose options come from a module that imports torch: ``add`` runs only when it
-    is the command given; otherwise the parser lists it with its ``help`` line alone."""
-
-    name: str
-    help: str
-    add: Callable[[argparse._SubParsersAction], None]
-
-
 # One line per subcommand: the function adding its parser.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None] | Deferred] = [
     _add_list,
@@ -531,8 +437,8 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None] | Deferred] = [
     _add_table,
     _add_show,
     _add_plot,
-    Deferred("fixtures", "write tiny copies of the paper datasets in their on-disk formats", _add_fixtures),
-    Deferred("bench", _BENCH_HELP, _add_bench),
+    Deferred("fixtures", "write tiny copies of the paper datasets in their on-disk formats", add_fixtures),
+    Deferred("bench", BENCH_HELP, add_bench),
 ]
 
 
@@ -561,23 +467,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _command_of(argv: Sequence[str]) -> str:
-    """The subcommand named in ``argv`` ("" when none), skipping the global options."""
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--threads":
-            skip = True
-        elif not arg.startswith("-"):
-            return arg
-    return ""
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 failed runs, 2 user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(_command_of(argv)).parse_args(argv)
+    args = build_parser(command_of(argv)).parse_args(argv)
     args.command_line = _command_line(argv)
     if args.threads is not None:
         import torch
@@ -586,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except MMBalanceError as exc:
-        print(f"mmbalance: error: {_error_line(exc)}{_cause(exc)}", file=sys.stderr)
+        print(f"mmbalance: error: {_error_line(exc)}{cause_text(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("mmbalance: interrupted", file=sys.stderr)

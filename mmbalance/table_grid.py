@@ -108,8 +108,8 @@ LEGEND = "Marks: - unsupported, x failed, ... missing"  # div (diverged) is expl
 
 
 def higher_is_better() -> Mapping[str, bool]:
-    """:data:`mmbalance.tasks.METRIC_HIGHER_IS_BETTER`, imported on first use: rendering tables
-    (and the command line's option lists) does not import torch."""
+    """:data:`mmbalance.tasks.METRIC_HIGHER_IS_BETTER`, imported on first use: the command line's
+    option lists (which import this module) do not import torch."""
     from mmbalance.tasks import METRIC_HIGHER_IS_BETTER
 
     return METRIC_HIGHER_IS_BETTER

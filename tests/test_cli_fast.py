@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from mmbalance.catalog import DATA_FILE, build, render_data
-from mmbalance.cli import _cause, main
+from mmbalance.cli import main
+from mmbalance.cli_support import cause_text as _cause
 from mmbalance.errors import DataError, RegistryError
 from mmbalance.matrix import check_data, missing_data, parse_spec, plan_matrix
 
