@@ -113,3 +113,22 @@ def test_a_user_errors_cause_is_named_with_where_it_was_raised():
     assert text.startswith(" [cause: ModuleNotFoundError: No module named 'missing_dep', at ")
     assert f"{Path(__file__).name}:" in text
     assert _cause(RegistryError("no cause")) == ""
+
+
+def test_bench_prints_csv_like_table():
+    import csv
+
+    from mmbalance.bench import format_table
+
+    result = {
+        "method": "cggm", "task": "synthetic_cls2", "ratio_vs_joint": 2.5, "floor": 1.8,
+        "step_ms_median": 2.0, "step_ms_iqr": 0.1, "joint_step_ms_median": 0.8, "joint_step_ms_iqr": 0.05,
+        "mem_overhead_bytes": 2**20,
+    }
+    report = {"results": [result], "env": {"device": "cpu", "torch": "2", "device_type": "cpu"},
+              "config": {"amp": "none"}}
+    lines = format_table(report, "csv").splitlines()
+    table = list(csv.reader(lines[:-1]))
+    assert table[0][:3] == ["method", "task", "ratio vs joint"]
+    assert table[1][:3] == ["cggm", "synthetic_cls2", "2.500"]
+    assert lines[-1].startswith("# Device: cpu")

@@ -101,3 +101,17 @@ def test_the_run_command_logs_into_its_output_folder(tmp_path, capsys):
     assert (out / "tracking" / row_file.stem).is_dir()
     assert main(["run", "joint", "synthetic_cls2", "--out", str(out), "--log-dir", str(tmp_path)]) == 2
     assert "--log-dir / --mlflow-uri need --log" in capsys.readouterr().err
+
+
+def test_the_matrix_command_logs_every_run(tmp_path):
+    pytest.importorskip("tensorboard")
+    spec = tmp_path / "m.toml"
+    spec.write_text(
+        'methods = ["joint"]\ndatasets = ["synthetic_cls2"]\nseeds = [0, 1]\n[overrides]\n'
+        + "".join(f"{json.dumps(k)} = {v}\n" for k, v in TINY.items())
+    )
+    out = tmp_path / "out"
+    argv = ["matrix", str(spec), "--out", str(out), "--log", "tensorboard", "--log-dir", str(tmp_path / "tb")]
+    assert main([*argv, "--quiet", "--no-tables"]) == 0
+    rows = sorted(p.stem for p in out.glob("*.json"))
+    assert len(rows) == 2 and sorted(p.name for p in (tmp_path / "tb").iterdir()) == rows
