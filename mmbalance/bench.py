@@ -327,6 +327,13 @@ def format_table(report: Mapping[str, Any], fmt: str = "github") -> str:
     env = report["env"]
     kind = "CUDA peak-allocated delta" if env.get("device_type") == "cuda" else "CPU persistent state bytes"
     caption = f"Device: {env['device']}; torch {env['torch']}; memory = {kind}; amp = {report['config']['amp']}"
+    if fmt == "csv":  # the same name and format as `mmbalance table --format csv`
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows([headers, *rows])
+        return buffer.getvalue() + "# " + caption
     return tabulate(rows, headers=headers, tablefmt=fmt) + "\n\n" + caption
 
 
@@ -353,12 +360,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps per trainer (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="discarded warm-up steps (default 5)")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast on CUDA")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the models and batches (default 0)")
     parser.add_argument("--out", default="bench.json", help="JSON report path (default bench.json)")
-    parser.add_argument("--format", default="github", choices=["github", "latex", "tsv"], help="printed table format")
+    parser.add_argument("--format", default="github", choices=["github", "latex", "csv"],
+                        help="printed table format (default: github)")
     parser.add_argument("--compare", metavar="BASE.json", help="fail if a ratio grew > threshold or memory grew")
     parser.add_argument("--threshold", type=float, default=0.10, help="relative ratio growth allowed (default 0.10)")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def _split(text: str | None) -> list[str] | None:

@@ -11,7 +11,7 @@ when its method called ``sys.exit``; a diverged run is a result (exit 0). Ctrl-C
 from __future__ import annotations
 
 import argparse
-import fnmatch
+import functools
 import math
 import shlex
 import sys
@@ -19,26 +19,30 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from tabulate import tabulate
 
 import mmbalance
+from mmbalance.cli_support import (
+    BENCH_HELP,
+    Deferred,
+    SpecHelp,
+    add_bench,
+    add_fixtures,
+    add_log,
+    cause_text,
+    check_matrix_data,
+    command_of,
+    tracking_of,
+)
 from mmbalance.config import parse_set
-from mmbalance.datasets import DATASETS
-from mmbalance.datasets.fixtures import add_fixtures_command
 from mmbalance.errors import ConfigError, MMBalanceError, ResultError
-from mmbalance.matrix import load_spec, parse_shard
-from mmbalance.matrix_run import check_thread_count, run_matrix
-from mmbalance.methods import METHODS
-from mmbalance.models import MODELS
-from mmbalance.output import prepare_output
-from mmbalance.resolve import RunSpec, resolve_run
-from mmbalance.results import load_plan, load_rows, read_row, write_row
-from mmbalance.runner import run_one
-from mmbalance.tables import DEFAULT_MAX_WIDTH, FORMATS, LAYOUTS, SPLITS, render_tables
-from mmbalance.train import resolve_device
+from mmbalance.table_grid import DEFAULT_MAX_WIDTH, FORMATS, LAYOUTS, SPLITS
 
-__all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_OUT"]
+# Everything that imports torch (registries, training, the matrix) is imported inside the command
+# that needs it, so that ``--version``, ``--help`` and ``list`` never import torch;
+# ``bench`` and ``fixtures`` register their options only when they are the command (:class:`Deferred`).
+
+__all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_OUT", "Deferred"]
 
 DEFAULT_OUT = "runs"  # where `run` writes rows and `show` looks for them; `matrix` adds the spec's stem
 EXIT_USER_ERROR = 2
@@ -67,39 +71,13 @@ def _int_at_least(option: str, minimum: int = 1) -> Callable[[str], int]:
 
 
 # -- list ------------------------------------------------------------------------------------------
-def _modality_range(cls: type) -> str:
-    lo = getattr(cls, "min_modalities", None)
-    if lo is None:
-        names = getattr(cls, "modality_names", ())
-        return f"{len(names)} ({', '.join(names)})" if names else "any"
-    hi = getattr(cls, "max_modalities", None)
-    return f"{lo}+" if hi is None else (str(lo) if hi == lo else f"{lo}-{hi}")
-
-
-def _tasks_text(cls: type) -> str:
-    tasks = getattr(cls, "tasks", None)
-    if tasks is None:
-        return str(getattr(cls, "task", "?"))
-    return ", ".join(sorted(tasks))
-
-
 def _cmd_list(args: argparse.Namespace) -> int:
-    registries = {"methods": METHODS, "datasets": DATASETS, "models": MODELS}
-    kinds = [args.kind] if args.kind else list(registries)
+    from mmbalance.catalog import KINDS, entries
 
     sections = []
-    for kind in kinds:
-        registry = registries[kind]
-        caps: dict[str, Any] = {"task": args.task}
-        if kind != "models":
-            caps["modalities"] = args.modalities
-        lines = []
-        for name in registry.names(args.pattern, **caps):
-            cls = registry.get(name)
-            lines.append([name, _tasks_text(cls), _modality_range(cls), getattr(cls, "paper", "") or ""])
-        for name, error in sorted(registry.broken().items()):
-            if fnmatch.fnmatchcase(name, args.pattern):
-                lines.append([name, "BROKEN", "", f"plugin failed to import: {_error_line(error)}"])
+    for kind in [args.kind] if args.kind else list(KINDS):
+        modalities = args.modalities if kind != "models" else None
+        lines = entries(kind, args.pattern, task=args.task, modalities=modalities)
         header = ["name", "tasks", "modalities", "paper"]
         body = tabulate(lines, headers=header, tablefmt="simple") if lines else "(none match)"
         sections.append(f"{kind}:\n{body}")
@@ -147,6 +125,15 @@ def _print_metrics(row: dict[str, Any]) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    from mmbalance.matrix_run import check_thread_count
+    from mmbalance.output import prepare_output
+    from mmbalance.resolve import RunSpec, resolve_run
+    from mmbalance.results import load_rows, write_row
+    from mmbalance.runner import run_one
+    from mmbalance.train import resolve_device
+
     spec = RunSpec(
         method=args.method, dataset=args.dataset, model=args.model, preset=args.preset,
         seed=args.seed, overrides=parse_set(args.sets), data_root=args.data_root,
@@ -155,8 +142,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = prepare_output(args.out)  # before training: a result that cannot be written is not trained
     check_thread_count(load_rows(out).rows, device, torch.get_num_threads(), out)
+    tracking = tracking_of(args, out, "mmbalance")
     try:
-        row = run_one(resolved, device=device, quiet=args.quiet, command=args.command_line)
+        row = run_one(resolved, device=device, quiet=args.quiet, command=args.command_line, tracking=tracking)
     except SystemExit as exc:  # a method or plugin exiting is a failed run, not the end of this command
         print(f"mmbalance: error: run {resolved.run_id} failed: the run called sys.exit({exc.code!r}); "
               "nothing was written", file=sys.stderr)
@@ -187,6 +175,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", help="registered model builder (default: the dataset's)")
     p.add_argument("--data-root", help="folder holding the dataset files (datasets that read files)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_log(p, "OUT")
     p.set_defaults(func=_cmd_run)
 
 
@@ -195,6 +184,9 @@ def _print_tables(out: Path, **options: Any) -> None:
     """Print the tables of the rows in ``out`` (``options`` go to
     :func:`~mmbalance.tables.render_tables`); each unreadable file is a warning line naming it (one
     error line naming the first of them when nothing is left to show)."""
+    from mmbalance.results import load_plan, load_rows
+    from mmbalance.tables import render_tables
+
     loaded = load_rows(out)
     plan, plan_problems = load_plan(out)
     problems = (*loaded.problems, *plan_problems)
@@ -208,12 +200,19 @@ def _print_tables(out: Path, **options: Any) -> None:
 
 
 def _cmd_matrix(args: argparse.Namespace) -> int:
+    from mmbalance.matrix import load_spec, parse_shard
+    from mmbalance.matrix_run import run_matrix
+    from mmbalance.runner import run_one
+
     shard = parse_shard(args.shard)
     sets = parse_set(args.sets)
     spec = load_spec(args.spec)
     out = Path(args.out) if args.out else Path(DEFAULT_OUT) / Path(args.spec).stem
+    check_matrix_data(spec, out, shard, sets, args.data_root)
+    tracking = tracking_of(args, out, Path(args.spec).stem)
+    run_fn = functools.partial(run_one, tracking=tracking) if tracking else None
     report = run_matrix(spec, out, shard=shard, set_overrides=sets, data_root=args.data_root,
-                        device=args.device, quiet=args.quiet)
+                        device=args.device, quiet=args.quiet, run_fn=run_fn)
     print(report.summary(), file=sys.stderr)
     if not args.no_tables:
         _print_tables(out)
@@ -223,9 +222,10 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
 def _add_matrix(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "matrix", help="run (or resume) a methods x datasets x seeds matrix",
-        description="Run the matrix of a TOML spec (format: `python -c 'import mmbalance.matrix; "
-        "help(mmbalance.matrix)'` or matrices/README.md), one JSON row per run in OUT; re-running "
-        "skips finished runs and retries failed ones. Prints the metric and cost tables at the end.",
+        description="Run the matrix of a TOML spec (format: `mmbalance matrix --spec-help`, or "
+        "matrices/README.md), one JSON row per run in OUT; re-running skips finished runs and retries "
+        "failed ones. Checks that every dataset's files are there before the first run. Prints the "
+        "metric and cost tables at the end.",
     )
     p.add_argument("spec", help="matrix spec (TOML), e.g. matrices/default.toml")
     p.add_argument("--out", help=f"results folder (default: {DEFAULT_OUT}/<spec name>)")
@@ -236,6 +236,8 @@ def _add_matrix(sub: argparse._SubParsersAction) -> None:
     _add_device(p, None)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("--no-tables", action="store_true", help="do not print the tables at the end")
+    add_log(p, "OUT")
+    p.add_argument("--spec-help", action=SpecHelp, help="print the spec format (TOML) and exit")
     p.set_defaults(func=_cmd_matrix)
 
 
@@ -244,7 +246,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics is not None else None
     _print_tables(
         Path(args.dir), fmt=args.format, split=args.split, layout=args.layout, metrics=metrics,
-        delta=args.delta, marks=not args.no_marks, max_width=args.width,
+        delta=args.delta, marks=not args.no_marks, max_width=args.width, cost=not args.no_cost,
     )
     return 0
 
@@ -276,6 +278,7 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
         help="github: one table per dataset when a line would be longer than N characters; 0 never "
         "splits (default: %(default)s)",
     )
+    p.add_argument("--no-cost", action="store_true", help="the metric tables only, without the cost table")
     p.set_defaults(func=_cmd_table)
 
 
@@ -326,6 +329,8 @@ def _flat(prefix: str, value: Any) -> list[tuple[str, Any]]:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
+    from mmbalance.results import read_row
+
     row = read_row(_find_row_file(args.target, Path(args.dir)))
     d = row.data
     lines = [
@@ -385,6 +390,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     if bool(args.targets) == bool(args.label):
         raise ConfigError("plot needs RUN (row files or run ids) or --label with --dataset, one of the two")
     if args.label:
+        from mmbalance.results import load_rows
+
         if not args.dataset:
             raise ConfigError(f"--label {args.label!r} needs --dataset: the seed mean is over one dataset")
         loaded = load_rows(args.dir)
@@ -421,34 +428,23 @@ def _add_plot(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_plot)
 
 
-# -- bench -----------------------------------------------------------------------------------------
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from mmbalance import bench
-
-    p = sub.add_parser(
-        "bench", help="step-time ratio and memory overhead of every method vs joint; regression gate",
-        description=(bench.__doc__ or "").split("\n\n")[0],
-    )
-    bench.add_arguments(p)
-    p.set_defaults(func=bench.main)
-
-
 # -- entry point -----------------------------------------------------------------------------------
 # One line per subcommand: the function adding its parser.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+COMMANDS: list[Callable[[argparse._SubParsersAction], None] | Deferred] = [
     _add_list,
     _add_run,
     _add_matrix,
     _add_table,
     _add_show,
     _add_plot,
-    add_fixtures_command,
-    _add_bench,
+    Deferred("fixtures", "write tiny copies of the paper datasets in their on-disk formats", add_fixtures),
+    Deferred("bench", BENCH_HELP, add_bench),
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``mmbalance`` argument parser with every subcommand of :data:`COMMANDS`."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``mmbalance`` argument parser with every subcommand of :data:`COMMANDS`; with
+    ``command``, the :class:`Deferred` subcommands other than it get a placeholder parser."""
     parser = argparse.ArgumentParser(
         prog="mmbalance",
         description="Multimodal imbalance: balancing methods behind one interface, and a resumable "
@@ -461,22 +457,29 @@ def build_parser() -> argparse.ArgumentParser:
         "processes that each want every core slow each other's small steps down by orders of magnitude",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in COMMANDS:
-        add(sub)
+    for entry in COMMANDS:
+        if not isinstance(entry, Deferred):
+            entry(sub)
+        elif command is None or command == entry.name:
+            entry.add(sub)
+        else:
+            sub.add_parser(entry.name, help=entry.help, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 failed runs, 2 user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(command_of(argv)).parse_args(argv)
     args.command_line = _command_line(argv)
     if args.threads is not None:
+        import torch
+
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))
     except MMBalanceError as exc:
-        print(f"mmbalance: error: {_error_line(exc)}", file=sys.stderr)
+        print(f"mmbalance: error: {_error_line(exc)}{cause_text(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("mmbalance: interrupted", file=sys.stderr)

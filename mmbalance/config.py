@@ -12,6 +12,9 @@ Supported annotations: ``bool``, ``int``, ``float`` (an int is accepted), ``str`
 
 The textual form of a config value is TOML: :func:`parse_set` reads ``--set key=value`` options
 and :func:`format_set` writes one back, so a run's command line reproduces its resolved values.
+TOML has no null, so the word ``none`` stands for None in a field that accepts None and does not
+accept that string itself (``--set clip_grad_norm=none``, ``clip_grad_norm = "none"`` in a spec):
+:func:`textual_none`, applied wherever names and overrides are resolved into a Config.
 """
 
 from __future__ import annotations
@@ -29,7 +32,21 @@ from typing import Any, Literal, Union
 
 from mmbalance.errors import ConfigError
 
-__all__ = ["ConfigBase", "check_types", "type_name", "need", "finite", "parse_set", "format_set"]
+__all__ = [
+    "ConfigBase",
+    "check_types",
+    "type_name",
+    "need",
+    "finite",
+    "parse_set",
+    "format_set",
+    "format_value",
+    "takes_list",
+    "textual_none",
+    "NONE_WORD",
+]
+
+NONE_WORD = "none"  # the textual None (TOML has no null): ``--set clip_grad_norm=none``
 
 _BARE_WORD = re.compile(r"^[^\s\"'\[\]{}=,#]+$")
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
@@ -189,7 +206,35 @@ def parse_set(items: Sequence[str], *, option: str = "--set") -> dict[str, Any]:
     return out
 
 
-def _format_value(value: Any) -> str:
+def _accepts(annotation: Any, value: Any) -> bool:
+    return _matches(value, annotation)
+
+
+def takes_list(annotation: Any) -> bool:
+    """Whether a field of this type takes a list (``tuple[int, ...]``, ``list[str] | None``)."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(takes_list(a) for a in typing.get_args(annotation))
+    return origin in (tuple, list) or annotation in (tuple, list)
+
+
+def textual_none(config_cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with the word ``none`` (any case) replaced by None in the fields whose type accepts
+    None but not that string (a ``str | None`` field keeps the string: its ``check`` decides)."""
+    hints = _hints(config_cls)
+    out = dict(values)
+    for key, value in values.items():
+        if isinstance(value, str) and value.lower() == NONE_WORD and key in hints:
+            annotation = hints[key]
+            if _accepts(annotation, None) and not _accepts(annotation, value):
+                out[key] = None
+    return out
+
+
+def format_value(value: Any) -> str:
+    """The TOML text of an override value (None as ``none``), as :func:`parse_set` reads it back."""
+    if value is None:
+        return NONE_WORD
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -202,10 +247,10 @@ def _format_value(value: Any) -> str:
                 return value  # parses back as the same bare word
         return json.dumps(value)
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_format_value(v) for v in value) + "]"
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
     raise ConfigError(f"cannot write override value {value!r} ({type(value).__name__}) as --set")
 
 
 def format_set(key: str, value: Any) -> str:
     """One shell-quoted ``--set`` argument that :func:`parse_set` reads back as ``{key: value}``."""
-    return shlex.quote(f"{key}={_format_value(value)}")
+    return shlex.quote(f"{key}={format_value(value)}")

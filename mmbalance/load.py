@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmbalance.errors import ResultError
-from mmbalance.results import ResultRow, load_rows, read_row
+from mmbalance.results import ResultRow, load_plan, load_rows, read_row
 
 if TYPE_CHECKING:
     import pandas
@@ -72,7 +72,8 @@ def _read(paths: PathLike | Iterable[PathLike]) -> tuple[list[tuple[Path, Result
                 problems.append(str(exc))
             continue
         loaded = load_rows(path)  # raises, naming the folder, when it does not exist
-        rows += [(path / f"{row.run_id}.json", row) for row in loaded.rows]
+        plan, _ = load_plan(path)  # labels as the tables show them (a variant's name, grid values)
+        rows += [(path / f"{row.run_id}.json", row) for row in plan.relabel(loaded.rows)]
         problems += [str(p) for p in loaded.problems]
     for problem in problems:
         warnings.warn(f"skipped {problem}", UserWarning, stacklevel=3)

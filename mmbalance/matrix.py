@@ -18,12 +18,19 @@ Spec format (TOML, read with the standard library's ``tomllib``)::
     [dataset_overrides.synthetic_seg4]   # runs on one dataset
     epochs = 2
 
-    [method_overrides.cggm]              # runs of one method
+    [method_overrides.cggm]              # runs of one method (and of its variants)
     rho = 1.2
 
+    [variants.cggm_paper]                # a row of its own: a method with its own overrides
+    method = "cggm"
+    direction = "paper"
+    lam = [0.1, 0.2]                     # a list sweeps: rows cggm_paper[lam=0.1], cggm_paper[lam=0.2]
+
 Overrides merge in the order ``overrides`` <- ``dataset_overrides[d]`` <- ``method_overrides[m]``
-<- ``--set``, later wins. A method whose config has a ``modality`` field (``unimodal``) expands to
-one run per modality of each dataset (label ``unimodal[text]``) unless an override fixes it.
+<- ``variants[v]`` <- ``--set``, later wins. A method whose config has a ``modality`` field
+(``unimodal``) expands to one run per modality of each dataset (label ``unimodal[text]``) unless an
+override fixes it. Variants and grids: :mod:`mmbalance.variants`. The rows are the ``methods`` in
+their order (a name there may be a variant's), then the variants not listed, in spec order.
 
 Runs are ordered seed-major (all cells of seed 0, then seed 1, ...), so an interrupted matrix has
 whole tables of its first seeds. ``--shard K/N`` (1-based) takes every N-th run starting at the
@@ -39,6 +46,7 @@ recorded) is :func:`mmbalance.matrix_run.run_matrix`, through an executor
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -52,10 +60,11 @@ from typing import Any
 
 from mmbalance.config import format_set
 from mmbalance.datasets import DATASETS
-from mmbalance.errors import ConfigError, RegistryError, UnsupportedError
+from mmbalance.errors import ConfigError, DataError, RegistryError, UnsupportedError
 from mmbalance.methods import METHODS
 from mmbalance.registry import config_fields
-from mmbalance.resolve import ResolvedRun, RunSpec, resolve_run
+from mmbalance.resolve import ResolvedRun, RunSpec, list_valued_keys, resolve_run
+from mmbalance.variants import Variant, grid_points, parse_variants, row_label
 
 __all__ = [
     "MatrixSpec",
@@ -67,11 +76,13 @@ __all__ = [
     "plan_matrix",
     "plan_hash",
     "select_shard",
+    "missing_data",
+    "check_data",
 ]
 
 SPEC_KEYS = (
     "methods", "datasets", "seeds", "preset", "model", "device", "data_root",
-    "overrides", "dataset_overrides", "method_overrides",
+    "overrides", "dataset_overrides", "method_overrides", "variants",
 )
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
@@ -120,7 +131,14 @@ class MatrixSpec:
     overrides: Mapping[str, Any] = field(default_factory=dict)
     dataset_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     method_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    variants: Mapping[str, Variant] = field(default_factory=dict)
     source: str = "<matrix spec>"
+
+    @property
+    def rows(self) -> list[tuple[str, str]]:
+        """``(row name, method)`` per row: ``methods`` in order, then the variants not listed."""
+        names = [*self.methods, *(v for v in self.variants if v not in self.methods)]
+        return [(n, self.variants[n].method if n in self.variants else n) for n in names]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -134,6 +152,7 @@ class MatrixSpec:
             "overrides": dict(self.overrides),
             "dataset_overrides": {k: dict(v) for k, v in self.dataset_overrides.items()},
             "method_overrides": {k: dict(v) for k, v in self.method_overrides.items()},
+            "variants": {k: v.to_dict() for k, v in self.variants.items()},
         }
 
 
@@ -179,14 +198,20 @@ def parse_spec(data: Mapping[str, Any], source: str = "<matrix spec>") -> Matrix
     overrides = data.get("overrides", {})
     if not isinstance(overrides, dict):
         raise ConfigError(f"{source}: 'overrides' must be a table, got {overrides!r}")
+    variants = parse_variants(data.get("variants", {}), source, _flatten)
+    bases = [*(m for m in methods if m not in variants), *(v.method for v in variants.values())]
     per: dict[str, dict[str, dict[str, Any]]] = {}
-    for key, allowed in (("dataset_overrides", datasets), ("method_overrides", methods)):
+    for key, allowed in (("dataset_overrides", datasets), ("method_overrides", tuple(dict.fromkeys(bases)))):
         tables = data.get(key, {})
         if not isinstance(tables, dict) or not all(isinstance(v, dict) for v in tables.values()):
             raise ConfigError(
                 f"{source}: {key!r} must hold one table per name ([{key}.NAME]), got {tables!r}"
             )
         stray = [n for n in tables if n not in allowed]
+        if stray and stray[0] in variants:
+            raise ConfigError(
+                f"{source}: [{key}.{stray[0]}] names a variant; put its keys in [variants.{stray[0]}]"
+            )
         if stray:
             kind = key.split("_")[0] + "s"
             raise ConfigError(
@@ -205,6 +230,7 @@ def parse_spec(data: Mapping[str, Any], source: str = "<matrix spec>") -> Matrix
         overrides=_flatten(overrides, f"{source} [overrides]"),
         dataset_overrides=per["dataset_overrides"],
         method_overrides=per["method_overrides"],
+        variants=variants,
         source=source,
     )
 
@@ -309,14 +335,24 @@ def _modality_variants(method: str, dataset: str, overrides: Mapping[str, Any]) 
 
 
 def _plan_cell(
-    spec: MatrixSpec, method: str, dataset: str, seed: int, overrides: Mapping[str, Any], root: str | None
+    spec: MatrixSpec,
+    row: tuple[str, str],
+    dataset: str,
+    seed: int,
+    overrides: Mapping[str, Any],
+    swept: tuple[tuple[str, Any], ...],
+    root: str | None,
 ) -> list[PlannedRun]:
-    """The runs of one (seed, dataset, method) cell: one, or one per modality."""
+    """The runs of one (seed, dataset, row, grid point) cell: one, or one per modality."""
+    name, method = row
+    per_modality = "modality" in config_fields(METHODS.get(method).Config)
     out = []
     for modality in _modality_variants(method, dataset, overrides):
         run_overrides = dict(overrides)
         if modality is not None:
             run_overrides["modality"] = modality
+        shown = run_overrides.get("modality", run_overrides.get("method.modality"))  # also a fixed one
+        label = row_label(name, shown if per_modality and isinstance(shown, str) else None, swept)
         run_spec = RunSpec(
             method=method, dataset=dataset, model=spec.model, preset=spec.preset,
             seed=seed, overrides=run_overrides, data_root=root,
@@ -324,16 +360,38 @@ def _plan_cell(
         try:
             resolved = resolve_run(run_spec)
         except (ConfigError, RegistryError) as exc:
-            what = f"{method}{f'[{modality}]' if modality else ''} on {dataset}, seed {seed}"
-            raise type(exc)(f"{what}: {exc}") from exc
+            raise type(exc)(f"{label} on {dataset}, seed {seed}: {exc}") from exc
         except UnsupportedError as exc:
             identity = {"unsupported": True, "method": method, "dataset": dataset, "model": spec.model,
                         "preset": spec.preset, "seed": seed, "overrides": run_overrides}
             task = DATASETS.get(dataset).task
-            out.append(PlannedRun(run_spec, _hash(identity), method, task, None, str(exc)))
+            out.append(PlannedRun(run_spec, _hash(identity), label, task, None, str(exc)))
         else:
-            out.append(PlannedRun(run_spec, resolved.run_id, resolved.label, resolved.task, resolved))
+            resolved = dataclasses.replace(resolved, label=label)
+            out.append(PlannedRun(run_spec, resolved.run_id, label, resolved.task, resolved))
     return out
+
+
+def _check_names(spec: MatrixSpec) -> None:
+    for key, registry, names in (
+        ("methods", METHODS, [m for m in spec.methods if m not in spec.variants]),
+        ("datasets", DATASETS, spec.datasets),
+    ):
+        for name in names:
+            try:
+                registry.get(name)
+            except RegistryError as exc:
+                raise RegistryError(f"{spec.source}: {key}: {exc}") from exc
+    for variant in spec.variants.values():
+        if variant.name in METHODS:
+            raise ConfigError(
+                f"{spec.source}: [variants.{variant.name}] is named like the registered method "
+                f"{variant.name!r}; give the variant another name"
+            )
+        try:
+            METHODS.get(variant.method)
+        except RegistryError as exc:
+            raise RegistryError(f"{spec.source}: [variants.{variant.name}] method: {exc}") from exc
 
 
 def plan_matrix(
@@ -342,33 +400,40 @@ def plan_matrix(
     set_overrides: Mapping[str, Any] | None = None,
     data_root: str | None = None,
 ) -> list[PlannedRun]:
-    """Expand and resolve every run of the matrix, in order (seed, dataset, method, modality).
+    """Expand and resolve every run of the matrix, in order (seed, dataset, row, grid point,
+    modality); rows are :attr:`MatrixSpec.rows`, grids as in :mod:`mmbalance.variants`.
 
     Raises:
         RegistryError / ConfigError: naming the spec's path and the run: an unknown name, key or
-            preset, a value of the wrong type or out of range, or two runs that resolve to the same
-            run id. Nothing has run at that point.
+            preset, a value of the wrong type or out of range, a variant named like a method, or
+            two runs that resolve to the same run id. Nothing has run at that point.
     """
-    for key, registry, names in (("methods", METHODS, spec.methods), ("datasets", DATASETS, spec.datasets)):
-        for name in names:
-            try:
-                registry.get(name)
-            except RegistryError as exc:
-                raise RegistryError(f"{spec.source}: {key}: {exc}") from exc
+    _check_names(spec)
     root = data_root if data_root is not None else spec.data_root
     runs: list[PlannedRun] = []
     seen: dict[str, PlannedRun] = {}
     for seed in spec.seeds:
         for dataset in spec.datasets:
-            for method in spec.methods:
-                merged = {
-                    **spec.overrides,
-                    **spec.dataset_overrides.get(dataset, {}),
-                    **spec.method_overrides.get(method, {}),
-                    **(set_overrides or {}),
-                }
+            for row in spec.rows:
+                name, method = row
+                variant = spec.variants.get(name)
+                levels = [
+                    spec.overrides,
+                    spec.dataset_overrides.get(dataset, {}),
+                    spec.method_overrides.get(method, {}),
+                    variant.overrides if variant else {},
+                ]
                 try:
-                    cell = _plan_cell(spec, method, dataset, seed, merged, root)
+                    points = grid_points(
+                        levels, set_overrides or {},
+                        lambda keys, m=method, d=dataset: list_valued_keys(m, d, spec.model, keys),
+                        f"{name} on {dataset}",
+                    )
+                    cell = [
+                        run
+                        for overrides, swept in points
+                        for run in _plan_cell(spec, row, dataset, seed, overrides, swept, root)
+                    ]
                 except (ConfigError, RegistryError) as exc:
                     raise type(exc)(f"{spec.source}: {exc}") from exc
                 for planned in cell:
@@ -399,3 +464,29 @@ def select_shard(runs: Sequence[PlannedRun], shard: tuple[int, int] | None) -> l
             f"{len(runs)} (use N <= {len(runs)})"
         )
     return list(runs[k - 1 :: n])
+
+
+def missing_data(runs: Sequence[PlannedRun]) -> list[str]:
+    """Every missing data root, folder or file of the runs' datasets, each once, in run order
+    (:meth:`~mmbalance.datasets.MultimodalDataset.missing_data`; nothing is read)."""
+    out: dict[str, None] = {}
+    for run in runs:
+        if run.resolved is not None:
+            for line in DATASETS.get(run.dataset).missing_data(run.resolved.dataset_config):
+                out.setdefault(line, None)
+    return list(out)
+
+
+def check_data(runs: Sequence[PlannedRun], source: str) -> None:
+    """Refuse to start a matrix whose runs would miss data.
+
+    Raises:
+        DataError: one error listing everything missing and how many runs need it.
+    """
+    missing = missing_data(runs)
+    if missing:
+        raise DataError(
+            f"{source}: data missing for the runs to do, nothing was run: {'; '.join(missing)} "
+            "(the dataset READMEs under datasets/ describe each layout; `mmbalance fixtures DIR` "
+            "writes tiny copies to try the pipeline)"
+        )

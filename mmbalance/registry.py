@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from importlib import metadata
 from typing import Any, Generic, TypeVar
 
+from mmbalance.config import textual_none
 from mmbalance.errors import ConfigError, RegistryError
 
 __all__ = ["Registry", "resolve_dataclass", "config_fields"]
@@ -44,7 +45,8 @@ def config_fields(config_cls: type) -> list[str]:
 
 
 def resolve_dataclass(config_cls: type, values: Mapping[str, Any], *, owner: str) -> Any:
-    """Build ``config_cls(**values)`` after checking every key is a field.
+    """Build ``config_cls(**values)`` after checking every key is a field; the word ``none`` is None
+    where the field accepts None (:func:`mmbalance.config.textual_none`).
 
     Raises:
         ConfigError: naming the unknown key, the owner and the valid fields. Range checks are the
@@ -59,7 +61,7 @@ def resolve_dataclass(config_cls: type, values: Mapping[str, Any], *, owner: str
                 f"unknown config key {key!r} for {owner}{hint} Valid keys: {', '.join(valid) or '(none)'}"
             )
     try:
-        return config_cls(**values)
+        return config_cls(**textual_none(config_cls, values))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid config for {owner}: {exc}") from exc
 

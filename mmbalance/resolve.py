@@ -24,10 +24,12 @@ import dataclasses
 import difflib
 import hashlib
 import json
-from collections.abc import Mapping
+import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmbalance.config import takes_list
 from mmbalance.datasets import DATASETS
 from mmbalance.errors import ConfigError, RegistryError, UnsupportedError
 from mmbalance.methods import METHODS
@@ -41,6 +43,7 @@ __all__ = [
     "ResolvedRun",
     "resolve_run",
     "split_overrides",
+    "list_valued_keys",
     "run_identity",
     "canonical_json",
     "SECTIONS",
@@ -155,6 +158,28 @@ def split_overrides(overrides: Mapping[str, Any], classes: Mapping[str, type]) -
             forms = ", ".join(f"{s}.{key}" for s in owners)
             raise ConfigError(f"config key {key!r} is ambiguous; use one of {forms}")
         out[owners[0]][key] = value
+    return out
+
+
+def _config_classes(method: str, dataset: str, model: str | None) -> dict[str, type]:
+    dataset_cls = DATASETS.get(dataset)
+    return {
+        "method": METHODS.get(method).Config, "train": TrainConfig,
+        "dataset": dataset_cls.Config, "model": MODELS.get(model or dataset_cls.default_model).Config,
+    }
+
+
+def list_valued_keys(method: str, dataset: str, model: str | None, keys: Iterable[str]) -> list[str]:
+    """The override ``keys`` whose config field takes a list (``model.aspp_rates``), routed as in
+    :func:`split_overrides` (so an unknown or ambiguous key raises the same ConfigError)."""
+    classes = _config_classes(method, dataset, model)
+    out = []
+    for key in keys:
+        routed = split_overrides({key: None}, classes)
+        section = next(s for s in SECTIONS if routed[s])
+        name = next(iter(routed[section]))
+        if takes_list(typing.get_type_hints(classes[section]).get(name)):
+            out.append(key)
     return out
 
 

@@ -33,6 +33,7 @@ tables know which cells are expected but still missing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -365,6 +366,15 @@ class Plan:
 
     def __bool__(self) -> bool:
         return bool(self.cells)
+
+    def relabel(self, rows: Iterable[ResultRow]) -> list[ResultRow]:
+        """``rows`` under this plan's label for each planned run id: the same run written by another
+        spec (where a variant had another name) shows under this plan's name."""
+        labels = {c.run_id: c.label for c in self.cells}
+        return [
+            dataclasses.replace(r, label=labels[r.run_id]) if labels.get(r.run_id, r.label) != r.label else r
+            for r in rows
+        ]
 
 
 def load_plan(directory: str | os.PathLike[str]) -> tuple[Plan, tuple[Problem, ...]]:

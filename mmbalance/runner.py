@@ -32,6 +32,7 @@ from mmbalance.methods import METHODS
 from mmbalance.models import MODELS
 from mmbalance.resolve import ResolvedRun, RunSpec, canonical_json, resolve_run
 from mmbalance.tasks import make_task
+from mmbalance.tracking import RunTracker, Tracking
 from mmbalance.train import (
     TrainConfig,
     Trainer,
@@ -99,12 +100,14 @@ def run_one(
     device: str | torch.device = "auto",
     quiet: bool = True,
     command: str | None = None,
+    tracking: Tracking | None = None,
     **spec_kwargs: Any,
 ) -> dict[str, Any]:
     """Train, select on validation, test once, measure cost vs joint; return the result row.
 
     ``run_one(RunSpec("cggm", "synthetic_cls3"))``, ``run_one(method="cggm", dataset=...)``, or
     ``run_one(resolved_run)``. A diverged run returns a ``diverged`` row (module docstring).
+    ``tracking`` mirrors the run to TensorBoard / MLflow (:mod:`mmbalance.tracking`).
     """
     if spec is None:
         spec = RunSpec(**spec_kwargs)
@@ -141,9 +144,15 @@ def run_one(
         "command": command if command is not None else " ".join(sys.argv),
     }
     epochs: list[dict[str, Any]] = []
+    tracker = RunTracker(tracking, row)  # started: config and identity logged
+
+    def on_epoch_end(record: dict[str, Any]) -> None:
+        epochs.append(record)
+        tracker.epoch(_jsonable_record(record))
+
     try:
         result = fit(
-            model, balancer, splits, data_spec, task, train_cfg, dev, quiet=quiet, on_epoch_end=epochs.append
+            model, balancer, splits, data_spec, task, train_cfg, dev, quiet=quiet, on_epoch_end=on_epoch_end
         )
     except DivergedError as exc:
         row.update(
@@ -151,11 +160,14 @@ def run_one(
             history=[_jsonable_record(h) for h in epochs],
             divergence={"step": exc.step, "epoch": exc.epoch, "type": type(exc).__name__, "reason": str(exc)},
         )
-        return row
+        return tracker.end(row)
+    except BaseException as exc:
+        tracker.fail(exc)
+        raise
 
     cost: dict[str, Any] = {}
     if train_cfg.cost_steps > 0:
-        cost = measure_run_cost(result.trainer, splits["train"], task, train_cfg, dev)
+        cost = tracker.guard(measure_run_cost, result.trainer, splits["train"], task, train_cfg, dev)
     cost["train_time_s"] = result.train_time_s
     cost["train_steps"] = result.steps
     cost["extra_steps"] = balancer.extra_steps()
@@ -165,7 +177,7 @@ def run_one(
         history=[_jsonable_record(h) for h in result.history],
         cost=cost,
     )
-    return row
+    return tracker.end(row)
 
 
 def measure_run_cost(

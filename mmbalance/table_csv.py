@@ -15,10 +15,10 @@ from mmbalance.table_grid import (
     cell_mark,
     columns_for,
     devices,
+    higher_is_better,
     present_metrics,
     validate_metrics,
 )
-from mmbalance.tasks import METRIC_HIGHER_IS_BETTER
 
 __all__ = ["csv_table", "HEADER"]
 
@@ -55,7 +55,7 @@ def csv_table(rows: Sequence[ResultRow], plan: Plan | None, split: str, metrics:
             device = ";".join(devices(cell.ok))
             for m in columns:
                 stat = stats.get((lb, d, m))
-                hib = METRIC_HIGHER_IS_BETTER.get(m)
+                hib = higher_is_better().get(m)
                 mark = "" if stat else (MARK_NA if cell.ok else cell_mark(cell))
                 higher = "" if hib is None else str(hib).lower()
                 writer.writerow(["metric", split, lb, d, m, higher, *values(stat), mark, device])

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 from mmbalance.errors import ConfigError
 from mmbalance.results import Plan, ResultRow
-from mmbalance.tasks import METRIC_HIGHER_IS_BETTER
 
 __all__ = [
     "FORMATS",
@@ -40,6 +39,7 @@ __all__ = [
     "present_metrics",
     "validate_metrics",
     "devices",
+    "higher_is_better",
 ]
 
 FORMATS = ("github", "latex", "csv")
@@ -105,6 +105,14 @@ COST_COLUMNS = (
 MARK_UNSUPPORTED, MARK_FAILED, MARK_MISSING, MARK_NA = "-", "x", "...", "n/a"
 MARK_DIVERGED = "div"
 LEGEND = "Marks: - unsupported, x failed, ... missing"  # div (diverged) is explained by its note
+
+
+def higher_is_better() -> Mapping[str, bool]:
+    """:data:`mmbalance.tasks.METRIC_HIGHER_IS_BETTER`, imported on first use: the command line's
+    option lists (which import this module) do not import torch."""
+    from mmbalance.tasks import METRIC_HIGHER_IS_BETTER
+
+    return METRIC_HIGHER_IS_BETTER
 
 
 # -- the grid: which cells exist and what is in them -----------------------------------------------
@@ -190,7 +198,7 @@ def metric_scale(metric: str) -> tuple[float, int]:
 def direction(metric: str) -> bool | None:
     if metric.startswith("score/"):  # per-modality task score: higher is better by contract
         return True
-    return METRIC_HIGHER_IS_BETTER.get(metric)
+    return higher_is_better().get(metric)
 
 
 def check(name: str, value: str, allowed: Sequence[str]) -> None:
@@ -221,7 +229,7 @@ def validate_metrics(metrics: Sequence[str] | None, rows: Sequence[ResultRow], s
         return
     if not metrics:
         raise ConfigError("metrics must name at least one metric; got an empty list")
-    known = set(METRIC_HIGHER_IS_BETTER)
+    known = set(higher_is_better())
     for row in rows:
         if row.status == "ok":
             known.update((row.metrics.get(split) or {}).keys())

@@ -17,6 +17,9 @@ Decisions, stated once here and in the tables' captions:
   method whose modulation never fires).
 * "Below single modality": the row's displayed mean is worse than that of the best ``unimodal[...]``
   row of the same column.
+* Rows of a grid (labels with swept values, :mod:`mmbalance.variants`) are compared with the joint
+  and unimodal rows of the same swept values where the spec sweeps those too, else with the plain
+  ``joint`` / ``unimodal[m]`` rows (:func:`mmbalance.variants.reference_label`).
 """
 
 from __future__ import annotations
@@ -27,11 +30,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from mmbalance.results import ResultRow
+from mmbalance.variants import reference_label, swept_items
 
 __all__ = [
     "ALPHA",
     "Delta",
     "is_unimodal",
+    "is_joint",
+    "joint_of",
     "seed_values",
     "rank_marks",
     "below_single_modality",
@@ -45,6 +51,16 @@ JOINT = "joint"
 
 def is_unimodal(label: str) -> bool:
     return label.split("[", 1)[0] == "unimodal"
+
+
+def is_joint(label: str) -> bool:
+    """``joint``, or a joint row of a grid (``joint[clip_grad_norm=0.8]``)."""
+    return label.split("[", 1)[0] == JOINT
+
+
+def joint_of(label: str, labels: Iterable[str]) -> str:
+    """The joint row ``label`` is compared with (module docstring)."""
+    return reference_label(label, {lb for lb in labels if is_joint(lb)}, JOINT)
 
 
 def seed_values(rows: Iterable[ResultRow], split: str) -> dict[tuple[str, str, str], dict[int, float]]:
@@ -80,14 +96,19 @@ def below_single_modality(
 ) -> set[str]:
     """Multimodal rows whose displayed mean is worse than the best ``unimodal[...]`` row's."""
     shown = _displayed(means, scale, decimals)
-    single = [v for lb, v in shown.items() if is_unimodal(lb)]
-    if not single:
-        return set()
-    best = max(single) if higher_is_better else min(single)
-    return {
-        lb for lb, v in shown.items()
-        if not is_unimodal(lb) and (v < best if higher_is_better else v > best)
-    }
+    singles: dict[tuple[str, ...], list[float]] = {}
+    for lb, v in shown.items():
+        if is_unimodal(lb):
+            singles.setdefault(swept_items(lb), []).append(v)
+    out = set()
+    for lb, v in shown.items():
+        single = singles.get(swept_items(lb)) or singles.get(())
+        if is_unimodal(lb) or not single:
+            continue
+        best = max(single) if higher_is_better else min(single)
+        if v < best if higher_is_better else v > best:
+            out.add(lb)
+    return out
 
 
 @dataclass(frozen=True)
@@ -129,14 +150,16 @@ def identical_to_joint(rows: Iterable[ResultRow], split: str) -> set[str]:
     """Labels (other than joint and the unimodal rows) whose runs all equal joint's (module docstring)."""
     rows = list(rows)
     joint = {
-        (r.dataset, r.seed): dict(r.metrics.get(split) or {})
+        (r.label, r.dataset, r.seed): dict(r.metrics.get(split) or {})
         for r in rows
-        if r.label == JOINT and r.status == "ok"
+        if is_joint(r.label) and r.status == "ok"
     }
+    labels = {r.label for r in rows}
     candidates: dict[str, bool] = {}
     for r in rows:
-        if r.label == JOINT or is_unimodal(r.label) or r.status == "unsupported":
+        if is_joint(r.label) or is_unimodal(r.label) or r.status == "unsupported":
             continue
-        same = r.status == "ok" and joint.get((r.dataset, r.seed)) == dict(r.metrics.get(split) or {})
+        ref = joint.get((joint_of(r.label, labels), r.dataset, r.seed))
+        same = r.status == "ok" and ref == dict(r.metrics.get(split) or {})
         candidates[r.label] = candidates.get(r.label, True) and same
     return {label for label, same in candidates.items() if same}

@@ -14,7 +14,8 @@ MAE and Corr as they are. Marks for a cell without a finished run:
 * ``...`` missing: expected but not (yet) there.
 
 Which cells are expected: with a matrix plan in the folder (``_matrix/``, written by ``mmbalance
-matrix``), exactly the plan's cells; without one, every (label, dataset) pair seen in the rows.
+matrix``), exactly the plan's cells; without one, every (label, dataset) pair seen in the rows. A
+row whose run id the plan lists is shown under the plan's label (a variant's name, grid values).
 
 Comparisons (:mod:`mmbalance.table_stats` states each rule): the best mean of a column is bold and
 the second best underlined (LaTeX) or italic (GitHub), among the multimodal rows; ``‡`` marks a
@@ -76,6 +77,8 @@ from mmbalance.table_render import STYLES, Style, format_stat, render_table
 from mmbalance.table_stats import (
     below_single_modality,
     identical_to_joint,
+    is_joint,
+    joint_of,
     paired_delta,
     rank_marks,
     seed_values,
@@ -125,9 +128,9 @@ def _no_value(grid: Grid, label: str, dataset: str) -> str:
 
 
 def _delta_cell(ctx: _Context, label: str, col: _Column, scale: float, decimals: int) -> str:
-    if label == "joint":
+    if is_joint(label):
         return ""
-    joint = ctx.seeds.get(("joint", col.dataset, col.metric), {})
+    joint = ctx.seeds.get((joint_of(label, ctx.grid.labels), col.dataset, col.metric), {})
     delta = paired_delta(ctx.seeds.get((label, col.dataset, col.metric), {}), joint)
     if delta is None:
         return MARK_NA
@@ -273,6 +276,7 @@ def metric_table(
     check("split", split, SPLITS)
     check("layout", layout, LAYOUTS)
     check_width(max_width)
+    rows = plan.relabel(rows) if plan else rows
     validate_metrics(metrics, rows, split)
     grid = build_grid(rows, plan)
     identical = identical_to_joint(rows, split) if marks else set()
@@ -354,6 +358,7 @@ def cost_table(
     check("format", fmt, ("github", "latex"))
     check_width(max_width)
     style = STYLES[fmt]
+    rows = plan.relabel(rows) if plan else rows
     grid = build_grid(rows, plan)
     stats = aggregate_cost(rows)
     caption = _cost_caption(rows, style)
@@ -409,6 +414,7 @@ def render_tables(
     check("format", fmt, FORMATS)
     check("split", split, SPLITS)
     check("layout", layout, LAYOUTS)
+    rows = plan.relabel(rows) if plan else rows
     if fmt == "csv":
         return csv_table(rows, plan, split, metrics)
     parts = [

@@ -13,6 +13,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -98,6 +99,32 @@ class MultimodalDataset(ABC):
         if task is not None and task != cls.task:
             return False
         return modalities is None or modalities == len(cls.modality_names)
+
+    @classmethod
+    def missing_data(cls, config: Any) -> list[str]:
+        """What this dataset would miss on disk with ``config``, one line each (empty: nothing),
+        checked without reading any data, so that a matrix can refuse to start. For datasets with a
+        ``root`` option: the root and its ``subdir`` folder, then :meth:`required_files`."""
+        root = getattr(config, "root", None)
+        if root is None:
+            return []
+        name = getattr(cls, "name", cls.__name__)
+        if not root:
+            return [f"dataset {name!r}: no data root (pass --data-root DIR or set data_root in the spec)"]
+        subdir = getattr(config, "subdir", "")
+        folder = Path(root).expanduser() / subdir if subdir else Path(root).expanduser()
+        if not folder.is_dir():
+            return [f"dataset {name!r}: data folder {str(folder)!r} does not exist"]
+        return [
+            f"dataset {name!r}: missing file {str(path)!r} ({what})"
+            for path, what in cls.required_files(config, folder)
+            if not path.is_file()
+        ]
+
+    @classmethod
+    def required_files(cls, config: Any, folder: Path) -> list[tuple[Path, str]]:
+        """Files a run reads under the data ``folder``, with what each holds (default: none known)."""
+        return []
 
     @abstractmethod
     def split(self, split: str) -> Dataset:

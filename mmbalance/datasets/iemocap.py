@@ -158,6 +158,16 @@ class IEMOCAP(MultimodalDataset):
     default_model = "mult"
     default_preset = "iemocap"
 
+    @classmethod
+    def required_files(cls, config: Any, folder: Path) -> list[tuple[Path, str]]:
+        names = {"audio": config.audio_feature, "vision": config.vision_feature, "text": config.text_feature}
+        files = [(folder / FOLDERS[m] / f"{names[m]}.h5", f"{m} features") for m in MODALITIES]
+        target = folder / "target" / str(config.fold)
+        for tag in RELEASE_SPLITS.values():
+            files += [(target / f"{tag}_label.npy", "labels")]
+            files += [(target / f"{tag}_int2name.npy", "utterance ids")]
+        return files
+
     def __init__(self, config: IEMOCAPConfig) -> None:
         super().__init__(config)
         folder = data_dir("iemocap", config.root, config.subdir, "datasets/iemocap/README.md")

@@ -174,10 +174,11 @@ class _SentimentDataset(MultimodalDataset):
     release: ClassVar[str]
     mult_file: ClassVar[str]
     mmsa_file: ClassVar[str] = "aligned_50.pkl"
+    readme: ClassVar[str] = "datasets/mosi/README.md"  # the on-disk layout
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        folder = data_dir(self.name, config.root, config.subdir, "datasets/mosi/README.md")
+        folder = data_dir(self.name, config.root, config.subdir, self.readme)
         file = config.file or (self.mult_file if config.flavour == "mult" else self.mmsa_file)
         self.path = folder / file
         self._splits, facts = load_sentiment_pickle(self.path, config.flavour)
@@ -204,6 +205,11 @@ class _SentimentDataset(MultimodalDataset):
         self.check_split_name(split)
         return TensorDictDataset(self._splits[split])
 
+    @classmethod
+    def required_files(cls, config: Any, folder: Path) -> list[tuple[Path, str]]:
+        file = config.file or (cls.mult_file if config.flavour == "mult" else cls.mmsa_file)
+        return [(folder / file, f"the {config.flavour} pickle of {cls.release}")]
+
 
 @register_dataset("mosi")
 class MOSI(_SentimentDataset):
@@ -226,3 +232,4 @@ class MOSEI(_SentimentDataset):
     paper = "Zadeh et al., Multimodal Language Analysis in the Wild: CMU-MOSEI (ACL 2018)"
     release = "CMU-MOSEI"
     mult_file = "mosei_senti_data.pkl"
+    readme = "datasets/mosei/README.md"
