@@ -30,6 +30,16 @@ CATALOG = {
                 '(shicaiwei123/ICCV2025-ARL)'
             ),
         },
+        'aug': {
+            'tasks': ['cls', 'seg'],
+            'min_modalities': 2,
+            'max_modalities': None,
+            'paper': (
+                'Jiang, Huang, Yang. Rethinking Multimodal Learning from the Perspective of '
+                'Mitigating Classification Ability Disproportion. NeurIPS 2025 '
+                '(njustkmg/NeurIPS25-AUG)'
+            ),
+        },
         'cggm': {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
@@ -55,6 +65,24 @@ CATALOG = {
             'paper': (
                 'Wei, Luo, Luo. Boosting Multimodal Learning via Disentangled Gradient Learning. '
                 'ICCV 2025 (shicaiwei123/ICCV2025-GDL)'
+            ),
+        },
+        'di_mml': {
+            'tasks': ['cls'],
+            'min_modalities': 2,
+            'max_modalities': None,
+            'paper': (
+                'Fan, Xu, Wang, Liu, Guo. Detached and Interactive Multimodal Learning. ACM MM '
+                '2024 (fanyunfeng-bit/DI-MML)'
+            ),
+        },
+        'g2d': {
+            'tasks': ['cls', 'reg', 'seg'],
+            'min_modalities': 2,
+            'max_modalities': None,
+            'paper': (
+                'Rakib, Bagavathi. G2D: Boosting Multimodal Learning with Gradient-Guided '
+                'Distillation. ICCV 2025 (rAIson-Lab/G2D)'
             ),
         },
         'g_blending': {
@@ -226,6 +254,15 @@ CATALOG = {
             'paper': (
                 'Wei, Li, Feng, Hu. Diagnosing and Re-learning for Balanced Multimodal Learning. '
                 'ECCV 2024 (GeWu-Lab/Diagnosing_Relearning_ECCV2024)'
+            ),
+        },
+        'remix': {
+            'tasks': ['cls', 'seg'],
+            'min_modalities': 2,
+            'max_modalities': None,
+            'paper': (
+                'Ma, Chen, Deng. Improving Multimodal Learning Balance and Sufficiency through '
+                'Data Remixing. ICML 2025 (MatthewMaxy/Remix_ICML2025)'
             ),
         },
         'sample_valuation': {
