@@ -1,5 +1,6 @@
 """CGGM's formulas as pure functions (Guo et al., NeurIPS 2024, Eq. 7, 12; official ``zrguo/CGGM``).
 
+* :func:`batch_metric`: a head's ε on one batch (the official ``cal_coeff`` metric);
 * :func:`magnitude_coefficients`: Eq. 7 without ρ, the official ``coeff`` (``src/msatrain.py``);
 * :func:`direction_loss`: Eq. 12, ``L_gm``;
 * :func:`sequential_sum`: the official code's order of summation (Python ``sum``, ``np.sum`` of a
@@ -25,6 +26,7 @@ from mmbalance.tasks import ClassificationTask, RegressionTask, SegmentationTask
 
 __all__ = [
     "SUM_EPS",
+    "batch_metric",
     "sequential_sum",
     "magnitude_coefficients",
     "direction_loss",
@@ -39,6 +41,15 @@ __all__ = [
 ]
 
 SUM_EPS = 1e-8  # the official `diff_sum = sum(diff) + 1e-8`
+
+
+def batch_metric(task: Task, logits: Tensor, target: Tensor, eps_metric: str, exact: bool) -> Tensor:
+    """ε of one head on this batch: ``task.score`` (``exact=True`` where the task accepts it: exact k /
+    batch in float64) or, for ``eps_metric="neg_mae"``, the negative mean absolute error in float64."""
+    if eps_metric == "neg_mae":
+        batch = logits.shape[0]
+        return -(logits.double().reshape(batch) - target.reshape(batch).double()).abs().mean()
+    return task.score(logits, target, **({"exact": True} if exact else {}))
 
 
 def sequential_sum(x: Tensor) -> Tensor:
