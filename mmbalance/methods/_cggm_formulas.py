@@ -8,8 +8,8 @@
 * :func:`output_gradient`, :func:`last_layer_gradient`, :func:`head_gradients`,
   :func:`fusion_gradient`: the paper-mode closed-form gradients of the output layers' weights
   (``∂L/∂W = Σ_b (∂ℓ/∂z_b) h_bᵀ``), without ``torch.autograd.grad``;
-* :func:`interpolation_matrix`, :func:`head_input_upsampling`: the bilinear upsampling between a
-  1x1 ``out_layer`` and segmentation logits, transposed exactly.
+* :func:`interpolation_matrix` (:mod:`mmbalance.models.resize`), :func:`head_input_upsampling`: the
+  bilinear upsampling between a 1x1 ``out_layer`` and segmentation logits, transposed exactly.
 
 Each is hand-checked in ``tests/methods/test_cggm.py``; all run on the device without a host sync
 (except :func:`head_input_upsampling`, a one-off check).
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmbalance.errors import ShapeError, UnsupportedError
+from mmbalance.models.resize import interpolation_matrix
 from mmbalance.tasks import ClassificationTask, RegressionTask, SegmentationTask, Task
 
 __all__ = [
@@ -111,17 +112,6 @@ def direction_loss(coefficients: Tensor, cosines: Tensor) -> Tensor:
     products = coefficients.to(cosines.dtype) * cosines
     magnitude = sequential_sum(coefficients.abs()).to(cosines.dtype)
     return (magnitude - sequential_sum(products)) / coefficients.numel()
-
-
-def interpolation_matrix(
-    size_in: int, size_out: int, *, align_corners: bool, device: torch.device, dtype: torch.dtype
-) -> Tensor:
-    """``(size_out, size_in)`` matrix A of 1-D linear interpolation: ``interp(x) = A @ x``.
-
-    Bilinear interpolation is separable, so a 2-D upsampling is ``A_H X A_Wᵀ`` per channel.
-    """
-    eye = torch.eye(size_in, device=device, dtype=dtype).unsqueeze(0)  # rows are unit signals
-    return F.interpolate(eye, size=size_out, mode="linear", align_corners=align_corners)[0].transpose(0, 1)
 
 
 def upcast(x: Tensor) -> Tensor:
