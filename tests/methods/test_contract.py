@@ -66,17 +66,20 @@ def _method_overrides(method, spec):
     return over
 
 
-def _trainer(method, ds_name, seed=0, init_seed=None, epoch=0, epochs=2, device=CPU, amp="none"):
+def _trainer(method, ds_name, seed=0, init_seed=None, epoch=0, epochs=2, device=CPU, amp="none", *,
+             train_options=None, method_options=None):
     """Trainer on ``device`` (AMP mode ``amp``, CUDA only) after ``on_train_epoch_start`` of ``epoch``,
     and three training batches on the device. ``seed`` is the run's seed (loader order); ``init_seed``
-    (default ``seed``) seeds the global RNG that draws the initial weights."""
+    (default ``seed``) seeds the global RNG that draws the initial weights. ``train_options`` /
+    ``method_options``: more TrainConfig / method config fields."""
     ds, spec, task = _data(ds_name)
     cfg = TrainConfig(
-        batch_size=16, seed=seed, epochs=epochs, eval_modality_scores=False, cost_steps=0, amp=amp
+        batch_size=16, seed=seed, epochs=epochs, eval_modality_scores=False, cost_steps=0, amp=amp,
+        **(train_options or {}),
     )
     seed_everything(seed if init_seed is None else init_seed)
     model = MODELS.build(spec.default_model)(spec)
-    balancer = METHODS.build(method, None, **_method_overrides(method, spec))
+    balancer = METHODS.build(method, None, **{**_method_overrides(method, spec), **(method_options or {})})
     train_loader = make_loader(ds.split("train"), cfg, device, train=True)
     trainer = Trainer(model, balancer, task, cfg, device, steps_per_epoch=len(train_loader))
     _start_epoch(trainer, ds_name, epoch)
