@@ -19,6 +19,9 @@ a paper-sized model takes seconds to initialise, its copy on the device millisec
 
 ``--set KEY=VALUE`` overrides method config fields for every benchmarked method (e.g.
 ``--methods cggm --set side_stream=true``); a method without that field is an error.
+
+A pair that fails at run time (a ``RuntimeError`` such as CUDA running out of memory at paper sizes)
+is recorded under ``failed`` with its error and the others go on; the command then exits with 1.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from mmbalance.balancer import EpochContext
 from mmbalance.config import parse_set
 from mmbalance.datasets import DATASETS
 from mmbalance.datasets.base import DatasetSpec, TensorDictDataset
-from mmbalance.errors import ConfigError, UnsupportedError
+from mmbalance.errors import ConfigError, MMBalanceError, UnsupportedError
 from mmbalance.measure import compare_cost
 from mmbalance.methods import METHODS
 from mmbalance.models import MODELS
@@ -310,7 +313,9 @@ def run_bench(
         raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     methods = list(methods) if methods else [m for m in METHODS.names() if m != "joint"]
     tasks = list(tasks) if tasks is not None else (list(SYNTHETIC_TASKS) if not paper_models else [])
-    results, skipped = [], []
+    results: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     for name, spec, model_name, model_preset, source in _cases(tasks, paper_models):
         paper = isinstance(source, BenchCase)
         bs = batch_size or (source.batch_size if paper and dev.type == "cuda" else (8 if paper else 64))
@@ -328,17 +333,27 @@ def run_bench(
                 continue
             if progress:
                 print(f"bench {method} on {name} (batch {bs}, {dev.type})", file=sys.stderr, flush=True)
-            r = bench_pair(
-                method, spec, model_name, model_preset=model_preset, train_set=train_set, val_set=val_set,
-                cfg=cfg, device=dev, steps=steps, warmup=warmup, method_preset=spec.default_preset,
-                overrides=overrides,
-            )
+            try:
+                r = bench_pair(
+                    method, spec, model_name, model_preset=model_preset, train_set=train_set, val_set=val_set,
+                    cfg=cfg, device=dev, steps=steps, warmup=warmup, method_preset=spec.default_preset,
+                    overrides=overrides,
+                )
+            except MMBalanceError:
+                raise  # the user's input: fail fast
+            except RuntimeError as exc:  # e.g. torch.OutOfMemoryError at paper sizes: record, go on
+                failed.append({"method": method, "task": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+                if progress:
+                    print(f"bench {method} on {name} FAILED: {type(exc).__name__}", file=sys.stderr, flush=True)
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             r["task"] = name
             results.append(r)
     env = environment(dev)
     config = {"steps": steps, "warmup": warmup, "amp": amp, "seed": seed}
     config["method_overrides"] = dict(overrides or {})
-    return {"env": env, "config": config, "results": results, "skipped": skipped}
+    return {"env": env, "config": config, "results": results, "skipped": skipped, "failed": failed}
 
 
 def compare(base: Mapping[str, Any], head: Mapping[str, Any], threshold: float = 0.10) -> list[str]:
@@ -446,6 +461,8 @@ def main(args: argparse.Namespace) -> int:
     report["command"] = " ".join(["mmbalance", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv)
     write_json_atomic(Path(args.out), report)
     print(format_table(report, args.format))
+    for f in report["failed"]:
+        print(f"FAILED: {f['method']} on {f['task']}: {f['error'].splitlines()[0]}", file=sys.stderr)
     if base is not None:
         problems = compare(base, report, args.threshold)
         if problems:
@@ -454,5 +471,5 @@ def main(args: argparse.Namespace) -> int:
                 print("  " + p, file=sys.stderr)
             return 1
         print(f"\nNo regression against {args.compare} (threshold {args.threshold * 100:.0f}%, memory exact).")
-    return 0
+    return 1 if report["failed"] else 0
 

@@ -136,3 +136,21 @@ def test_initial_models_are_built_once_and_leave_the_rng_as_a_fresh_build(monkey
         for (name, a), b in zip(fresh.state_dict().items(), model.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
     assert copies[0] is not copies[1] and copies[0].head is not copies[1].head
+
+
+def test_a_pair_failing_at_run_time_is_recorded_and_the_others_go_on(tmp_path, capsys, probe_method):
+    """A RuntimeError in one pair (CUDA out of memory at paper sizes, say) is recorded under
+    ``failed`` and the command exits with 1 after benchmarking the other pairs."""
+
+    def out_of_memory(self, ctx):
+        raise torch.OutOfMemoryError("CUDA out of memory (probe)")
+
+    probe_method.on_after_backward = out_of_memory
+    out = tmp_path / "bench.json"
+    assert main(_args(tmp_path, "--methods", "probe_joint,mrd", "--out", str(out))) == 1
+    report = json.loads(out.read_text())
+    assert [r["method"] for r in report["results"]] == ["mrd"]
+    (failure,) = report["failed"]
+    assert failure["method"] == "probe_joint"
+    assert "OutOfMemoryError: CUDA out of memory (probe)" in failure["error"]
+    assert "FAILED: probe_joint on synthetic_cls2" in capsys.readouterr().err
