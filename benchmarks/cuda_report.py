@@ -185,6 +185,35 @@ def streams_table(off: Mapping[str, Any], on: Mapping[str, Any]) -> tuple[str, l
     return "\n".join(lines), rows
 
 
+def matrix_toml(spec: dict[str, Any]) -> str:
+    """A matrix spec as TOML: top-level names and lists, ``[overrides]`` (keys flattened to dotted
+    strings), and ``[dataset_overrides."<name>"]`` / ``[method_overrides."<name>"]`` tables."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v)
+
+    def flat(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in table.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    def keys(table: dict[str, Any]) -> list[str]:
+        return [f"{json.dumps(k)} = {value(v)}" for k, v in flat(table).items()]
+
+    lines = [f"{k} = {value(v)}" for k, v in spec.items() if not isinstance(v, dict)]
+    if spec.get("overrides"):
+        lines += ["", "[overrides]", *keys(spec["overrides"])]
+    for section in ("dataset_overrides", "method_overrides"):
+        for name, table in spec.get(section, {}).items():
+            lines += ["", f"[{section}.{json.dumps(name)}]", *keys(table)]
+    return "\n".join(lines) + "\n"
+
+
 # -- result rows ------------------------------------------------------------------------------------
 def load_rows(folder: Path) -> dict[str, dict[str, Any]]:
     """``{run_id: row}`` of the row files directly in ``folder`` (the plan in ``_matrix/`` excluded)."""

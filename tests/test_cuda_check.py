@@ -72,7 +72,7 @@ def test_matrix_spec_round_trips_through_toml():
     spec = {"methods": ["joint", "cggm"], "datasets": ["synthetic_seg4"], "seeds": [0],
             "overrides": {"cost_steps": 10, "model": {"hidden": 32}},
             "dataset_overrides": {"synthetic_seg4": {"epochs": 6, "dataset.n_train": 512}}}
-    back = tomllib.loads(cuda_check._toml(spec))
+    back = tomllib.loads(report.matrix_toml(spec))
     assert back["overrides"] == {"cost_steps": 10, "model.hidden": 32}
     assert back["dataset_overrides"] == spec["dataset_overrides"] and back["methods"] == spec["methods"]
     assert report.slug("NVIDIA H200 NVL") == "nvidia-h200-nvl"
@@ -83,12 +83,11 @@ def test_dry_run_end_to_end_then_a_rerun_keeps_what_is_done(tmp_path, monkeypatc
     paper cases, the contract tests of joint only): the folder holds the README with every section,
     bench and stream reports, JUnit results, the matrix comparison (CPU against CPU: no difference)
     and the determinism check; a second run skips the finished benches."""
-    tiny = ("--batch-size", "8", "--steps", "1", "--warmup", "0")
+    tiny = ("--methods", "cggm", "--batch-size", "8", "--steps", "1", "--warmup", "0")
     sizes = dataclasses.replace(
         cuda_check.dry_sizes(),
-        bench_jobs=tuple((kind, "synthetic_cls2") for kind in ("none", "streams:off", "streams:on")),
-        bench_args=("--methods", "cggm", *tiny),
-        stream_args=("--methods", "cggm", *tiny),
+        early_jobs=tuple((kind, "synthetic_cls2", tiny) for kind in ("none", "streams:off")),
+        late_jobs=(("streams:on", "synthetic_cls2", tiny),),
         test_env={"MMB_TEST_DEVICE": "cpu", "MMB_TEST_METHODS": "joint"},
         other_tests=(("other", ("tests/methods/test_streams.py",)),),
     )
