@@ -35,11 +35,14 @@ def interpolation_matrix(
 
 def resize_by_matrices(x: Tensor, size: Sequence[int], *, align_corners: bool) -> Tensor:
     """``F.interpolate(x, size, mode="bilinear", align_corners=...)`` of a ``(B, C, h, w)`` tensor as
-    ``A_H x A_Wᵀ`` (equal up to float rounding; deterministic backward)."""
-    options = {"align_corners": align_corners, "device": x.device, "dtype": x.dtype}
-    a_h = interpolation_matrix(x.shape[-2], int(size[0]), **options)
-    a_w = interpolation_matrix(x.shape[-1], int(size[1]), **options)
-    return torch.matmul(torch.matmul(a_h, x), a_w.transpose(0, 1))
+    ``A_H x A_Wᵀ`` (equal up to float rounding; deterministic backward). Half-precision inputs are
+    resized in float32 outside autocast, as ``F.interpolate`` accumulates, and cast back."""
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    options = {"align_corners": align_corners, "device": x.device, "dtype": dtype}
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        a_h = interpolation_matrix(x.shape[-2], int(size[0]), **options)
+        a_w = interpolation_matrix(x.shape[-1], int(size[1]), **options)
+        return torch.matmul(torch.matmul(a_h, x.to(dtype)), a_w.transpose(0, 1)).to(x.dtype)
 
 
 def resize_bilinear(x: Tensor, size: Sequence[int], *, align_corners: bool) -> Tensor:

@@ -38,6 +38,14 @@ def test_matrices_equal_interpolate_values_and_gradients(align_corners, size):
     assert torch.allclose(grad_got, grad_expected, atol=1e-12)
 
 
+def test_half_precision_is_resized_in_float32_and_cast_back():
+    x = torch.randn(1, 2, 5, 4, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    got = resize_by_matrices(x, (9, 7), align_corners=False)
+    expected = F.interpolate(x.float(), size=(9, 7), mode="bilinear", align_corners=False).to(torch.bfloat16)
+    # within one bf16 rounding of the float32 result (weights rounded to bf16 miss it by several)
+    assert got.dtype == torch.bfloat16 and torch.allclose(got.float(), expected.float(), rtol=2**-8, atol=0)
+
+
 def test_off_cuda_it_is_interpolate_bit_for_bit():
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     expected = F.interpolate(x, size=(10, 10), mode="bilinear", align_corners=False)
