@@ -342,9 +342,10 @@ def run_bench(
             except MMBalanceError:
                 raise  # the user's input: fail fast
             except RuntimeError as exc:  # e.g. torch.OutOfMemoryError at paper sizes: record, go on
-                failed.append({"method": method, "task": name, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+                error = f"{type(exc).__name__}: {exc}"[:2000]
+                failed.append({"method": method, "task": name, "error": error})
                 if progress:
-                    print(f"bench {method} on {name} FAILED: {type(exc).__name__}", file=sys.stderr, flush=True)
+                    print(f"bench {method} on {name} FAILED: {error.splitlines()[0]}", file=sys.stderr)
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
