@@ -13,7 +13,15 @@ grew by more than ``--threshold`` (relative, default 10 %) or its memory overhea
 Ratios, not seconds, so the gate holds on noisy shared CI machines.
 
 Paper-sized models (``--paper-models``) run on random inputs of the paper datasets' shapes (no data
-needed): MOSI/IEMOCAP MulT-style, Food-101 ViT-B/16 + BERT-base, BraTS DeepLabv3+ ResNet-101.
+needed): MOSI/IEMOCAP MulT-style, Food-101 ViT-B/16 + BERT-base, BraTS DeepLabv3+ ResNet-101. Each
+case's initial model is built once per process and copied for every pair (:class:`InitialModels`):
+a paper-sized model takes seconds to initialise, its copy on the device milliseconds.
+
+``--set KEY=VALUE`` overrides method config fields for every benchmarked method (e.g.
+``--methods cggm --set side_stream=true``); a method without that field is an error.
+
+A pair that fails at run time (a ``RuntimeError`` such as CUDA running out of memory at paper sizes)
+is recorded under ``failed`` with its error and the others go on; the command then exits with 1.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import argparse
 import copy
 import json
 import os
+import random
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -29,13 +38,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tabulate import tabulate
 
 from mmbalance.balancer import EpochContext
+from mmbalance.config import parse_set
 from mmbalance.datasets import DATASETS
 from mmbalance.datasets.base import DatasetSpec, TensorDictDataset
-from mmbalance.errors import ConfigError, UnsupportedError
+from mmbalance.errors import ConfigError, MMBalanceError, UnsupportedError
 from mmbalance.measure import compare_cost
 from mmbalance.methods import METHODS
 from mmbalance.models import MODELS
@@ -50,7 +61,10 @@ from mmbalance.train import (
     seed_everything,
 )
 
-__all__ = ["BenchCase", "PAPER_CASES", "build_pair", "bench_pair", "run_bench", "compare", "main", "add_arguments"]
+__all__ = [
+    "BenchCase", "PAPER_CASES", "InitialModels", "build_pair", "bench_pair", "run_bench", "compare", "main",
+    "add_arguments",
+]
 
 SYNTHETIC_TASKS = ("synthetic_cls2", "synthetic_cls3", "synthetic_reg3", "synthetic_seg4")
 
@@ -136,6 +150,42 @@ def _flops(trainer: Trainer, batch: Mapping[str, torch.Tensor]) -> int:
     return int(counter.get_total_flops())
 
 
+class InitialModels:
+    """The initial model of the last (model, preset, shapes, seed) asked for, built once and kept on
+    the device, with the RNG states right after building it.
+
+    :meth:`get` seeds as ``seed_everything(seed)`` does, then returns a copy of that model and leaves
+    the Python, NumPy and torch CPU RNGs where building it anew would have left them, so everything
+    drawn afterwards (a balancer's heads, dropout masks) is what it would be without the cache.
+    Only the last key is kept: a paper-sized model is a gigabyte.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._model: torch.nn.Module | None = None
+        self._rng: tuple[Any, Any, torch.Tensor] | None = None
+
+    def get(
+        self, model_name: str, preset: str | None, spec: DatasetSpec, seed: int, deterministic: bool,
+        device: torch.device,
+    ) -> torch.nn.Module:
+        key = (model_name, preset, repr(spec), seed, str(device))
+        seed_everything(seed, deterministic)
+        if key != self._key:
+            self._key, self._model = None, None  # free the previous case's model before building
+            model = MODELS.build(model_name, preset)(spec)
+            self._rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+            self._model, self._key = model.to(device), key
+        assert self._model is not None and self._rng is not None
+        random.setstate(self._rng[0])
+        np.random.set_state(self._rng[1])
+        torch.set_rng_state(self._rng[2])
+        return copy.deepcopy(self._model)
+
+
+_INITIAL_MODELS = InitialModels()  # per process: consecutive pairs of one case share the build
+
+
 def _method_overrides(method: str, spec: DatasetSpec) -> dict[str, Any]:
     """Required options for timing: ``unimodal`` trains the first modality."""
     if "modality" in config_fields(METHODS.get(method).Config):
@@ -154,9 +204,10 @@ def build_pair(
     cfg: TrainConfig,
     device: torch.device,
     method_preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Trainer], list[dict[str, torch.Tensor]]]:
     """Trainers ``{"method", "joint"}`` on identical initial weights, their epoch-level work done
-    (untimed), and the training batches on the device."""
+    (untimed), and the training batches on the device. ``overrides``: method config fields."""
     from mmbalance.methods.joint import Joint
 
     cls = METHODS.get(method)
@@ -165,11 +216,10 @@ def build_pair(
             f"method {method!r} does not support task {spec.task!r} with {len(spec.modalities)} modalities"
         )
     task = make_task(spec.task, spec.num_outputs, **dict(spec.task_options))
-    seed_everything(cfg.seed, cfg.deterministic)
-    model = MODELS.build(model_name, model_preset)(spec)
+    model = _INITIAL_MODELS.get(model_name, model_preset, spec, cfg.seed, cfg.deterministic, device)
     joint_model = copy.deepcopy(model)
     preset = method_preset if method_preset in (cls.presets or {}) else None
-    balancer = METHODS.build(method, preset, **_method_overrides(method, spec))
+    balancer = METHODS.build(method, preset, **{**_method_overrides(method, spec), **(overrides or {})})
     train_loader = make_loader(train_set, cfg, device, train=True)
     val_loader = make_loader(val_set, cfg, device, train=False)
     trainers = {
@@ -200,11 +250,12 @@ def bench_pair(
     steps: int,
     warmup: int,
     method_preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Measure one method against joint on the same weights and batches (see module docstring)."""
     trainers, batches = build_pair(
         method, spec, model_name, model_preset=model_preset, train_set=train_set, val_set=val_set,
-        cfg=cfg, device=device, method_preset=method_preset,
+        cfg=cfg, device=device, method_preset=method_preset, overrides=overrides,
     )
     flops_m = _flops(trainers["method"], batches[0])
     flops_j = _flops(trainers["joint"], batches[0])
@@ -251,8 +302,10 @@ def run_bench(
     amp: str = "none",
     seed: int = 0,
     progress: bool = True,
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Benchmark every (method, task) pair; returns ``{"env": ..., "results": [...], "skipped": [...]}``."""
+    """Benchmark every (method, task) pair; returns ``{"env": ..., "results": [...], "skipped": [...]}``.
+    ``overrides``: method config fields set for every method."""
     from mmbalance.runner import environment
 
     dev = resolve_device(device)
@@ -260,7 +313,9 @@ def run_bench(
         raise ConfigError(f"--steps must be >= 1 and --warmup >= 0, got {steps} and {warmup}")
     methods = list(methods) if methods else [m for m in METHODS.names() if m != "joint"]
     tasks = list(tasks) if tasks is not None else (list(SYNTHETIC_TASKS) if not paper_models else [])
-    results, skipped = [], []
+    results: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     for name, spec, model_name, model_preset, source in _cases(tasks, paper_models):
         paper = isinstance(source, BenchCase)
         bs = batch_size or (source.batch_size if paper and dev.type == "cuda" else (8 if paper else 64))
@@ -278,14 +333,28 @@ def run_bench(
                 continue
             if progress:
                 print(f"bench {method} on {name} (batch {bs}, {dev.type})", file=sys.stderr, flush=True)
-            r = bench_pair(
-                method, spec, model_name, model_preset=model_preset, train_set=train_set, val_set=val_set,
-                cfg=cfg, device=dev, steps=steps, warmup=warmup, method_preset=spec.default_preset,
-            )
+            try:
+                r = bench_pair(
+                    method, spec, model_name, model_preset=model_preset, train_set=train_set, val_set=val_set,
+                    cfg=cfg, device=dev, steps=steps, warmup=warmup, method_preset=spec.default_preset,
+                    overrides=overrides,
+                )
+            except MMBalanceError:
+                raise  # the user's input: fail fast
+            except RuntimeError as exc:  # e.g. torch.OutOfMemoryError at paper sizes: record, go on
+                error = f"{type(exc).__name__}: {exc}"[:2000]
+                failed.append({"method": method, "task": name, "error": error})
+                if progress:
+                    print(f"bench {method} on {name} FAILED: {error.splitlines()[0]}", file=sys.stderr)
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             r["task"] = name
             results.append(r)
     env = environment(dev)
-    return {"env": env, "config": {"steps": steps, "warmup": warmup, "amp": amp, "seed": seed}, "results": results, "skipped": skipped}
+    config = {"steps": steps, "warmup": warmup, "amp": amp, "seed": seed}
+    config["method_overrides"] = dict(overrides or {})
+    return {"env": env, "config": config, "results": results, "skipped": skipped, "failed": failed}
 
 
 def compare(base: Mapping[str, Any], head: Mapping[str, Any], threshold: float = 0.10) -> list[str]:
@@ -327,6 +396,8 @@ def format_table(report: Mapping[str, Any], fmt: str = "github") -> str:
     env = report["env"]
     kind = "CUDA peak-allocated delta" if env.get("device_type") == "cuda" else "CPU persistent state bytes"
     caption = f"Device: {env['device']}; torch {env['torch']}; memory = {kind}; amp = {report['config']['amp']}"
+    if report["config"].get("method_overrides"):
+        caption += f"; method overrides {report['config']['method_overrides']}"
     if fmt == "csv":  # the same name and format as `mmbalance table --format csv`
         import csv
         import io
@@ -361,6 +432,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="discarded warm-up steps (default 5)")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast on CUDA")
     parser.add_argument("--seed", type=int, default=0, help="seed of the models and batches (default 0)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="method config field for every benchmarked method, repeatable "
+                        "(e.g. --methods cggm --set side_stream=true)")
     parser.add_argument("--out", default="bench.json", help="JSON report path (default bench.json)")
     parser.add_argument("--format", default="github", choices=["github", "latex", "csv"],
                         help="printed table format (default: github)")
@@ -387,13 +461,17 @@ def main(args: argparse.Namespace) -> int:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ConfigError(f"--compare: {str(path)!r} is not a mmbalance bench report ({exc})") from exc
     tasks = _split(args.tasks)
+    overrides = {k.removeprefix("method."): v for k, v in parse_set(getattr(args, "sets", [])).items()}
     report = run_bench(
         _split(args.methods), tasks, paper_models=args.paper_models, device=args.device, batch_size=args.batch_size,
         steps=args.steps, warmup=args.warmup, amp=args.amp, seed=args.seed, progress=not args.quiet,
+        overrides=overrides,
     )
     report["command"] = " ".join(["mmbalance", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"] else " ".join(sys.argv)
     write_json_atomic(Path(args.out), report)
     print(format_table(report, args.format))
+    for f in report["failed"]:
+        print(f"FAILED: {f['method']} on {f['task']}: {f['error'].splitlines()[0]}", file=sys.stderr)
     if base is not None:
         problems = compare(base, report, args.threshold)
         if problems:
@@ -402,5 +480,5 @@ def main(args: argparse.Namespace) -> int:
                 print("  " + p, file=sys.stderr)
             return 1
         print(f"\nNo regression against {args.compare} (threshold {args.threshold * 100:.0f}%, memory exact).")
-    return 0
+    return 1 if report["failed"] else 0
 

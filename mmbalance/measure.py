@@ -7,10 +7,13 @@ Contract (DESIGN "Performance contract"):
 * each timed step is device-synchronised before and after; ``warmup`` steps are discarded; the
   median and the inter-quartile range (IQR) of the remaining steps are reported in milliseconds;
 * memory: on CUDA, the peak allocated bytes during the method's steps (after
-  ``reset_peak_memory_stats``) minus joint's, measured in separate passes; on CPU, where no
-  allocator peak exists, the exact bytes of what the method keeps across steps: its own parameters,
-  a gradient for each trainable one (allocated by every step's backward, even when the gradients
-  are set to None between steps), its buffers and its optimizers' state (``persistent_state_bytes``).
+  ``reset_peak_memory_stats``) minus joint's, measured in separate passes, plus the bytes the
+  method keeps resident between steps and joint does not (its own parameters, buffers and
+  optimizer state: both trainers are resident during both passes, so the peaks alone cancel them);
+  on CPU, where no allocator peak exists, the exact bytes of what the method keeps across steps: its
+  own parameters, a gradient for each trainable one (allocated by every step's backward, even when
+  the gradients are set to None between steps), its buffers and its optimizers' state
+  (``persistent_state_bytes``).
 """
 
 from __future__ import annotations
@@ -72,13 +75,16 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
-def persistent_state_bytes(module: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()) -> int:
+def persistent_state_bytes(
+    module: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = (), *, gradients: bool = True
+) -> int:
     """Exact bytes of a module's parameters, their gradients, its buffers, and optimizer state.
 
     A trainable parameter (``requires_grad``) counts its gradient whether or not ``p.grad`` is set
     right now: optimizers set gradients to None after each step, but every backward allocates them
-    again, so they are part of what the module costs per step. Shared tensors are counted once. For a
-    balancer: ``persistent_state_bytes(b, b.auxiliary_optimizers())``.
+    again, so they are part of what the module costs per step. ``gradients=False`` leaves gradients
+    out (what stays resident between steps whose gradients are set to None). Shared tensors are
+    counted once. For a balancer: ``persistent_state_bytes(b, b.auxiliary_optimizers())``.
     """
     seen: set[int] = set()
     total = 0
@@ -87,7 +93,7 @@ def persistent_state_bytes(module: nn.Module, optimizers: Iterable[torch.optim.O
             continue
         seen.add(id(p))
         grad = _tensor_bytes(p.grad) if p.grad is not None else (_tensor_bytes(p) if p.requires_grad else 0)
-        total += _tensor_bytes(p) + grad
+        total += _tensor_bytes(p) + (grad if gradients else 0)
     for b in module.buffers():
         if id(b) not in seen:
             seen.add(id(b))
@@ -95,6 +101,11 @@ def persistent_state_bytes(module: nn.Module, optimizers: Iterable[torch.optim.O
     for opt in optimizers:
         total += optimizer_state_bytes(opt)
     return total
+
+
+def _resident_bytes(balancer: Any) -> int:
+    """What a balancer keeps on its device between steps (parameters, buffers, own optimizers' state)."""
+    return persistent_state_bytes(balancer, balancer.auxiliary_optimizers(), gradients=False)
 
 
 def _sync(device: torch.device) -> None:
@@ -180,8 +191,12 @@ def compare_cost(
     if device.type == "cuda":
         peak_j = peak_memory_bytes(joint_trainer, batches, steps=min(5, max(1, steps)), device=device)
         peak_m = peak_memory_bytes(method_trainer, batches, steps=min(5, max(1, steps)), device=device)
+        # resident during both passes, so the peaks cancel it: added back
+        resident = _resident_bytes(method_trainer.balancer) - _resident_bytes(joint_trainer.balancer)
         cost.update(
-            peak_mem_bytes=peak_m, mem_overhead_bytes=int(peak_m - peak_j), memory_kind="cuda_peak_allocated"
+            peak_mem_bytes=peak_m,
+            mem_overhead_bytes=int(peak_m - peak_j + resident),
+            memory_kind="cuda_peak_allocated",
         )
     else:
         b_m = method_trainer.balancer

@@ -54,7 +54,10 @@ __all__ = [
 SECTIONS = ("method", "train", "dataset", "model")
 MACHINE_PATH_FIELDS = frozenset({"root", "cache_dir"})  # where data lives is not what the run is
 # Fields added after results were published: left out of the run id while they hold this value.
-IDENTITY_DEFAULTS: Mapping[str, Mapping[str, Any]] = {"train": {"divergence_factor": DIVERGENCE_FACTOR}}
+IDENTITY_DEFAULTS: Mapping[str, Mapping[str, Any]] = {
+    "train": {"divergence_factor": DIVERGENCE_FACTOR},
+    "method": {"side_stream": False},  # CGGM: where its heads run, not what they compute
+}
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,14 @@ from mmbalance.errors import ConfigError
 if TYPE_CHECKING:
     from mmbalance.train import TrainConfig
 
-__all__ = ["resolve_device", "seed_everything", "make_loader", "batch_to_device", "autocast"]
+__all__ = [
+    "resolve_device",
+    "seed_everything",
+    "deterministic_attention",
+    "make_loader",
+    "batch_to_device",
+    "autocast",
+]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -48,6 +55,24 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         _set_deterministic(True)
+
+
+def deterministic_attention(device: torch.device) -> None:
+    """On CUDA, route ``scaled_dot_product_attention`` (every ``nn.MultiheadAttention`` /
+    ``nn.TransformerEncoderLayer`` here) to its math kernel, for the rest of the process.
+
+    Under ``use_deterministic_algorithms(True, warn_only=True)`` the fused kernels (flash,
+    memory-efficient, cuDNN) keep a non-deterministic backward and only warn, so a seeded CUDA run of
+    a transformer would not repeat itself; the math kernel's backward is deterministic. Called by
+    :class:`~mmbalance.train.Trainer` for a deterministic run on CUDA. A no-op off CUDA (the flags are
+    process-wide and would change the CPU kernels too).
+    """
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.enable_math_sdp(True)
 
 
 def _set_deterministic(mode: bool) -> None:

@@ -32,7 +32,14 @@ from mmbalance.datasets.base import DatasetSpec, check_batch
 from mmbalance.errors import ConfigError, DivergedError, NonFiniteLossError
 from mmbalance.evaluation import evaluate, is_better, restore, snapshot
 from mmbalance.models.base import MultimodalModel
-from mmbalance.runtime import autocast, batch_to_device, make_loader, resolve_device, seed_everything
+from mmbalance.runtime import (
+    autocast,
+    batch_to_device,
+    deterministic_attention,
+    make_loader,
+    resolve_device,
+    seed_everything,
+)
 from mmbalance.tasks import Task
 
 __all__ = [
@@ -82,7 +89,7 @@ class TrainConfig(ConfigBase):
     clip_grad_norm: float | None = None  # global L2 norm clip of the model's gradients (after hooks)
     amp: AmpMode = "none"  # mixed precision on CUDA (see AmpMode)
     seed: int = 0  # seeds Python, NumPy, torch and the train loader's shuffling
-    deterministic: bool = True  # torch.use_deterministic_algorithms (warn only)
+    deterministic: bool = True  # torch.use_deterministic_algorithms (warn only); CUDA: math attention kernel
     num_workers: int = 0  # DataLoader workers (persistent, pinned memory on CUDA)
     finite_check_every: int = 50  # steps between host reads of the loss-term buffer
     max_train_batches: int | None = None  # cap on steps per epoch (smoke tests, huge datasets)
@@ -170,6 +177,8 @@ class Trainer:
         device: torch.device,
         steps_per_epoch: int = 1,
     ) -> None:
+        if cfg.deterministic:
+            deterministic_attention(device)
         self.model = model.to(device)
         self.balancer = balancer
         self.task = task

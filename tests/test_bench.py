@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+import torch
 
 from mmbalance.bench import add_arguments, compare, main, run_bench
 from mmbalance.errors import ConfigError
@@ -92,3 +93,64 @@ def test_unknown_method_in_bench():
 
     with pytest.raises(RegistryError, match="unknown method"):
         run_bench(["no_such_method"], ["synthetic_cls2"], steps=1, warmup=0, progress=False)
+
+
+def test_method_overrides_reach_the_method_and_the_report(tmp_path):
+    out = tmp_path / "bench.json"
+    with pytest.warns(UserWarning, match="side_stream=True has no effect"):  # CPU: nothing to overlap
+        sets = ["--set", "side_stream=true", "--set", "method.rho=1.1"]
+        assert main(_args(tmp_path, "--methods", "cggm", *sets, "--out", str(out))) == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["method_overrides"] == {"side_stream": True, "rho": 1.1}
+    with pytest.raises(ConfigError, match="no_such_field"):
+        main(_args(tmp_path, "--methods", "cggm", "--set", "no_such_field=1", "--out", str(out)))
+
+
+def test_initial_models_are_built_once_and_leave_the_rng_as_a_fresh_build(monkeypatch):
+    """Every pair of a case starts from the weights and the RNG state that building the model anew
+    gives: the cache changes what is drawn afterwards in no way."""
+    from mmbalance.bench import InitialModels
+    from mmbalance.datasets import DATASETS
+    from mmbalance.models import MODELS
+    from mmbalance.train import seed_everything
+
+    spec = DATASETS.build("synthetic_cls2").spec
+    seed_everything(3)
+    fresh = MODELS.build(spec.default_model)(spec)
+    after_fresh = torch.rand(4)
+    cache = InitialModels()
+    built = []
+    original_build = MODELS.build
+
+    def counting_build(*args, **kwargs):
+        built.append(args)
+        return original_build(*args, **kwargs)
+
+    monkeypatch.setattr(MODELS, "build", counting_build)
+    copies = []
+    for _ in range(2):
+        copies.append(cache.get(spec.default_model, None, spec, 3, True, torch.device("cpu")))
+        assert torch.equal(torch.rand(4), after_fresh)
+    assert len(built) == 1
+    for model in copies:
+        for (name, a), b in zip(fresh.state_dict().items(), model.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+    assert copies[0] is not copies[1] and copies[0].head is not copies[1].head
+
+
+def test_a_pair_failing_at_run_time_is_recorded_and_the_others_go_on(tmp_path, capsys, probe_method):
+    """A RuntimeError in one pair (CUDA out of memory at paper sizes, say) is recorded under
+    ``failed`` and the command exits with 1 after benchmarking the other pairs."""
+
+    def out_of_memory(self, ctx):
+        raise torch.OutOfMemoryError("CUDA out of memory (probe)")
+
+    probe_method.on_after_backward = out_of_memory
+    out = tmp_path / "bench.json"
+    assert main(_args(tmp_path, "--methods", "probe_joint,mrd", "--out", str(out))) == 1
+    report = json.loads(out.read_text())
+    assert [r["method"] for r in report["results"]] == ["mrd"]
+    (failure,) = report["failed"]
+    assert failure["method"] == "probe_joint"
+    assert "OutOfMemoryError: CUDA out of memory (probe)" in failure["error"]
+    assert "FAILED: probe_joint on synthetic_cls2" in capsys.readouterr().err

@@ -53,6 +53,8 @@ def test_persistent_state_bytes_by_hand():
     assert persistent_state_bytes(module, [opt]) == 120 + 72 == 192
     module.lin.zero_grad(set_to_none=True)  # freed between steps, allocated again by every backward
     assert persistent_state_bytes(module) == 120
+    # resident between steps (the CUDA overhead adds it to the peak delta): no gradients
+    assert persistent_state_bytes(module, [opt], gradients=False) == 48 + 40 + 72 == 160
 
 
 def test_optimizer_state_bytes_sgd_momentum_and_none():

@@ -128,3 +128,29 @@ def test_resolve_device():
         with pytest.raises(ConfigError, match="is_available"):
             resolve_device("cuda")
         assert resolve_device("auto").type == "cpu"
+
+
+def _attention_flags():
+    b = torch.backends.cuda
+    return b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.cudnn_sdp_enabled(), b.math_sdp_enabled()
+
+
+def test_deterministic_attention_is_the_math_kernel_on_cuda_only():
+    """The fused attention kernels keep a non-deterministic backward under warn-only deterministic
+    mode: a deterministic CUDA run uses the math kernel; CPU runs (and their results) are untouched."""
+    from mmbalance.runtime import deterministic_attention
+    from mmbalance.train import Trainer
+
+    before = _attention_flags()
+    b = torch.backends.cuda
+    try:
+        Trainer(tiny_model(), Joint(), make_task("cls", 3), TrainConfig(), torch.device("cpu"))
+        deterministic_attention(torch.device("cpu"))
+        assert _attention_flags() == before
+        deterministic_attention(torch.device("cuda"))  # process-wide flags: no GPU needed to set them
+        assert _attention_flags() == (False, False, False, True)
+    finally:
+        b.enable_flash_sdp(before[0])
+        b.enable_mem_efficient_sdp(before[1])
+        b.enable_cudnn_sdp(before[2])
+        b.enable_math_sdp(before[3])

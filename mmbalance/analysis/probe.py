@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -54,6 +53,7 @@ from mmbalance.errors import ConfigError, ShapeError
 from mmbalance.methods import METHODS
 from mmbalance.models import MODELS
 from mmbalance.models.base import MultimodalModel
+from mmbalance.models.resize import resize_bilinear
 from mmbalance.presets import TRAIN_PRESETS
 from mmbalance.tasks import METRIC_HIGHER_IS_BETTER, Task, make_task
 from mmbalance.train import TrainConfig, fit, is_better, make_loader, resolve_device, seed_everything
@@ -141,7 +141,7 @@ class LinearProbe(nn.Module):
             features = features.mean(dim=1)
         out = self.read(features)
         if self.size is not None and tuple(out.shape[-2:]) != self.size:
-            out = F.interpolate(out, size=self.size, mode="bilinear", align_corners=False)
+            out = resize_bilinear(out, self.size, align_corners=False)
         return out
 
 

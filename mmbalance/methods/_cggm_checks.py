@@ -28,6 +28,8 @@ def check_setup(
             ``eps_metric="neg_mae"`` off regression, an ``out_layer`` that is not Linear / Conv2d,
             ``direction="paper"`` on a task with no closed-form gradient.
         ConfigError: an empty encoder group, or a parameter in two modalities' groups.
+
+    Warns when ``side_stream`` is on but the model is not on a CUDA device (nothing to overlap).
     """
     if len(model.modalities) < 2:
         raise UnsupportedError(f"cggm needs at least 2 modalities, the model has {model.modalities}")
@@ -58,6 +60,10 @@ def check_setup(
                 raise ConfigError(f"a parameter is in modality_parameters of both {seen[id(p)]!r} and {m!r}")
             seen[id(p)] = m
         groups.append(params)
+    device = model.out_layer.weight.device
+    if getattr(config, "side_stream", False) and device.type != "cuda":
+        message = f"cggm: side_stream=True has no effect on device {str(device)!r} (CUDA streams only)"
+        warnings.warn(message, stacklevel=3)
     return groups
 
 

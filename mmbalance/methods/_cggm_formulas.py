@@ -1,5 +1,6 @@
 """CGGM's formulas as pure functions (Guo et al., NeurIPS 2024, Eq. 7, 12; official ``zrguo/CGGM``).
 
+* :func:`batch_metric`: a head's ε on one batch (the official ``cal_coeff`` metric);
 * :func:`magnitude_coefficients`: Eq. 7 without ρ, the official ``coeff`` (``src/msatrain.py``);
 * :func:`direction_loss`: Eq. 12, ``L_gm``;
 * :func:`sequential_sum`: the official code's order of summation (Python ``sum``, ``np.sum`` of a
@@ -7,8 +8,8 @@
 * :func:`output_gradient`, :func:`last_layer_gradient`, :func:`head_gradients`,
   :func:`fusion_gradient`: the paper-mode closed-form gradients of the output layers' weights
   (``∂L/∂W = Σ_b (∂ℓ/∂z_b) h_bᵀ``), without ``torch.autograd.grad``;
-* :func:`interpolation_matrix`, :func:`head_input_upsampling`: the bilinear upsampling between a
-  1x1 ``out_layer`` and segmentation logits, transposed exactly.
+* :func:`interpolation_matrix` (:mod:`mmbalance.models.resize`), :func:`head_input_upsampling`: the
+  bilinear upsampling between a 1x1 ``out_layer`` and segmentation logits, transposed exactly.
 
 Each is hand-checked in ``tests/methods/test_cggm.py``; all run on the device without a host sync
 (except :func:`head_input_upsampling`, a one-off check).
@@ -21,10 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmbalance.errors import ShapeError, UnsupportedError
+from mmbalance.models.resize import interpolation_matrix
 from mmbalance.tasks import ClassificationTask, RegressionTask, SegmentationTask, Task
 
 __all__ = [
     "SUM_EPS",
+    "batch_metric",
     "sequential_sum",
     "magnitude_coefficients",
     "direction_loss",
@@ -39,6 +42,15 @@ __all__ = [
 ]
 
 SUM_EPS = 1e-8  # the official `diff_sum = sum(diff) + 1e-8`
+
+
+def batch_metric(task: Task, logits: Tensor, target: Tensor, eps_metric: str, exact: bool) -> Tensor:
+    """ε of one head on this batch: ``task.score`` (``exact=True`` where the task accepts it: exact k /
+    batch in float64) or, for ``eps_metric="neg_mae"``, the negative mean absolute error in float64."""
+    if eps_metric == "neg_mae":
+        batch = logits.shape[0]
+        return -(logits.double().reshape(batch) - target.reshape(batch).double()).abs().mean()
+    return task.score(logits, target, **({"exact": True} if exact else {}))
 
 
 def sequential_sum(x: Tensor) -> Tensor:
@@ -100,17 +112,6 @@ def direction_loss(coefficients: Tensor, cosines: Tensor) -> Tensor:
     products = coefficients.to(cosines.dtype) * cosines
     magnitude = sequential_sum(coefficients.abs()).to(cosines.dtype)
     return (magnitude - sequential_sum(products)) / coefficients.numel()
-
-
-def interpolation_matrix(
-    size_in: int, size_out: int, *, align_corners: bool, device: torch.device, dtype: torch.dtype
-) -> Tensor:
-    """``(size_out, size_in)`` matrix A of 1-D linear interpolation: ``interp(x) = A @ x``.
-
-    Bilinear interpolation is separable, so a 2-D upsampling is ``A_H X A_Wᵀ`` per channel.
-    """
-    eye = torch.eye(size_in, device=device, dtype=dtype).unsqueeze(0)  # rows are unit signals
-    return F.interpolate(eye, size=size_out, mode="linear", align_corners=align_corners)[0].transpose(0, 1)
 
 
 def upcast(x: Tensor) -> Tensor:

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from mmbalance.errors import ConfigError, ShapeError
 from mmbalance.methods._grads import step_auxiliary
 from mmbalance.models.mult import MulTTransformer
+from mmbalance.models.resize import resize_bilinear
 
 __all__ = [
     "SequenceHead",
@@ -172,7 +173,7 @@ class MapHead(nn.Module):
         hidden = self.body(x)
         logits = self.out_layer(hidden)
         if size is not None and tuple(logits.shape[-2:]) != tuple(size):
-            logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=True)
+            logits = resize_bilinear(logits, size, align_corners=True)
         return logits, hidden
 
 

@@ -37,10 +37,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmbalance.errors import ConfigError, ShapeError
+from mmbalance.models.resize import resize_bilinear
 
 __all__ = [
     "UnimodalHeads",
@@ -125,7 +125,7 @@ class _MapHead(nn.Module):
     def forward(self, feature: Tensor, out_size: tuple[int, int] | None = None) -> Tensor:
         logits = self.net(feature)
         if out_size is not None and tuple(logits.shape[-2:]) != tuple(out_size):
-            logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+            logits = resize_bilinear(logits, out_size, align_corners=False)
         return logits
 
 

@@ -9,7 +9,8 @@ Formulas: :mod:`~mmbalance.methods._cggm_formulas`. No second pass through encod
 host sync per step; ε, Δε, Σ Δε + 1e-8, B and L_gm's coefficients in float64, as the official
 Python floats. Deviations (card): ``direction="paper"`` (closed-form gradients), ``stabilize=True``
 (bounded B), the default heads apply ``proj1`` once (``head="msa"``: twice, as released), one
-backward instead of two (same gradients).
+backward instead of two (same gradients). ``side_stream=True`` queues the heads on a second CUDA
+stream (same results; off by default until measured faster).
 
 Python API beyond the Config: ``CGGM(config, head_factory)`` takes any head factory
 (``_cggm_heads.HeadFactory``; the config then says ``head="custom"``), and ``trace=True`` (records
@@ -19,6 +20,7 @@ L_gm as float64 device tensors (no host sync; nothing is recorded when off).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -33,13 +35,19 @@ from mmbalance.config import finite, need
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
 from mmbalance.methods._cggm_checks import check_first_batch, check_setup
-from mmbalance.methods._cggm_formulas import direction_loss, gradient_cosines, magnitude_coefficients
+from mmbalance.methods._cggm_formulas import (
+    batch_metric,
+    direction_loss,
+    gradient_cosines,
+    magnitude_coefficients,
+)
 from mmbalance.methods._cggm_heads import CUSTOM_HEAD, HEAD_FACTORIES, CGGMHeads, HeadFactory, resolve_head
 from mmbalance.methods._config import HeadConfig
 from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._grads import present_grads, scale_grads_
 from mmbalance.methods._heads import head_term
 from mmbalance.methods._stages import target_size
+from mmbalance.methods._streams import SideStream
 from mmbalance.models.base import ModelOutput, MultimodalModel
 from mmbalance.tasks import Task
 
@@ -67,6 +75,7 @@ class CGGMConfig(HeadConfig):
     head_dropout: float = 0.1  # dropout inside the heads (official: 0.1-0.2 by dataset)
     grad_cos_every: int = 8  # steps between samples of the closed-form grad_cos diagnostic; 0 = off
     head: str = "auto"  # registered head factory: "auto" | "msa" (official Classifier) | "linear" | "custom"
+    side_stream: bool = False  # CUDA: heads f_i on a second stream, beside the main backward (same results)
 
     def check(self) -> None:
         if isinstance(self.direction, str) and self.direction.lower() in ("none", "null", ""):
@@ -113,13 +122,8 @@ class CGGM(Balancer):
         "NeurIPS 2024 (arXiv 2411.01409); code zrguo/CGGM"
     )
 
-    def __init__(
-        self,
-        config: CGGMConfig | None = None,
-        head_factory: HeadFactory | None = None,
-        *,
-        trace: bool | Callable[[dict[str, Tensor]], None] = False,
-    ) -> None:
+    def __init__(self, config: CGGMConfig | None = None, head_factory: HeadFactory | None = None, *,
+                 trace: bool | Callable[[dict[str, Tensor]], None] = False) -> None:
         config, self._head_factory = resolve_head(config or CGGMConfig(), head_factory)
         super().__init__(config)
         if not (isinstance(trace, bool) or callable(trace)):
@@ -141,7 +145,8 @@ class CGGM(Balancer):
         super().setup(model, task, optimizer_factory)
         cfg = self.config
         self._groups = check_setup(model, task, cfg, self.tasks)
-        self._exact_score = "exact" in inspect.signature(task.score).parameters  # else: float32, widened
+        exact = "exact" in inspect.signature(task.score).parameters  # else: float32, widened
+        self._metric = functools.partial(batch_metric, task, eps_metric=cfg.eps_metric, exact=exact)  # ε
 
         def factory(feature: Tensor, modality: str) -> nn.Module:
             kwargs = {"out_layer": model.out_layer, "num_outputs": task.num_outputs, "config": cfg}
@@ -160,37 +165,36 @@ class CGGM(Balancer):
             self.register_buffer("stale_coeff", torch.zeros(m, dtype=torch.float64, device=w.device))
             self.register_buffer("stale_heads", w.new_zeros(m, w.numel()))
             self.register_buffer("stale_fusion", w.new_zeros(w.numel()))
+        self._side = SideStream(cfg.side_stream)  # warned by check_setup when the model is not on CUDA
         self._means = EpochMeans(self.modalities)
         self._grad_cos_means = EpochMeans(self.modalities)  # over the sampled steps only
         self._extremes = tuple(EpochMeans(self.modalities, reduction=r) for r in ("min", "max"))
 
     # -- the step -------------------------------------------------------------------------------------
-    def _eps(self, logits: Tensor, target: Tensor) -> Tensor:
-        """ε of one head on this batch, float64 (exact k / batch where the task offers it)."""
-        if self.config.eps_metric == "neg_mae":
-            batch = logits.shape[0]
-            return -(logits.double().reshape(batch) - target.reshape(batch).double()).abs().mean()
-        return self.task.score(logits, target, **({"exact": True} if self._exact_score else {}))
-
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Task) -> dict[str, Tensor]:
-        cfg, target = self.config, batch["target"]
-        logits, hidden = self.heads(output.features, target_size(batch))
+        """The heads' forward, their losses, ε, Δε and B read the detached features and the target only:
+        with ``side_stream`` on CUDA they are queued on a second stream (:mod:`._streams`), and autograd
+        runs the heads' backward there too, beside the main backward. The rest stays on the main stream."""
+        cfg, target, resolution = self.config, batch["target"], 1.0 / batch["target"].shape[0]
         terms = {"task": task.loss(output.prediction, target)}
-        for m, z in zip(self.modalities, logits, strict=True):
-            terms[head_term(m)] = task.loss(z, target)
+        with self._side.scope([*output.features.values(), target]) as hand_over:
+            logits, hidden = self.heads(output.features, target_size(batch))
+            for m, z in zip(self.modalities, logits, strict=True):
+                terms[head_term(m)] = task.loss(z, target)
+            with torch.no_grad():
+                scores = [self._metric(z.detach(), target) for z in logits]
+                if not self._checked:  # once; its host read also waits for the side stream
+                    self._closed_form, self._align_corners = check_first_batch(
+                        self.modalities, output, scores, task, self.model.out_layer, self.heads.out_weights(),
+                        cfg.direction,
+                    )
+                    self._checked = True
+                eps = torch.stack(scores).to(torch.float64)
+                delta = eps - self.eps_prev
+                self.eps_prev.copy_(eps)
+                coeff, raw = magnitude_coefficients(delta, stabilize=cfg.stabilize, resolution=resolution)
+            hand_over(*logits, *hidden, *terms.values(), eps, delta, coeff, raw)
         with torch.no_grad():
-            scores = [self._eps(z.detach(), target) for z in logits]
-            if not self._checked:
-                self._closed_form, self._align_corners = check_first_batch(
-                    self.modalities, output, scores, task, self.model.out_layer, self.heads.out_weights(),
-                    cfg.direction,
-                )
-                self._checked = True
-            eps = torch.stack(scores).to(torch.float64)
-            delta = eps - self.eps_prev
-            self.eps_prev.copy_(eps)
-            resolution = 1.0 / target.shape[0]
-            coeff, raw = magnitude_coefficients(delta, stabilize=cfg.stabilize, resolution=resolution)
             self._B = coeff * cfg.rho
             c_dir = self._B if cfg.rho_in_direction else coeff
             every = cfg.grad_cos_every
@@ -211,10 +215,7 @@ class CGGM(Balancer):
             record = {"eps": eps, "delta": delta, "B_raw": raw * cfg.rho, "B": self._B}
             if cfg.direction is not None:
                 record.update(cos=cos.to(torch.float64), L_gm=gm.to(torch.float64))
-            if callable(self._trace):
-                self._trace(record)
-            else:
-                self.trace_records.append(record)
+            (self._trace if callable(self._trace) else self.trace_records.append)(record)
         with torch.no_grad():
             self._stats = {"eps": eps, "B": self._B}
             if cfg.direction is not None:

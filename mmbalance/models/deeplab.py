@@ -56,6 +56,7 @@ from mmbalance.config import ConfigBase
 from mmbalance.errors import ConfigError, ShapeError, UnsupportedError
 from mmbalance.models import register_model
 from mmbalance.models.base import Head, ModelBuilder, MultimodalModel
+from mmbalance.models.resize import BilinearResize, resize_bilinear
 
 __all__ = ["DeepLabConfig", "DeepLabBuilder", "DeepLabEncoder", "DeepLabFusion", "BACKBONES"]
 
@@ -137,7 +138,7 @@ class DeepLabEncoder(nn.Module):
                 f"(B, {self.size[0]}, {self.size[1]}) images, got {tuple(x.shape)}"
             )
         low, high = self.backbone(x)
-        aspp = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=True)
+        aspp = resize_bilinear(self.aspp(high), low.shape[-2:], align_corners=True)
         return torch.cat([aspp, low], dim=1), {"low": low}
 
 
@@ -245,7 +246,7 @@ class DeepLabBuilder(ModelBuilder):
             nn.BatchNorm2d(c.decoder_channels),
             nn.ReLU(),
             nn.Dropout(0.1),
-            nn.Upsample(size=size, mode="bilinear", align_corners=True),  # official: after out_layer
+            BilinearResize(size, align_corners=True),  # official: after out_layer
         )
         head = Head(body, nn.Conv2d(c.decoder_channels, int(spec.num_outputs), 1))
         _init_official(head)

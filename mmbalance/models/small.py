@@ -34,6 +34,7 @@ from mmbalance.datasets.base import DatasetSpec
 from mmbalance.errors import ShapeError, UnsupportedError
 from mmbalance.models import register_model
 from mmbalance.models.base import Head, ModelBuilder, MultimodalModel
+from mmbalance.models.resize import BilinearResize
 
 __all__ = [
     "MLPEncoder",
@@ -311,6 +312,6 @@ class SmallSeg(ModelBuilder):
         fusion = ConvConcatFusion(c.channels * len(encoders), c.decoder)
         # Bilinear upsampling commutes with the 1x1 out_layer, so the head is a per-pixel linear
         # read-out of the upsampled decoder features (fast and stable to train).
-        body = nn.Upsample(size=size, mode="bilinear", align_corners=False)
+        body = BilinearResize(size, align_corners=False)
         head = Head(body, nn.Conv2d(c.decoder, spec.num_outputs, 1))
         return MultimodalModel(encoders, fusion, head, modalities=spec.modality_names)

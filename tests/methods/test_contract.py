@@ -66,21 +66,26 @@ def _method_overrides(method, spec):
     return over
 
 
-def _trainer(method, ds_name, seed=0, init_seed=None, epoch=0, epochs=2):
-    """Trainer after ``on_train_epoch_start`` of ``epoch``, and three training batches. ``seed`` is the
-    run's seed (loader order); ``init_seed`` (default ``seed``) seeds the global RNG that draws the
-    initial weights."""
+def _trainer(method, ds_name, seed=0, init_seed=None, epoch=0, epochs=2, device=CPU, amp="none", *,
+             train_options=None, method_options=None):
+    """Trainer on ``device`` (AMP mode ``amp``, CUDA only) after ``on_train_epoch_start`` of ``epoch``,
+    and three training batches on the device. ``seed`` is the run's seed (loader order); ``init_seed``
+    (default ``seed``) seeds the global RNG that draws the initial weights. ``train_options`` /
+    ``method_options``: more TrainConfig / method config fields."""
     ds, spec, task = _data(ds_name)
-    cfg = TrainConfig(batch_size=16, seed=seed, epochs=epochs, eval_modality_scores=False, cost_steps=0)
+    cfg = TrainConfig(
+        batch_size=16, seed=seed, epochs=epochs, eval_modality_scores=False, cost_steps=0, amp=amp,
+        **(train_options or {}),
+    )
     seed_everything(seed if init_seed is None else init_seed)
     model = MODELS.build(spec.default_model)(spec)
-    balancer = METHODS.build(method, None, **_method_overrides(method, spec))
-    train_loader = make_loader(ds.split("train"), cfg, CPU, train=True)
-    trainer = Trainer(model, balancer, task, cfg, CPU, steps_per_epoch=len(train_loader))
+    balancer = METHODS.build(method, None, **{**_method_overrides(method, spec), **(method_options or {})})
+    train_loader = make_loader(ds.split("train"), cfg, device, train=True)
+    trainer = Trainer(model, balancer, task, cfg, device, steps_per_epoch=len(train_loader))
     _start_epoch(trainer, ds_name, epoch)
     batches = []
     for i, b in enumerate(train_loader):
-        batches.append(batch_to_device(b, CPU))
+        batches.append(batch_to_device(b, device))
         if i == 2:
             break
     return trainer, batches
@@ -88,15 +93,15 @@ def _trainer(method, ds_name, seed=0, init_seed=None, epoch=0, epochs=2):
 
 def _start_epoch(trainer, ds_name, epoch):
     """``on_train_epoch_start`` as the loop calls it, with the run's train and validation loaders."""
-    ds, cfg = _data(ds_name)[0], trainer.cfg
+    ds, cfg, device = _data(ds_name)[0], trainer.cfg, trainer.device
     trainer.model.train()
     trainer.balancer.train()
     trainer.balancer.on_train_epoch_start(EpochContext(
         model=trainer.model, epoch=epoch, num_epochs=cfg.epochs,
-        train_loader=make_loader(ds.split("train"), cfg, CPU, train=True),
-        val_loader=make_loader(ds.split("val"), cfg, CPU, train=False),
-        task=trainer.task, device=CPU, optimizer=trainer.optimizer,
-        to_device=lambda b: batch_to_device(b, CPU),
+        train_loader=make_loader(ds.split("train"), cfg, device, train=True),
+        val_loader=make_loader(ds.split("val"), cfg, device, train=False),
+        task=trainer.task, device=device, optimizer=trainer.optimizer,
+        to_device=lambda b: batch_to_device(b, device),
     ))
 
 
@@ -165,8 +170,8 @@ def _serialised(obj):
     return buf.getvalue()
 
 
-def _resume(trainer, blob):
-    ckpt = torch.load(io.BytesIO(blob), weights_only=False)
+def _resume(trainer, blob, map_location=None):
+    ckpt = torch.load(io.BytesIO(blob), weights_only=False, map_location=map_location)
     trainer.model.load_state_dict(ckpt["model"])
     trainer.optimizer.load_state_dict(ckpt["optimizer"])
     trainer.scaler.load_state_dict(ckpt["scaler"])
@@ -174,10 +179,10 @@ def _resume(trainer, blob):
     trainer.balancer.load_training_state(ckpt["balancer"])
 
 
-def _run_to_checkpoint(method, ds_name):
+def _run_to_checkpoint(method, ds_name, device=CPU):
     """Epoch 0 (two steps), the epoch boundary (``diagnostics``, ``on_train_epoch_start``), then
     ``RESUME_AFTER`` steps of epoch 1; returns the trainer and the batch of the next step."""
-    trainer, batches = _trainer(method, ds_name, epochs=RESUME_EPOCHS)
+    trainer, batches = _trainer(method, ds_name, epochs=RESUME_EPOCHS, device=device)
     _steps(trainer, batches[:2])
     trainer.balancer.diagnostics()
     _start_epoch(trainer, ds_name, RESUME_EPOCH)
@@ -249,10 +254,17 @@ def test_resume_from_training_state_continues_identically(method, ds_name):
     the state that the checkpoint misses (a Python counter, a lazily built part, an optimizer the
     balancer does not expose, a private generator, an epoch-level statistic) makes the resumed run
     diverge."""
-    ran, batch = _run_to_checkpoint(method, ds_name)
+    check_resume(method, ds_name)
+
+
+def check_resume(method, ds_name, device=CPU, map_location=None):
+    """The resume test on ``device``; the checkpoint is read with ``map_location``."""
+    ran, batch = _run_to_checkpoint(method, ds_name, device)
     blob = _serialised(_checkpoint(ran))
-    resumed, _ = _trainer(method, ds_name, init_seed=1, epoch=RESUME_EPOCH, epochs=RESUME_EPOCHS)
-    _resume(resumed, blob)
+    resumed, _ = _trainer(
+        method, ds_name, init_seed=1, epoch=RESUME_EPOCH, epochs=RESUME_EPOCHS, device=device
+    )
+    _resume(resumed, blob, map_location)
     grads = _continue(ran, ds_name, batch)
     grads_resumed = _continue(resumed, ds_name, batch)
     assert all(grads.values()), "the gradient spy saw no parameter"
@@ -298,7 +310,12 @@ def _scope_params(model, scope):
 
 @pytest.mark.parametrize("method, ds_name", CASES)
 def test_gradient_edits_stay_in_declared_scope(method, ds_name):
-    trainer, batches = _trainer(method, ds_name)
+    check_grad_edit_scope(method, ds_name)
+
+
+def check_grad_edit_scope(method, ds_name, device=CPU, amp="none"):
+    """The gradient-scope test on ``device`` with AMP mode ``amp``."""
+    trainer, batches = _trainer(method, ds_name, device=device, amp=amp)
     balancer = trainer.balancer
     allowed = _scope_params(trainer.model, balancer.grad_edit_scope)
     violations = []
