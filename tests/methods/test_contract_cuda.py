@@ -25,7 +25,6 @@ from mmbalance.errors import UnsupportedError
 
 from .test_contract import (
     CASES,
-    STATE_GAPS,
     _steps,
     _trainer,
     check_grad_edit_scope,
@@ -85,14 +84,7 @@ def test_three_finite_steps_on_the_device(method, ds_name, amp):
         assert torch.isfinite(torch.tensor(trainer.scaler.get_scale()))
 
 
-def _known_gap(method):
-    reason = STATE_GAPS.get(method)
-    return pytest.mark.xfail(reason=reason, strict=True) if reason else ()
-
-
-@pytest.mark.parametrize(
-    "method, ds_name", [pytest.param(m, d, marks=_known_gap(m)) for m, d in DEVICE_CASES]
-)
+@pytest.mark.parametrize("method, ds_name", DEVICE_CASES)
 def test_resume_through_a_cpu_checkpoint_continues_identically(method, ds_name):
     check_resume(method, ds_name, device=DEVICE, map_location="cpu")
 
