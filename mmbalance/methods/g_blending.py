@@ -27,7 +27,6 @@ from torch import Tensor
 from mmbalance.balancer import Balancer, EpochContext, OptimizerFactory, StepContext
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
-from mmbalance.methods._grads import step_auxiliary
 from mmbalance.methods._heads import UnimodalHeads
 from mmbalance.methods._stages import (
     encode_modality,
@@ -155,8 +154,9 @@ class GBlending(Balancer):
             raise ConfigError(f"g_blending reserves the weight key {FUSION!r}; a modality has that name: {self.modalities}")
         self.candidates: tuple[str, ...] = (*self.modalities, FUSION)
         self._optimizer_factory = optimizer_factory
-        self.heads = UnimodalHeads.for_task(self.modalities, task, hidden=cfg.head_hidden, detach=False)
-        self.head_optimizer: torch.optim.Optimizer | None = None
+        # The heads own their optimizer, created when they are built (also from a loaded state).
+        self.heads = UnimodalHeads.for_task(self.modalities, task, hidden=cfg.head_hidden, detach=False,
+                                            optimizer_factory=optimizer_factory, lr=cfg.head_lr)
         if cfg.mode == "fixed" and cfg.weights:
             unknown = set(cfg.weights) - set(self.candidates)
             missing = set(self.candidates) - set(cfg.weights)
@@ -189,10 +189,8 @@ class GBlending(Balancer):
         return terms
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
-        """Step the unimodal heads' own optimizer (built after the heads' lazy init)."""
-        if self.head_optimizer is None:
-            self.head_optimizer = self.heads.make_optimizer(self._optimizer_factory, lr=self.config.head_lr)
-        step_auxiliary(ctx.scaler, self.head_optimizer)
+        """Step the unimodal heads' own optimizer (built with the heads)."""
+        self.heads.step(ctx.scaler)
 
     # -- weight estimation ----------------------------------------------------------------------------
     def on_train_epoch_start(self, ctx: EpochContext) -> None:

@@ -145,10 +145,11 @@ class MLA(Balancer):
                     f"mla fusion_weights must name exactly the modalities {list(self.modalities)}, "
                     f"got {sorted(cfg.fusion_weights)}"
                 )
-        self._optimizer_factory = optimizer_factory
+        # The head owns its optimizer, created when it is built (also from a loaded state); MLA steps
+        # it itself, once per modality, in backward.
         self.head = UnimodalHeads((SHARED,), task.name, int(task.num_outputs), hidden=None,
-                                  sequence_pool=cfg.sequence_pool, detach=False)
-        self.head_optimizer: torch.optim.Optimizer | None = None
+                                  sequence_pool=cfg.sequence_pool, detach=False,
+                                  optimizer_factory=optimizer_factory, lr=cfg.head_lr)
         self.register_buffer("projector", torch.zeros(0, 0))  # P, identity of the head's input width at first use
         self.register_buffer("head_updates", torch.zeros((), dtype=torch.long))  # official exp_count
         self._updates = 0  # host mirror of head_updates (read every modality update without a device sync)
@@ -216,8 +217,6 @@ class MLA(Balancer):
         """``unimodal/<m>``: the shared head's loss on modality m (with the head as it is before this
         batch's updates; :meth:`backward` recomputes modality m's loss after the head has been
         stepped for the modalities before it, as the official loop does)."""
-        if self.head_optimizer is None:
-            self.head_optimizer = self.head.make_optimizer(self._optimizer_factory, lr=self.config.head_lr)
         device_type = batch["target"].device.type
         autocast = (device_type, torch.get_autocast_dtype(device_type)) if torch.is_autocast_enabled(device_type) else None
         self._pending = {"features": output.features, "target": batch["target"], "size": target_size(batch),
@@ -238,7 +237,7 @@ class MLA(Balancer):
                 "mla steps its shared head once per modality in every batch (M steps); a GradScaler allows one step "
                 "per optimizer per iteration, so amp='fp16' is unsupported: use amp='bf16' or 'none'"
             )
-        pending, optimizer = self._pending, self.head_optimizer
+        pending, optimizer = self._pending, self.head.optimizer
         if pending is None or optimizer is None:
             raise ConfigError("mla: backward ran before loss_terms prepared the batch")
         self._pending = None
@@ -275,6 +274,14 @@ class MLA(Balancer):
         """Advance the batch position used by the projection's α (``batch_idx / len(dataloader)``)."""
         self._batch_index = (ctx.step_in_epoch + 1) % max(1, ctx.steps_per_epoch)
         self._batches_per_epoch = max(1, ctx.steps_per_epoch)
+
+    def host_state(self) -> dict[str, int]:
+        """The batch position of the projection's α (a resume inside an epoch continues with it)."""
+        return {"batch_index": self._batch_index, "batches_per_epoch": self._batches_per_epoch}
+
+    def load_host_state(self, state: Mapping[str, Any]) -> None:
+        self._batch_index = int(state["batch_index"])
+        self._batches_per_epoch = int(state["batches_per_epoch"])
 
     # -- inference ----------------------------------------------------------------------------------
     def predict(self, output: ModelOutput) -> Tensor:

@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 from mmbalance.balancer import Balancer, EpochContext, OptimizerFactory, StepContext
 from mmbalance.methods import register_method
-from mmbalance.methods._grads import step_auxiliary
 from mmbalance.methods._heads import UnimodalHeads
 from mmbalance.methods._stages import isolated_rng, target_size, unimodal_validation
 from mmbalance.models.base import ModelOutput, MultimodalModel
@@ -98,9 +97,9 @@ class MSES(Balancer):
         super().setup(model, task, optimizer_factory)
         cfg = self.config
         self._params: dict[str, list[nn.Parameter]] = {m: model.modality_parameters(m) for m in self.modalities}
-        self._optimizer_factory = optimizer_factory
-        self.heads = UnimodalHeads.for_task(self.modalities, task, hidden=cfg.head_hidden, detach=True)
-        self.head_optimizer: torch.optim.Optimizer | None = None
+        # The heads own their optimizer, created when they are built (also from a loaded state).
+        self.heads = UnimodalHeads.for_task(self.modalities, task, hidden=cfg.head_hidden, detach=True,
+                                            optimizer_factory=optimizer_factory, lr=cfg.head_lr)
         k = len(self.modalities)
         # No NaN sentinels (state dicts compare with torch.equal): `measured` says which are set.
         self.register_buffer("measured", torch.zeros(k, dtype=torch.bool))
@@ -204,10 +203,8 @@ class MSES(Balancer):
                     torch._foreach_mul_(grads, 0.0)
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
-        """Step the unimodal heads' own optimizer."""
-        if self.head_optimizer is None:
-            self.head_optimizer = self.heads.make_optimizer(self._optimizer_factory, lr=self.config.head_lr)
-        step_auxiliary(ctx.scaler, self.head_optimizer)
+        """Step the unimodal heads' own optimizer (built with the heads)."""
+        self.heads.step(ctx.scaler)
 
     def diagnostics(self) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from mmbalance.balancer import Balancer, EpochContext, OptimizerFactory, StepContext
 from mmbalance.errors import ConfigError, UnsupportedError
 from mmbalance.methods import register_method
-from mmbalance.methods._grads import step_auxiliary
 from mmbalance.methods._heads import UnimodalHeads
 from mmbalance.methods._stages import isolated_rng, target_size, unimodal_validation
 from mmbalance.models.base import ModelOutput, MultimodalModel
@@ -107,16 +106,15 @@ class MSLR(Balancer):
             raise UnsupportedError("mslr strategy='dynamic' divides validation scores and needs a non-negative score; "
                                    "the regression task uses score='neg_mae', expected 'sign_acc'")
         self._params: dict[str, list[nn.Parameter]] = {m: model.modality_parameters(m) for m in self.modalities}
-        self._optimizer_factory = optimizer_factory
         initial = [float(cfg.lr_scale.get(m, 1.0)) for m in self.modalities]
         self.register_buffer("initial_scale", torch.tensor(initial, dtype=torch.float64))
         self.register_buffer("coefficients", torch.tensor(initial, dtype=torch.float64))
         self.register_buffer("score_history", torch.zeros(cfg.window, len(self.modalities), dtype=torch.float64))
         self.register_buffer("history_len", torch.zeros((), dtype=torch.long))
         self.heads: UnimodalHeads | None = None
-        self.head_optimizer: torch.optim.Optimizer | None = None
-        if cfg.strategy == "dynamic":
-            self.heads = UnimodalHeads.for_task(self.modalities, task, hidden=cfg.head_hidden, detach=True)
+        if cfg.strategy == "dynamic":  # the heads own their optimizer, created when they are built
+            self.heads = UnimodalHeads.for_task(self.modalities, task, hidden=cfg.head_hidden, detach=True,
+                                                optimizer_factory=optimizer_factory, lr=cfg.head_lr)
         self._before: dict[str, list[Tensor]] = {}
         self._host_coefficients: list[float] | None = None
         self.register_load_state_dict_post_hook(lambda module, _keys: module._forget_host_state())
@@ -187,9 +185,7 @@ class MSLR(Balancer):
                     torch._foreach_lerp_(self._before[m], self._params[m], c)
                     torch._foreach_copy_(self._params[m], self._before[m])
         if self.heads is not None:
-            if self.head_optimizer is None:
-                self.head_optimizer = self.heads.make_optimizer(self._optimizer_factory, lr=self.config.head_lr)
-            step_auxiliary(ctx.scaler, self.head_optimizer)
+            self.heads.step(ctx.scaler)
 
     def diagnostics(self) -> dict[str, float]:
         out: dict[str, Any] = {f"coef/{m}": c for m, c in zip(self.modalities, self._coefficients(), strict=True)}

@@ -30,7 +30,6 @@ from torch import Tensor
 from mmbalance.balancer import Balancer, EpochContext, OptimizerFactory, StepContext
 from mmbalance.errors import ConfigError, DataError, ShapeError
 from mmbalance.methods import register_method
-from mmbalance.methods._grads import step_auxiliary
 from mmbalance.methods._heads import SEQUENCE_POOLS, UnimodalHeads
 from mmbalance.methods._stages import target_size
 from mmbalance.models.base import ModelOutput, MultimodalModel
@@ -145,11 +144,10 @@ class QMF(Balancer):
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
         cfg: QMFConfig = self.config
-        self._optimizer_factory = optimizer_factory
-        self.heads = UnimodalHeads.for_task(
-            self.modalities, task, hidden=cfg.head_hidden, sequence_pool=cfg.sequence_pool, detach=False
+        self.heads = UnimodalHeads.for_task(  # they own their optimizer, created when they are built
+            self.modalities, task, hidden=cfg.head_hidden, sequence_pool=cfg.sequence_pool, detach=False,
+            optimizer_factory=optimizer_factory, lr=cfg.head_lr,
         )
-        self.head_optimizer: torch.optim.Optimizer | None = None
         # cumulative per-sample loss per modality (official History.correctness), sized at epoch 0
         self.register_buffer("loss_history", torch.zeros(len(self.modalities), 0, dtype=torch.float64))
         self._sums: Tensor | None = None
@@ -185,8 +183,6 @@ class QMF(Balancer):
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Task) -> dict[str, Tensor]:
         """``task``: loss of the fused prediction; ``unimodal/<m>``: loss of head m;
         ``rank/<m>``: λ · ranking loss of modality m's confidence against its loss history."""
-        if self.head_optimizer is None:
-            self.head_optimizer = self.heads.make_optimizer(self._optimizer_factory, lr=self.config.head_lr)
         target = batch["target"]
         logits, weights = output.extras["qmf.logits"], output.extras["qmf.weights"]
         index = self._sample_index(batch) if self.config.history == "cumulative" else None
@@ -221,8 +217,8 @@ class QMF(Balancer):
         return index
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
-        if self.head_optimizer is not None:
-            step_auxiliary(ctx.scaler, self.head_optimizer)
+        """Step the heads' own optimizer (built with the heads)."""
+        self.heads.step(ctx.scaler)
 
     def predict(self, output: ModelOutput) -> Tensor:
         """The quality-weighted fusion of the unimodal heads on ``output.features``."""

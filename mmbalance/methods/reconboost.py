@@ -184,6 +184,12 @@ class ReconBoost(Balancer):
         self._members: list[str] = []  # host mirror of in_ensemble (read every step without a sync)
         self.rectify_optimizer: torch.optim.Optimizer | None = None
         self._extra_steps = 0
+        # A state loaded after a stage (a resume) needs the stage's optimizer to load its state into.
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._rectify_after_load())
+
+    def _rectify_after_load(self) -> None:
+        if self.rectify_optimizer is None and int(self.stages_done) > 0:
+            self.rectify_optimizer = self._optimizer_factory(list(self.heads.parameters()) + [self.rho])
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -91,17 +91,19 @@ class UME(Balancer):
         super().setup(model, task, optimizer_factory)
         if self.config.ensemble == "probs" and task.name == "reg":
             raise UnsupportedError("ume ensemble='probs' averages class probabilities; regression needs ensemble='logits'")
-        self._optimizer_factory = optimizer_factory
         self.head_optimizer: torch.optim.Optimizer | None = None
         self.heads: UnimodalHeads | None = None
         self.branches: nn.ModuleDict | None = None
-        if self.config.head == "linear":
-            self.heads = UnimodalHeads.for_task(self.modalities, task, hidden=self.config.head_hidden, detach=False)
+        lr = self.config.head_lr
+        if self.config.head == "linear":  # the heads own their optimizer, created when they are built
+            self.heads = UnimodalHeads.for_task(self.modalities, task, hidden=self.config.head_hidden,
+                                                detach=False, optimizer_factory=optimizer_factory, lr=lr)
         else:
             # Copies of the initial fusion module and head, one per modality (built now: no lazy init).
             self.branches = nn.ModuleDict(
                 {m: nn.ModuleDict({"fusion": copy.deepcopy(model.fusion), "head": copy.deepcopy(model.head)}) for m in self.modalities}
             )
+            self.head_optimizer = optimizer_factory(list(self.branches.parameters()), lr=lr)
 
     def unimodal_predictions(self, features: Mapping[str, Tensor], out_size: tuple[int, int] | None) -> dict[str, Tensor]:
         """``{m: prediction of unimodal model m}`` from the encoders' ``features``."""
@@ -129,14 +131,12 @@ class UME(Balancer):
         return {f"unimodal/{m}": task.loss(predictions[m], batch["target"]) for m in self.modalities}
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
-        """Step the unimodal heads' own optimizer (the encoders are stepped by the main optimizer)."""
-        if self.head_optimizer is None:
-            if self.heads is not None:
-                self.head_optimizer = self.heads.make_optimizer(self._optimizer_factory, lr=self.config.head_lr)
-            else:
-                assert self.branches is not None
-                self.head_optimizer = self._optimizer_factory(list(self.branches.parameters()), lr=self.config.head_lr)
-        step_auxiliary(ctx.scaler, self.head_optimizer)
+        """Step the unimodal models' own optimizer (the encoders are stepped by the main optimizer)."""
+        if self.heads is not None:
+            self.heads.step(ctx.scaler)
+        else:
+            assert self.head_optimizer is not None
+            step_auxiliary(ctx.scaler, self.head_optimizer)
 
     def predict(self, output: ModelOutput) -> Tensor:
         """The ensemble of the unimodal models on ``output.features`` (the fusion prediction is ignored)."""
