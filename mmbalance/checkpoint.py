@@ -166,11 +166,13 @@ class RunCheckpoint:
     folder: Path
     run_id: str
     every: CheckpointEvery = "auto"
+    keep: bool = False  # kept once the run's row is written (``--keep-checkpoints``)
 
     @classmethod
-    def in_results(cls, out: str | os.PathLike[str], run_id: str, every: CheckpointEvery) -> RunCheckpoint:
-        """``<out>/_ckpt/<run_id>``."""
-        return cls(Path(out) / CHECKPOINT_DIR / run_id, run_id, every)
+    def in_results(cls, out: str | os.PathLike[str], run_id: str, every: CheckpointEvery,
+                   keep: bool = False) -> RunCheckpoint:
+        """``<out>/_ckpt/<run_id>`` (an absolute path: it may travel to another process)."""
+        return cls(Path(out).absolute() / CHECKPOINT_DIR / run_id, run_id, every, keep)
 
     @property
     def path(self) -> Path:

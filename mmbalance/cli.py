@@ -23,6 +23,7 @@ import torch
 from tabulate import tabulate
 
 import mmbalance
+from mmbalance.cli_execution import add_execution_arguments, execution_options, make_executor
 from mmbalance.config import parse_set
 from mmbalance.datasets import DATASETS
 from mmbalance.datasets.fixtures import add_fixtures_command
@@ -212,8 +213,9 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
     sets = parse_set(args.sets)
     spec = load_spec(args.spec)
     out = Path(args.out) if args.out else Path(DEFAULT_OUT) / Path(args.spec).stem
+    options = execution_options(args)
     report = run_matrix(spec, out, shard=shard, set_overrides=sets, data_root=args.data_root,
-                        device=args.device, quiet=args.quiet)
+                        device=args.device, quiet=args.quiet, executor=make_executor(args), **options)
     print(report.summary(), file=sys.stderr)
     if not args.no_tables:
         _print_tables(out)
@@ -236,6 +238,7 @@ def _add_matrix(sub: argparse._SubParsersAction) -> None:
     _add_device(p, None)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     p.add_argument("--no-tables", action="store_true", help="do not print the tables at the end")
+    add_execution_arguments(p)
     p.set_defaults(func=_cmd_matrix)
 
 
