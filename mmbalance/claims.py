@@ -38,6 +38,7 @@ import secrets
 import threading
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,21 @@ class ClaimBook:
                 return self._hold(taken)
         holder = self._read(path)
         return holder if isinstance(holder, ClaimInfo) else ClaimInfo.unknown(run_id, time.time())
+
+    def discard_stale(self, run_ids: Iterable[str]) -> list[str]:
+        """Remove the stale claims of ``run_ids`` (runs whose rows are written: an owner killed between
+        writing the row and releasing the claim); return their run ids. Claims of live owners stay,
+        and a folder that cannot be written is left as it is."""
+        if not self.folder.is_dir():
+            return []
+        removed = []
+        for run_id in sorted(set(run_ids) & {p.name for p in self.folder.iterdir()}):
+            path = self.folder / run_id
+            if self._stale_reason(path, self._read(path)) is not None:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(run_id)
+        return removed
 
     def _new_info(self, run_id: str) -> ClaimInfo:
         now = time.time()

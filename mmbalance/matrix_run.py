@@ -190,7 +190,7 @@ def _check_device(requested: str, from_option: bool, source: str,
         check_device_name(requested)
         return executor.start(requested) if executor is not None else torch.device("cpu")
     except ConfigError as exc:
-        if "device" not in str(exc):
+        if not str(exc).startswith("device "):  # the executor's other options name themselves
             raise
         raise ConfigError(f"{exc} (--device)" if from_option else f"{source}: {exc}") from exc
 
@@ -260,8 +260,10 @@ def run_matrix(
                 progress.unsupported(run, row)
             else:
                 queue.append(run)
+        book = ClaimBook(out, claim_timeout)
+        book.discard_stale(run.run_id for run in selected if previous[run.run_id][0] in DONE_STATUSES)
         if queue:
-            with ClaimBook(out, claim_timeout) as book:
+            with book:
                 _train(queue, out, executor, book, previous, report, progress, dev,
                        checkpoint_every, keep_checkpoints)
     finally:

@@ -168,3 +168,16 @@ def test_a_takeover_decided_on_an_old_reading_leaves_the_new_owner_alone(tmp_pat
         path = tmp_path / CLAIMS_DIR / RUN
         assert late._take_over(path, stale, late._new_info(RUN), "decided before the winner") is None
         assert json.loads(path.read_text())["token"] == winner.info.token
+
+
+def test_stale_claims_of_finished_runs_are_discarded_live_ones_kept(tmp_path):
+    """An owner killed between writing a run's row and releasing its claim leaves the claim behind; the
+    next matrix removes it (stale), but never a live owner's."""
+    _write_claim(tmp_path, heartbeat=time.time() - 100)
+    with ClaimBook(tmp_path, timeout=30) as book:
+        assert book.discard_stale([RUN, "ffffffffffff"]) == [RUN]
+        assert not (tmp_path / CLAIMS_DIR / RUN).exists()
+        _write_claim(tmp_path)  # fresh heartbeat: its owner may be releasing it right now
+        assert book.discard_stale([RUN]) == []
+        assert (tmp_path / CLAIMS_DIR / RUN).exists()
+    assert ClaimBook(tmp_path / "none").discard_stale([RUN]) == []
