@@ -34,3 +34,10 @@ def raises_for_weak(resolved: Any, **kwargs: Any) -> dict[str, Any]:
             f.write("call\n")
         raise RuntimeError(f"boom in {resolved.label} seed {resolved.seed}")
     return run_one(resolved, **kwargs)
+
+
+def sleeps(resolved: Any, **kwargs: Any) -> dict[str, Any]:
+    """Writes ``<markers>/<run_id>.started``, then sleeps for five minutes (a run to cancel)."""
+    (_markers() / f"{resolved.run_id}.started").write_text("started")
+    time.sleep(300)
+    return run_one(resolved, **kwargs)

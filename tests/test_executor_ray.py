@@ -150,6 +150,28 @@ def test_a_raising_run_is_failed_once_and_the_matrix_goes_on(cluster, local_rows
         assert (cluster.markers / f"{row.run_id}.calls").read_text() == "call\n"  # not retried
 
 
+def test_ctrl_c_cancels_the_runs_in_flight_and_keeps_the_folder_clean(cluster, tmp_path):
+    """Ctrl-C while two runs train: KeyboardInterrupt reaches the caller, the two tasks are cancelled
+    (their CPUs are free again long before the runs could have ended), no row and no claim is left."""
+    executor = RayExecutor(RayOptions(), run_fn=executor_runs.sleeps)
+
+    def interrupt_when_two_started():
+        deadline = time.monotonic() + 120
+        while len(list(cluster.markers.glob("*.started"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_when_two_started, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        run_matrix(parse_spec(SPEC), tmp_path, executor=executor, quiet=True)
+    assert len(list(cluster.markers.glob("*.started"))) == 2
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < 2:
+        assert time.monotonic() < deadline, f"tasks still hold CPUs: {ray.available_resources()}"
+        time.sleep(0.2)
+    assert not list(tmp_path.glob("*.json")) and not list((tmp_path / "_claims").iterdir())
+
+
 def _driver(spec, out, *extra):
     code = "import sys; from mmbalance.cli import main; sys.exit(main(sys.argv[1:]))"
     return [sys.executable, "-c", code, "--threads", "1", "matrix", str(spec), "--out", str(out), "-q",
