@@ -214,10 +214,11 @@ def _one_line_error(capsys, argv):
 
 
 @pytest.mark.parametrize("options, fragments", [
-    (["--device", "auto", "--gpus-per-run", "1"], ["--gpus-per-run 1: no node of the Ray cluster (1 node(s), 0 GPU(s)",
-                               "the runs would wait forever"]),
+    (["--device", "auto", "--gpus-per-run", "1"],
+     ["--gpus-per-run 1: no node of the Ray cluster (1 node(s), 0 GPU(s)", "the runs would wait forever"]),
     (["--cpus-per-run", "3"], ["--cpus-per-run 3: no node of the Ray cluster", "has 3 CPUs"]),
-    (["--device", "cuda:1"], ["device 'cuda:1' with --executor ray: Ray chooses each run's GPU", "(--device)"]),
+    (["--device", "cuda:1"],
+     ["device 'cuda:1' with --executor ray: Ray chooses each run's GPU", "(--device)"]),
     (["--device", "cuda", "--gpus-per-run", "0"], ["device 'cuda' with --gpus-per-run 0"]),
     (["--device", "cpu", "--gpus-per-run", "0.5"], ["--gpus-per-run 0.5 with device 'cpu'"]),
     (["--gpus-per-run", "1.5"], ["--gpus-per-run must be a number >= 0, a fraction below 1 or a whole"]),
