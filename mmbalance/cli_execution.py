@@ -2,22 +2,25 @@
 claims and checkpoints (:mod:`mmbalance.executor`, :mod:`mmbalance.claims`, :mod:`mmbalance.checkpoint`).
 
 Values are parsed here, not by argparse types, so that a bad one is the CLI's usual single error line
-naming the option, the value and what is expected.
+naming the option, the value and what is expected. Defining the options imports nothing that imports
+torch (the CLI answers ``--help`` without it); making the executor does.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mmbalance.checkpoint import parse_checkpoint_every
 from mmbalance.claims import DEFAULT_CLAIM_TIMEOUT_S
 from mmbalance.errors import ConfigError
-from mmbalance.executor import EXECUTORS, Executor, LocalExecutor
 
-__all__ = ["add_execution_arguments", "make_executor", "execution_options"]
+if TYPE_CHECKING:
+    from mmbalance.executor import Executor, RunFn
 
+__all__ = ["add_execution_arguments", "make_executor", "execution_options", "EXECUTORS"]
+
+EXECUTORS = ("local", "ray")  # --executor choices
 RAY_ONLY = ("address", "gpus_per_run", "cpus_per_run", "max_in_flight")
 
 
@@ -83,6 +86,8 @@ def _gpus(text: str | None) -> float | None:
 def execution_options(args: argparse.Namespace) -> dict[str, Any]:
     """``run_matrix`` keywords from the parsed options: ``claim_timeout``, ``checkpoint_every``,
     ``keep_checkpoints``."""
+    from mmbalance.checkpoint import parse_checkpoint_every
+
     return {
         "claim_timeout": _seconds("--claim-timeout", args.claim_timeout),
         "checkpoint_every": parse_checkpoint_every(args.checkpoint_every),
@@ -90,8 +95,9 @@ def execution_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def make_executor(args: argparse.Namespace) -> Executor:
-    """The executor the options ask for (not started: the matrix starts it when a run is to train).
+def make_executor(args: argparse.Namespace, run_fn: RunFn | None = None) -> Executor:
+    """The executor the options ask for, training runs with ``run_fn`` (default
+    :func:`mmbalance.runner.run_one`); not started: the matrix starts it when a run is to train.
 
     Raises:
         ConfigError: an unknown executor, a malformed or out-of-range value, a Ray option without
@@ -104,7 +110,9 @@ def make_executor(args: argparse.Namespace) -> Executor:
         if given:
             verb = "applies" if len(given) == 1 else "apply"
             raise ConfigError(f"{', '.join(given)} only {verb} to --executor ray, not --executor local")
-        return LocalExecutor()
+        from mmbalance.executor import LocalExecutor
+
+        return LocalExecutor(run_fn)
     from mmbalance.executor_ray import RayExecutor, RayOptions, import_ray
 
     options = RayOptions(
@@ -114,4 +122,4 @@ def make_executor(args: argparse.Namespace) -> Executor:
         max_in_flight=_integer("--max-in-flight", args.max_in_flight, 1),
     )
     import_ray()  # a missing ray is an error now, before anything is planned or written
-    return RayExecutor(options)
+    return RayExecutor(options, run_fn)

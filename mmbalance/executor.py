@@ -43,11 +43,10 @@ if TYPE_CHECKING:
     from mmbalance.checkpoint import RunCheckpoint
     from mmbalance.matrix import PlannedRun
 
-__all__ = ["Executor", "LocalExecutor", "RunFn", "RunFailure", "EXECUTORS"]
+__all__ = ["Executor", "LocalExecutor", "RunFn", "RunFailure"]
 
 # run_fn(resolved_run, device=..., quiet=..., command=..., [checkpoint=...]) -> result row
 RunFn = Callable[..., dict[str, Any]]
-EXECUTORS = ("local", "ray")  # --executor choices
 
 
 class RunFailure(Exception):
