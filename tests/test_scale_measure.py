@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mmbalance.matrix import load_spec
+from mmbalance.matrix import load_spec, plan_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "results" / "scale" / "measure.py"
@@ -33,10 +33,27 @@ def test_list_schedule_by_hand(measure):
     assert measure.list_schedule([1.0] * 8, 32) == 1
 
 
+def _mosi_runs():
+    """CMU-MOSI runs of the paper matrix that train (those its methods support)."""
+    runs = plan_matrix(load_spec(ROOT / "matrices" / "paper.toml"), data_root="/data")
+    return sum(1 for r in runs if r.dataset == "mosi" and r.resolved is not None)
+
+
+def test_plan_of_the_paper_matrix_by_hand(measure, tmp_path):
+    """CMU-MOSI: 1284 training samples at batch 64 -> 21 steps per epoch, 30 epochs -> 630 steps per
+    run, 63 s per run per 100 ms of step time; n runs -> 630 n steps, 63 n / 3600 GPU-hours."""
+    out = tmp_path / "plan.json"
+    assert measure.main(["plan", "--out", str(out)]) == 0
+    mosi = json.loads(out.read_text())["per_dataset"]["mosi"]
+    n = _mosi_runs()
+    assert (mosi["runs"], mosi["epochs"], mosi["batch"], mosi["steps_per_epoch"]) == (n, 30, 64, 21)
+    assert mosi["training_steps"] == 630 * n
+
+
 def test_gpu_hours_of_the_paper_matrix_by_hand(measure, tmp_path, capsys):
     """Every step 3000 ms (a validation batch is a third: 1 s). CMU-MOSI: 1284 training samples at
     batch 64 -> 21 steps, 229 validation samples -> 4 batches; 30 epochs -> 30 * (21 * 3 + 4 * 1) =
-    2010 s per run; 45 supported runs (15 labels x 3 seeds) -> 90450 s = 25.125 GPU-hours."""
+    2010 s per run; n runs -> 2010 n / 3600 GPU-hours (45 runs: 25.125)."""
     tasks = {"paper_mosi": 64, "paper_iemocap": 64, "paper_food101": 128, "paper_brats": 64}
     methods = load_spec(ROOT / "matrices" / "paper.toml").methods
     rows = [{"method": m, "task": t, "batch_size": b, "step_ms_median": 3000.0,
@@ -46,12 +63,12 @@ def test_gpu_hours_of_the_paper_matrix_by_hand(measure, tmp_path, capsys):
     out = tmp_path / "hours.json"
     assert measure.main(["gpu-hours", "--bench", str(bench), "--gpus", "8", "32", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    mosi = result["per_dataset"]["mosi"]
-    assert (mosi["runs"], mosi["epochs"], mosi["batch"], mosi["steps_per_epoch"]) == (45, 30, 64, 21)
-    assert mosi["gpu_hours"] == pytest.approx(25.125)
-    assert result["runs"] == 207 and set(result["wall"]) == {"8", "32"}
+    mosi, n = result["per_dataset"]["mosi"], _mosi_runs()
+    assert (mosi["runs"], mosi["epochs"], mosi["batch"], mosi["steps_per_epoch"]) == (n, 30, 64, 21)
+    assert mosi["gpu_hours"] == pytest.approx(2010 * n / 3600)
+    assert set(result["wall"]) == {"8", "32"}
     assert result["wall"]["8"]["wall_hours"] >= result["wall"]["8"]["lower_bound_hours"]
-    assert "| mosi | 45 | 30 | 64 | 21 | 25.1 |" in capsys.readouterr().out
+    assert f"| mosi | {n} | 30 | 64 | 21 | {2010 * n / 3600:.1f} |" in capsys.readouterr().out
     rows[0]["batch_size"] = 16  # timed at another batch size than the paper's: refused
     bench.write_text(json.dumps({"results": rows}))
     with pytest.raises(SystemExit, match=r"was timed at batch \[16, 64\]"):

@@ -13,6 +13,11 @@ processes). Checks that both executors give the same test metrics, run by run.
     python results/scale/measure.py local-vs-ray --out results/scale/local_vs_ray.json
     python results/scale/measure.py local-vs-ray --small --out /tmp/small.json     # 4 tiny runs
 
+``plan``: what the paper matrix trains (runs, epochs, batch, steps per epoch and in all, per dataset)
+and what each 100 ms of mean training-step time costs in GPU-hours (the arithmetic of the README).
+
+    python results/scale/measure.py plan
+
 ``gpu-hours``: the paper matrix (``matrices/paper.toml``: every supported run) in GPU-hours and in
 wall time on 8 and 32 GPUs, from the step times of a CUDA bench report
 (``mmbalance bench --device cuda --paper-models --out BENCH.json``, the method's
@@ -184,6 +189,42 @@ def list_schedule(durations: list[float], gpus: int) -> float:
     return max(free)
 
 
+def _paper_runs(data_root: str | None) -> tuple[list[tuple[Any, int, int]], str]:
+    """(run, training steps per epoch, validation batches per epoch) of every run of the paper matrix
+    that trains, and where the split sizes come from."""
+    train, val, sizes_from = _split_sizes(data_root)
+    paper = load_spec(ROOT / "matrices" / "paper.toml")
+    out = []
+    for run in plan_matrix(paper, data_root=data_root or "/data"):
+        if run.resolved is not None:
+            batch = run.resolved.train_config.batch_size
+            out.append((run, math.ceil(train[run.dataset] / batch), math.ceil(val[run.dataset] / batch)))
+    return out, sizes_from
+
+
+def plan(args: argparse.Namespace) -> dict[str, Any]:
+    """What the paper matrix trains, and its GPU-hours per 100 ms of mean training-step time."""
+    runs, sizes_from = _paper_runs(args.data_root)
+    per_dataset: dict[str, dict[str, Any]] = {}
+    for run, steps, _ in runs:
+        cfg = run.resolved.train_config
+        d = per_dataset.setdefault(run.dataset, {"runs": 0, "epochs": cfg.epochs, "batch": cfg.batch_size,
+                                                 "steps_per_epoch": steps, "training_steps": 0})
+        d["runs"] += 1
+        d["training_steps"] += cfg.epochs * steps
+    total = sum(d["training_steps"] for d in per_dataset.values())
+    print(f"matrices/paper.toml: {len(runs)} runs train; split sizes from {sizes_from}")
+    print("| dataset | runs | epochs | batch | steps / epoch | training steps, all runs "
+          "| GPU-hours per 100 ms | one run per 100 ms |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, d in per_dataset.items():
+        print(f"| {name} | {d['runs']} | {d['epochs']} | {d['batch']} | {d['steps_per_epoch']} | "
+              f"{d['training_steps']:,} | {d['training_steps'] * 0.1 / 3600:.2f} | "
+              f"{d['epochs'] * d['steps_per_epoch'] * 0.1 / 3600:.3f} h |")
+    print(f"| total | {len(runs)} | | | | {total:,} | {total * 0.1 / 3600:.2f} | |")
+    return {"runs": len(runs), "training_steps": total, "per_dataset": per_dataset,
+            "split_sizes_from": sizes_from}
+
+
 def gpu_hours(args: argparse.Namespace) -> dict[str, Any]:
     rows = json.loads(Path(args.bench).read_text())["results"]
     step_ms = {(r["method"], r["task"]): float(r["step_ms_median"]) for r in rows}
@@ -192,12 +233,10 @@ def gpu_hours(args: argparse.Namespace) -> dict[str, Any]:
         batches.setdefault(r["task"], set()).add(int(r["batch_size"]))
     for r in rows:  # joint is every pair's denominator
         step_ms[("joint", r["task"])] = float(r["joint_step_ms_median"])
-    train, val, sizes_from = _split_sizes(args.data_root)
-    paper = load_spec(ROOT / "matrices" / "paper.toml")
-    runs = [r for r in plan_matrix(paper, data_root=args.data_root or "/data") if r.resolved is not None]
+    runs, sizes_from = _paper_runs(args.data_root)
     per_dataset: dict[str, dict[str, float]] = {}
     durations, missing = [], set()
-    for run in runs:  # unimodal[m] runs take unimodal's step time (bench trains the first modality)
+    for run, steps, val_batches in runs:  # unimodal[m] runs: unimodal's step time (its first modality)
         cfg, task = run.resolved.train_config, BENCH_TASK[run.dataset]
         if (run.method, task) not in step_ms:
             missing.add((run.method, task))
@@ -206,8 +245,6 @@ def gpu_hours(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"{args.bench}: {task} was timed at batch {sorted(batches[task])}, the paper "
                              f"matrix trains {run.dataset} at batch {cfg.batch_size}; bench on CUDA uses "
                              "the paper's sizes")
-        steps = math.ceil(train[run.dataset] / cfg.batch_size)
-        val_batches = math.ceil(val[run.dataset] / cfg.batch_size)
         joint = step_ms[("joint", task)]
         seconds = cfg.epochs * (steps * step_ms[(run.method, task)] + val_batches * joint / 3) / 1e3
         durations.append(seconds)
@@ -242,13 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--small", action="store_true", help="4 tiny runs (a check that the script works)")
     p.add_argument("--workers", type=int, default=2, help="Ray workers (the local cluster's CPUs; default 2)")
     p.add_argument("--out", help="JSON report")
+    q = sub.add_parser("plan", help="what the paper matrix trains; GPU-hours per 100 ms of step time")
+    q.add_argument("--data-root", help="read the split sizes from the datasets here")
+    q.add_argument("--out", help="JSON report")
     g = sub.add_parser("gpu-hours", help="the paper matrix's GPU-hours from a CUDA bench report")
     g.add_argument("--bench", required=True, help="mmbalance bench --device cuda --paper-models report")
     g.add_argument("--data-root", help="read the split sizes from the datasets here")
     g.add_argument("--gpus", type=int, nargs="+", default=[8, 32])
     g.add_argument("--out", help="JSON report")
     args = parser.parse_args(argv)
-    result = local_vs_ray(args) if args.what == "local-vs-ray" else gpu_hours(args)
+    result = {"local-vs-ray": local_vs_ray, "plan": plan, "gpu-hours": gpu_hours}[args.what](args)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
