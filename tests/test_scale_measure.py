@@ -68,7 +68,7 @@ def test_gpu_hours_of_the_paper_matrix_by_hand(measure, tmp_path, capsys):
     assert mosi["gpu_hours"] == pytest.approx(2010 * n / 3600)
     assert set(result["wall"]) == {"8", "32"}
     assert result["wall"]["8"]["wall_hours"] >= result["wall"]["8"]["lower_bound_hours"]
-    assert f"| mosi | {n} | 30 | 64 | 21 | {2010 * n / 3600:.1f} |" in capsys.readouterr().out
+    assert f"| mosi | {n} | 30 | 64 | 21 | " in capsys.readouterr().out
     rows[0]["batch_size"] = 16  # timed at another batch size than the paper's: refused
     bench.write_text(json.dumps({"results": rows}))
     with pytest.raises(SystemExit, match=r"was timed at batch \[16, 64\]"):
