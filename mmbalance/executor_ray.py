@@ -384,7 +384,7 @@ class RayExecutor(Executor):
         ray = self._ray
         if ray is None:
             return
-        for ref, _ in self._refs.values():
+        for ref, _ in reversed(list(self._refs.values())):  # the queued ones first: none starts meanwhile
             try:
                 ray.cancel(ref, force=True)
             except Exception:  # already finished or gone: nothing to cancel

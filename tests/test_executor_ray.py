@@ -151,8 +151,9 @@ def test_a_raising_run_is_failed_once_and_the_matrix_goes_on(cluster, local_rows
 
 
 def test_ctrl_c_cancels_the_runs_in_flight_and_keeps_the_folder_clean(cluster, tmp_path):
-    """Ctrl-C while two runs train: KeyboardInterrupt reaches the caller, the two tasks are cancelled
-    (their CPUs are free again long before the runs could have ended), no row and no claim is left."""
+    """Ctrl-C while two runs train: KeyboardInterrupt reaches the caller, the tasks in flight are
+    cancelled (the CPUs are free again long before a run could have ended), no row and no claim is
+    left."""
     executor = RayExecutor(RayOptions(), run_fn=executor_runs.sleeps)
 
     def interrupt_when_two_started():
@@ -164,7 +165,7 @@ def test_ctrl_c_cancels_the_runs_in_flight_and_keeps_the_folder_clean(cluster, t
     threading.Thread(target=interrupt_when_two_started, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         run_matrix(parse_spec(SPEC), tmp_path, executor=executor, quiet=True)
-    assert len(list(cluster.markers.glob("*.started"))) == 2
+    assert len(list(cluster.markers.glob("*.started"))) >= 2  # a queued one may start as they are cancelled
     deadline = time.monotonic() + 60
     while ray.available_resources().get("CPU", 0) < 2:
         assert time.monotonic() < deadline, f"tasks still hold CPUs: {ray.available_resources()}"
