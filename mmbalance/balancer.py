@@ -246,11 +246,12 @@ class Balancer(nn.Module):
 
     def training_state(self) -> dict[str, Any]:
         """Everything a resumed run needs: ``state_dict`` (heads, buffers), every own optimizer's
-        state (:meth:`auxiliary_optimizers`) and :meth:`host_state`."""
+        state (:meth:`auxiliary_optimizers`), :meth:`host_state` and the :meth:`extra_steps` count."""
         return {
             "module": self.state_dict(),
             "optimizers": [o.state_dict() for o in self.auxiliary_optimizers()],
             "host": self.host_state(),
+            "extra_steps": self.extra_steps(),
         }
 
     def load_training_state(self, state: Mapping[str, Any]) -> None:
@@ -265,11 +266,14 @@ class Balancer(nn.Module):
         saved = list(state["optimizers"])
         if len(saved) != len(optimizers):
             raise ConfigError(
-                f"method {self.name!r}: saved state has {len(saved)} optimizers, this balancer has {len(optimizers)}"
+                f"method {self.name!r}: saved state has {len(saved)} optimizers, this balancer has "
+                f"{len(optimizers)}"
             )
         for optimizer, optimizer_state in zip(optimizers, saved, strict=True):
             optimizer.load_state_dict(optimizer_state)
         self.load_host_state(state.get("host", {}))
+        if state.get("extra_steps"):
+            self._extra_steps = int(state["extra_steps"])
 
     def inference_state_dict(self) -> dict[str, Tensor]:
         """State needed at test time (e.g. UME's unimodal heads); default none, so training-only

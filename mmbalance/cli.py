@@ -22,6 +22,7 @@ from typing import Any
 from tabulate import tabulate
 
 import mmbalance
+from mmbalance.cli_execution import add_execution_arguments, execution_options, make_executor
 from mmbalance.cli_support import (
     BENCH_HELP,
     Deferred,
@@ -208,11 +209,14 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
     sets = parse_set(args.sets)
     spec = load_spec(args.spec)
     out = Path(args.out) if args.out else Path(DEFAULT_OUT) / Path(args.spec).stem
+    options = execution_options(args)
     check_matrix_data(spec, out, shard, sets, args.data_root)
     tracking = tracking_of(args, out, Path(args.spec).stem)
     run_fn = functools.partial(run_one, tracking=tracking) if tracking else None
-    report = run_matrix(spec, out, shard=shard, set_overrides=sets, data_root=args.data_root,
-                        device=args.device, quiet=args.quiet, run_fn=run_fn)
+    report = run_matrix(
+        spec, out, shard=shard, set_overrides=sets, data_root=args.data_root, device=args.device,
+        quiet=args.quiet, executor=make_executor(args, run_fn), **options,
+    )
     print(report.summary(), file=sys.stderr)
     if not args.no_tables:
         _print_tables(out)
@@ -238,6 +242,7 @@ def _add_matrix(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-tables", action="store_true", help="do not print the tables at the end")
     add_log(p, "OUT")
     p.add_argument("--spec-help", action=SpecHelp, help="print the spec format (TOML) and exit")
+    add_execution_arguments(p)
     p.set_defaults(func=_cmd_matrix)
 
 

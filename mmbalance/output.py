@@ -27,7 +27,10 @@ from typing import Any
 
 from mmbalance.errors import OutputError
 
-__all__ = ["write_json_atomic", "prepare_output", "remove_stale_temps", "strict_json", "output_error"]
+__all__ = [
+    "write_json_atomic", "prepare_output", "remove_stale_temps", "strict_json", "output_error", "temp_path",
+    "process_alive",
+]
 
 _TEMP_RE = re.compile(r"^\..+\.(\d+)(?:@([A-Za-z0-9_-]*))?\.tmp$")
 
@@ -38,6 +41,13 @@ def _host() -> str:
 
 def _temp_name(name: str) -> str:
     return f".{name}.{os.getpid()}@{_host()}.tmp"
+
+
+def temp_path(path: str | os.PathLike[str]) -> Path:
+    """The temporary file this process writes before replacing ``path`` (hidden, named by pid and host,
+    so :func:`remove_stale_temps` can remove it once this process is gone)."""
+    path = Path(path)
+    return path.with_name(_temp_name(path.name))
 
 
 def strict_json(value: Any) -> Any:
@@ -147,7 +157,8 @@ def prepare_output(folder: str | os.PathLike[str], *, option: str = "--out") -> 
     return folder
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (True when it cannot be told: another user's)."""
     if pid == os.getpid():
         return True
     try:
@@ -175,7 +186,7 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
         if match is None or not path.is_file():
             continue
         pid, writer_host = int(match.group(1)), match.group(2)
-        if writer_host not in (None, host) or _alive(pid):
+        if writer_host not in (None, host) or process_alive(pid):
             continue
         with contextlib.suppress(OSError):
             path.unlink()

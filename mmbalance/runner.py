@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 import mmbalance
+from mmbalance.checkpoint import RunCheckpoint
 from mmbalance.datasets import DATASETS
 from mmbalance.errors import ConfigError, DivergedError
 from mmbalance.measure import compare_cost
@@ -63,13 +64,14 @@ def _git_state() -> tuple[str | None, bool | None]:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """The ``env`` fields of a row: device name, torch, mmbalance, git commit and dirty flag."""
+    """The ``env`` fields of a row: host name, device name, torch, mmbalance, git commit, dirty flag."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     commit, dirty = _git_state()
     return {
+        "node": platform.node(),
         "device": name,
         "device_type": device.type,
         "torch": torch.__version__,
@@ -101,19 +103,25 @@ def run_one(
     quiet: bool = True,
     command: str | None = None,
     tracking: Tracking | None = None,
+    checkpoint: RunCheckpoint | None = None,
     **spec_kwargs: Any,
 ) -> dict[str, Any]:
     """Train, select on validation, test once, measure cost vs joint; return the result row.
 
     ``run_one(RunSpec("cggm", "synthetic_cls3"))``, ``run_one(method="cggm", dataset=...)``, or
     ``run_one(resolved_run)``. A diverged run returns a ``diverged`` row (module docstring).
-    ``tracking`` mirrors the run to TensorBoard / MLflow (:mod:`mmbalance.tracking`).
+    ``tracking`` mirrors the run to TensorBoard / MLflow (:mod:`mmbalance.tracking`). With a
+    ``checkpoint`` (:class:`~mmbalance.checkpoint.RunCheckpoint` of this run), the run continues
+    from the checkpoint's epoch when there is one (the row says ``resumed_from_epoch``) and writes
+    epoch checkpoints; it never removes them (the matrix does, once the row is written).
     """
     if spec is None:
         spec = RunSpec(**spec_kwargs)
     elif spec_kwargs:
         raise ConfigError(f"pass either a RunSpec or keyword arguments, not both (got {sorted(spec_kwargs)})")
     resolved = spec if isinstance(spec, ResolvedRun) else resolve_run(spec)
+    if checkpoint is not None and checkpoint.run_id != resolved.run_id:
+        raise ConfigError(f"checkpoint of run {checkpoint.run_id} given to run {resolved.run_id}")
     dev = resolve_device(device)
     train_cfg = resolved.train_config
     dataset, task, builder, model, balancer = build_run(resolved)
@@ -152,7 +160,8 @@ def run_one(
 
     try:
         result = fit(
-            model, balancer, splits, data_spec, task, train_cfg, dev, quiet=quiet, on_epoch_end=on_epoch_end
+            model, balancer, splits, data_spec, task, train_cfg, dev, quiet=quiet, on_epoch_end=on_epoch_end,
+            checkpoint=checkpoint,
         )
     except DivergedError as exc:
         row.update(
@@ -177,6 +186,8 @@ def run_one(
         history=[_jsonable_record(h) for h in result.history],
         cost=cost,
     )
+    if result.resumed_from_epoch is not None:
+        row["resumed_from_epoch"] = result.resumed_from_epoch
     return tracker.end(row)
 
 

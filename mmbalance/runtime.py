@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "resolve_device",
+    "check_device_name",
     "seed_everything",
     "deterministic_attention",
     "make_loader",
@@ -34,14 +35,22 @@ __all__ = [
 ]
 
 
+def check_device_name(device: str | torch.device) -> None:
+    """Raise ConfigError unless ``device`` reads ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether that
+    device exists here is :func:`resolve_device`'s business)."""
+    if isinstance(device, torch.device):
+        return
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU. Raises ConfigError for CUDA without a GPU."""
+    check_device_name(device)
     if isinstance(device, torch.device):
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but torch.cuda.is_available() is False")
     return torch.device(device)

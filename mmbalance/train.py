@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mmbalance.balancer import Balancer, EpochContext, StepContext
+from mmbalance.checkpoint import FitProgress, RunCheckpoint
 from mmbalance.config import ConfigBase, finite, need
 from mmbalance.datasets.base import DatasetSpec, check_batch
 from mmbalance.errors import ConfigError, DivergedError, NonFiniteLossError
@@ -210,6 +211,15 @@ class Trainer:
         self._epoch = 0
         self._start_loss: float | None = None  # summed terms of the first step (divergence bound)
 
+    def loop_state(self) -> dict[str, Any]:
+        """The counters a resumed run needs (saved in epoch checkpoints, :mod:`mmbalance.checkpoint`)."""
+        return {"global_step": self.global_step, "start_loss": self._start_loss}
+
+    def load_loop_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`loop_state`."""
+        self.global_step = int(state["global_step"])
+        self._start_loss = state["start_loss"]
+
     # The hot path. No .item(), no host reads.
     def train_step(self, batch: Mapping[str, Tensor], epoch: int, step_in_epoch: int) -> None:
         model, balancer, opt, scaler = self.model, self.balancer, self.optimizer, self.scaler
@@ -355,6 +365,7 @@ class FitResult:
     steps: int = 0
     best_state: dict[str, Any] | None = None
     trainer: Trainer | None = None
+    resumed_from_epoch: int | None = None  # the first epoch trained by this call, when it resumed
 
 
 def fit(
@@ -368,11 +379,15 @@ def fit(
     *,
     quiet: bool = True,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+    checkpoint: RunCheckpoint | None = None,
 ) -> FitResult:
     """Train with validation every epoch, keep the best-validation state, test it once.
 
     ``splits`` maps "train", "val", "test" to datasets. The first training batch is checked
-    against ``spec`` (ShapeError on a mismatch). Test data is read exactly once, at the end.
+    against ``spec`` (ShapeError on a mismatch). Test data is read exactly once, at the end. With a
+    ``checkpoint``, training continues from its last epoch when it holds one, and epoch
+    checkpoints are written as it says (:mod:`mmbalance.checkpoint`). ``on_epoch_end(record)`` is
+    called after each epoch, and at a resume for each restored epoch first.
     """
     from tqdm.auto import tqdm
 
@@ -389,13 +404,13 @@ def fit(
         steps_per_epoch = min(steps_per_epoch, cfg.max_train_batches)
     trainer = Trainer(model, balancer, task, cfg, device, steps_per_epoch)
     scores = cfg.eval_modality_scores
-    history: list[dict[str, Any]] = []
-    best_val: dict[str, float] | None = None
-    best_epoch = -1
-    best_state: dict[str, Any] | None = None
+    state = (checkpoint.restore(trainer, train_loader) if checkpoint is not None else None) or FitProgress()
+    for record in state.history if on_epoch_end is not None else ():  # the restored epochs
+        on_epoch_end(record)
     t_start = time.perf_counter()
-    progress = tqdm(total=cfg.epochs * steps_per_epoch, disable=quiet, desc=f"{balancer.name}", leave=False)
-    for epoch in range(cfg.epochs):
+    progress = tqdm(total=cfg.epochs * steps_per_epoch, initial=state.next_epoch * steps_per_epoch,
+                    disable=quiet, desc=f"{balancer.name}", leave=False)
+    for epoch in range(state.next_epoch, cfg.epochs):
         trainer.model.train()
         balancer.on_train_epoch_start(
             EpochContext(
@@ -416,15 +431,20 @@ def fit(
             trainer.scheduler.step(val["loss"])
         balancer.on_validation_end(epoch, val)
         record.update(epoch=epoch, val=val, diagnostics=balancer.diagnostics())
-        history.append(record)
-        if is_better(task, val, best_val):
-            best_val, best_epoch = val, epoch
-            best_state = {"model": snapshot(trainer.model), "balancer": snapshot(balancer)}
+        state.history.append(record)
+        if is_better(task, val, state.best_val):
+            state.best_val, state.best_epoch = val, epoch
+            state.best_state = {"model": snapshot(trainer.model), "balancer": snapshot(balancer)}
         if on_epoch_end is not None:
             on_epoch_end(record)
+        state.next_epoch = epoch + 1
+        elapsed = state.train_time_s + time.perf_counter() - t_start
+        if checkpoint is not None and checkpoint.due(epoch, cfg.epochs, elapsed):
+            checkpoint.save(trainer, train_loader, state, elapsed)
         progress.set_postfix(loss=f"{record['train_loss']:.4f}", val=f"{val[task.primary_metric]:.4f}")
     progress.close()
-    train_time = time.perf_counter() - t_start
+    train_time = state.train_time_s + time.perf_counter() - t_start
+    best_state, best_val = state.best_state, state.best_val
     assert best_state is not None and best_val is not None
     restore(trainer.model, best_state["model"])
     restore(balancer, best_state["balancer"])
@@ -433,11 +453,12 @@ def fit(
     return FitResult(
         val=best_val,
         test=test,
-        best_epoch=best_epoch,
-        history=history,
+        best_epoch=state.best_epoch,
+        history=state.history,
         train_time_s=train_time,
         steps=trainer.global_step,
         best_state=best_state,
         trainer=trainer,
+        resumed_from_epoch=state.resumed_from_epoch,
     )
 

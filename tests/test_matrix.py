@@ -66,7 +66,7 @@ class FakeRun:
         self.calls: list[str] = []
         self.fail, self.interrupt = set(fail), set(interrupt)
 
-    def __call__(self, resolved, *, device, quiet, command):
+    def __call__(self, resolved, *, device, quiet, command, checkpoint=None):
         assert isinstance(resolved, ResolvedRun)  # the plan's resolution is used, not redone
         self.calls.append(resolved.run_id)
         if resolved.label in self.interrupt:

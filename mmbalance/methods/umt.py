@@ -107,6 +107,12 @@ class UMT(Balancer):
         inf = torch.full((len(self.modalities),), math.inf, dtype=torch.float64)
         self.register_buffer("teacher_val_loss", inf)
         self._extra_steps = 0
+        # Heads built from a loaded state start trainable: trained teachers' heads are frozen again.
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._freeze_trained_teachers())
+
+    def _freeze_trained_teachers(self) -> None:
+        if bool(self.teachers_trained):
+            self.teacher_heads.requires_grad_(False)
 
     def train(self, mode: bool = True) -> UMT:
         """Teachers stay in eval mode whatever the balancer's mode (frozen targets)."""

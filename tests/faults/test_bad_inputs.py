@@ -4,6 +4,7 @@ file, exit status 2, no traceback, and the results folder byte-identical afterwa
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -379,6 +380,62 @@ CASES = [
             "abcdefabcdef.json: history[0] must be",
         ],
     ),
+    # -- where and how runs execute --
+    (
+        "executor_unknown",
+        lambda c: c.matrix(TINY_SPEC, "--executor", "dask"),
+        lambda c: ["--executor must be one of local, ray, got 'dask'"],
+    ),
+    (
+        "ray_option_with_local_executor",
+        lambda c: c.matrix(TINY_SPEC, "--address", "auto", "--cpus-per-run", "2"),
+        lambda c: ["--address, --cpus-per-run only apply to --executor ray, not --executor local"],
+    ),
+    (
+        "gpus_per_run_negative",
+        lambda c: c.matrix(TINY_SPEC, "--executor", "ray", "--gpus-per-run", "-1"),
+        lambda c: ["--gpus-per-run must be a number >= 0 (a fraction below 1 shares a GPU), got '-1'"],
+    ),
+    (
+        "gpus_per_run_word",
+        lambda c: c.matrix(TINY_SPEC, "--executor", "ray", "--gpus-per-run", "one"),
+        lambda c: ["--gpus-per-run must be a number >= 0", "got 'one'"],
+    ),
+    (
+        "cpus_per_run_zero",
+        lambda c: c.matrix(TINY_SPEC, "--executor", "ray", "--cpus-per-run", "0"),
+        lambda c: ["--cpus-per-run must be an integer >= 1, got '0'"],
+    ),
+    (
+        "cpus_per_run_fraction",
+        lambda c: c.matrix(TINY_SPEC, "--executor", "ray", "--cpus-per-run", "1.5"),
+        lambda c: ["--cpus-per-run must be an integer >= 1, got '1.5'"],
+    ),
+    (
+        "max_in_flight_word",
+        lambda c: c.matrix(TINY_SPEC, "--executor", "ray", "--max-in-flight", "many"),
+        lambda c: ["--max-in-flight must be an integer >= 1, got 'many'"],
+    ),
+    (
+        "claim_timeout_zero",
+        lambda c: c.matrix(TINY_SPEC, "--claim-timeout", "0"),
+        lambda c: ["--claim-timeout must be a number of seconds > 0, got '0'"],
+    ),
+    (
+        "claim_timeout_word",
+        lambda c: c.matrix(TINY_SPEC, "--claim-timeout", "10m"),
+        lambda c: ["--claim-timeout must be a number of seconds > 0, got '10m'"],
+    ),
+    (
+        "checkpoint_every_negative",
+        lambda c: c.matrix(TINY_SPEC, "--checkpoint-every", "-1"),
+        lambda c: ["--checkpoint-every must be 'auto' or an integer >= 0 (epochs; 0 = never), got '-1'"],
+    ),
+    (
+        "checkpoint_every_word",
+        lambda c: c.matrix(TINY_SPEC, "--checkpoint-every", "often"),
+        lambda c: ["--checkpoint-every must be 'auto' or an integer >= 0", "got 'often'"],
+    ),
     # -- resuming with another thread count --
     (
         "threads_differ_matrix",
@@ -417,4 +474,13 @@ def test_bad_input_is_one_line_and_changes_nothing(make_argv, fragments, out, tm
     line = one_line_error(capsys, argv)
     for fragment in fragments(ctx):
         assert fragment in line, (fragment, line)
+    assert snapshot(out) == before
+
+
+def test_executor_ray_without_ray_names_the_extra_to_install(out, spec, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    before = snapshot(out)
+    line = one_line_error(capsys, ["matrix", str(spec()), "--out", str(out), "-q", "--executor", "ray"])
+    expected = "--executor ray needs the ray package, which is not installed: pip install 'mmbalance[ray]'"
+    assert expected in line
     assert snapshot(out) == before

@@ -2,7 +2,9 @@
 
 Every registered method, on every synthetic task it declares:
 three finite training steps; a resume from a checkpoint (model, main optimizer and
-``Balancer.training_state``) that continues exactly like the uninterrupted run; a training state that
+``Balancer.training_state``) that continues exactly like the uninterrupted run; a ``fit`` stopped
+inside an epoch, resumed from its epoch checkpoint (:mod:`mmbalance.checkpoint`) and finished that
+ends exactly like the same ``fit`` run straight through; a training state that
 ``torch.load(weights_only=True)`` reads; seeded determinism; and gradient edits in
 ``on_after_backward`` confined to the model parts it declares in ``grad_edit_scope``.
 Every file in ``mmbalance/methods/`` must be imported by ``BUILTIN_METHODS`` and register a method.
@@ -22,12 +24,13 @@ import torch
 
 import mmbalance.methods as methods_pkg
 from mmbalance.balancer import EpochContext
+from mmbalance.checkpoint import TIMING_FIELDS, RunCheckpoint
 from mmbalance.datasets import DATASETS
 from mmbalance.methods import BUILTIN_METHODS, METHODS
 from mmbalance.models import MODELS
 from mmbalance.registry import config_fields
 from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, Trainer, batch_to_device, make_loader, seed_everything
+from mmbalance.train import TrainConfig, Trainer, batch_to_device, fit, make_loader, seed_everything
 
 CPU = torch.device("cpu")
 SYNTHETIC = ("synthetic_cls2", "synthetic_cls3", "synthetic_reg3", "synthetic_seg4")
@@ -273,6 +276,79 @@ def check_resume(method, ds_name, device=CPU, map_location=None):
         assert not bad, f"{method}: after a resume, the {when} has different gradients: {bad[:6]}"
     bad = _differences(_checkpoint(ran), _checkpoint(resumed), "state")
     assert not bad, f"{method}: the state after the resumed steps differs: {bad[:6]}"
+
+
+# -- stop after an epoch, resume from the epoch checkpoint, finish ---------------------------------------
+FIT_EPOCHS = 3
+STOP_AT = (2, 1)  # (epoch, step): the run is stopped inside epoch 2, after the checkpoint of epoch 1
+
+
+class _Stopped(Exception):
+    """Stands for a kill: the run ends between two steps, its objects are thrown away."""
+
+
+def _fit(method, ds_name, checkpoint, stop=False):
+    """``fit`` of ``FIT_EPOCHS`` epochs of two steps, built as ``run_one`` builds a run (seeded
+    first); returns the result and what the last epoch ended with (model weights, balancer state)."""
+    ds = DATASETS.build(ds_name, n_train=64, n_val=32, n_test=32)
+    spec = ds.spec
+    task = make_task(spec.task, spec.num_outputs, **dict(spec.task_options))
+    cfg = TrainConfig(epochs=FIT_EPOCHS, batch_size=16, max_train_batches=2, eval_modality_scores=False,
+                      cost_steps=0)
+    seed_everything(cfg.seed)
+    model = MODELS.build(spec.default_model)(spec)
+    balancer = METHODS.build(method, None, **_method_overrides(method, spec))
+    final = {}
+
+    def on_epoch_end(record):
+        if record["epoch"] == FIT_EPOCHS - 1:
+            final["model"] = {k: v.clone() for k, v in model.state_dict().items()}
+            final["balancer"] = _serialised(balancer.training_state())
+
+    if stop:
+        original = balancer.on_after_optimizer_step
+
+        def stop_inside(ctx):
+            if (ctx.epoch, ctx.step_in_epoch) == STOP_AT:
+                raise _Stopped
+            original(ctx)
+
+        balancer.on_after_optimizer_step = stop_inside
+    splits = {s: ds.split(s) for s in ("train", "val", "test")}
+    result = fit(model, balancer, splits, spec, task, cfg, CPU, on_epoch_end=on_epoch_end,
+                 checkpoint=checkpoint)
+    final["balancer"] = torch.load(io.BytesIO(final["balancer"]), weights_only=True)
+    return result, final
+
+
+def _without_timing(history):
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS["history"]} for r in history]
+
+
+@pytest.mark.parametrize("method, ds_name", CASES)
+def test_stop_resume_finish_equals_straight_through(method, ds_name, tmp_path):
+    """A run stopped inside epoch 2 and resumed from the checkpoint of epoch 1 (in fresh objects) ends
+    with the same test and validation metrics, history, final weights, final balancer state and
+    best-validation weights as the same run trained straight through."""
+    straight, straight_final = _fit(method, ds_name, None)
+    checkpoint = RunCheckpoint(tmp_path / "ckpt", "0123456789ab", every=1)
+    with pytest.raises(_Stopped):
+        _fit(method, ds_name, checkpoint, stop=True)
+    assert torch.load(checkpoint.path, weights_only=True)["epoch"] == STOP_AT[0] - 1
+    resumed, resumed_final = _fit(method, ds_name, checkpoint)
+    assert resumed.resumed_from_epoch == STOP_AT[0] and straight.resumed_from_epoch is None
+    same = {
+        "test": (straight.test, resumed.test),
+        "val": (straight.val, resumed.val),
+        "best_epoch": (straight.best_epoch, resumed.best_epoch),
+        "history": (_without_timing(straight.history), _without_timing(resumed.history)),
+        "steps": (straight.steps, resumed.steps),
+        "final": (straight_final, resumed_final),
+        "best weights": (straight.trainer.model.state_dict(), resumed.trainer.model.state_dict()),
+    }
+    for what, (a, b) in same.items():
+        bad = _differences(a, b, what)
+        assert not bad, f"{method} on {ds_name}: stopped, resumed and finished, the {what} differs: {bad[:6]}"
 
 
 @pytest.mark.parametrize("method, ds_name", CASES)
