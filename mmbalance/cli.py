@@ -36,6 +36,7 @@ from mmbalance.resolve import RunSpec, resolve_run
 from mmbalance.results import load_plan, load_rows, read_row, write_row
 from mmbalance.runner import run_one
 from mmbalance.tables import DEFAULT_MAX_WIDTH, FORMATS, LAYOUTS, SPLITS, render_tables
+from mmbalance.threads import parse_threads
 from mmbalance.train import resolve_device
 
 __all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_OUT"]
@@ -154,9 +155,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     resolved = resolve_run(spec)
     device = resolve_device(args.device)
     out = prepare_output(args.out)  # before training: a result that cannot be written is not trained
-    check_thread_count(load_rows(out).rows, device, torch.get_num_threads(), out)
+    check_thread_count(load_rows(out).rows, device, args.threads, out)
     try:
-        row = run_one(resolved, device=device, quiet=args.quiet, command=args.command_line)
+        row = run_one(
+            resolved, device=device, quiet=args.quiet, command=args.command_line, threads=args.threads
+        )
     except SystemExit as exc:  # a method or plugin exiting is a failed run, not the end of this command
         print(f"mmbalance: error: run {resolved.run_id} failed: the run called sys.exit({exc.code!r}); "
               "nothing was written", file=sys.stderr)
@@ -213,7 +216,7 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     out = Path(args.out) if args.out else Path(DEFAULT_OUT) / Path(args.spec).stem
     report = run_matrix(spec, out, shard=shard, set_overrides=sets, data_root=args.data_root,
-                        device=args.device, quiet=args.quiet)
+                        device=args.device, quiet=args.quiet, threads=args.threads)
     print(report.summary(), file=sys.stderr)
     if not args.no_tables:
         _print_tables(out)
@@ -456,9 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mmbalance {mmbalance.__version__}")
     parser.add_argument(
-        "--threads", type=_int_at_least("--threads"), default=None,
-        help="CPU threads for torch (default: torch's choice). 1 is steadier on a shared machine: two "
-        "processes that each want every core slow each other's small steps down by orders of magnitude",
+        "--threads", type=parse_threads, default="auto",
+        help="intra-op CPU threads per run: 'auto' (default: one thread when a forward pass of the model "
+        "on one batch is under 1e9 FLOPs, torch's default count otherwise; see mmbalance.threads) or a "
+        "count. Two processes whose threads each want every core slow each other down by orders of magnitude",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in COMMANDS:
@@ -471,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.command_line = _command_line(argv)
-    if args.threads is not None:
+    if isinstance(args.threads, int):
         torch.set_num_threads(args.threads)
     try:
         return int(args.func(args))

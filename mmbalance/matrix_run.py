@@ -19,6 +19,7 @@ from which tables know the expected cells.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -38,7 +39,8 @@ from mmbalance.executor import Executor, LocalExecutor, RunFn
 from mmbalance.matrix import MatrixSpec, PlannedRun, plan_hash, plan_matrix, select_shard
 from mmbalance.output import prepare_output, remove_stale_temps, write_json_atomic
 from mmbalance.results import PLAN_DIR, ResultRow, load_rows, read_row, write_row
-from mmbalance.runner import environment
+from mmbalance.runner import environment, run_one
+from mmbalance.threads import ThreadSetting, auto_threads, check_threads
 from mmbalance.train import resolve_device
 
 __all__ = ["MatrixReport", "run_matrix", "check_thread_count", "PRIMARY_METRIC", "DONE_STATUSES"]
@@ -132,25 +134,45 @@ def _outcome_text(row: Mapping[str, Any], task: str) -> str:
     return f"test {key} {value * 100:.2f}%" if key != "mae" else f"test {key} {value:.4f}"
 
 
-def check_thread_count(rows: Sequence[ResultRow], device: torch.device, threads: int, out: Path) -> None:
-    """Refuse to add rows made with ``threads`` CPU threads to a folder of rows made with another count.
+def check_thread_count(
+    rows: Sequence[ResultRow], device: torch.device, threads: ThreadSetting, out: Path
+) -> None:
+    """Refuse to add rows made with another CPU thread count than the folder's rows were made with.
+
+    ``threads`` is the setting of this command: a count, or ``"auto"`` (:mod:`mmbalance.threads`),
+    under which each existing CPU row is held to the count the rule gives for its recorded forward
+    FLOPs (``env.threads_rule.forward_flops``) on this machine; a row without that record (made
+    before the rule existed) cannot be checked and stops the command.
 
     Raises:
-        ConfigError: naming the folder, the count of the existing rows, the count asked now, and how
+        ConfigError: naming the folder, the count of the existing row, the count asked now, and how
             to proceed.
     """
     if device.type != "cpu":
         return
     for row in rows:
         made = row.env.get("threads")
-        if row.status in ("ok", "diverged") and row.env.get("device_type") == "cpu" and made != threads:
-            if not isinstance(made, int) or isinstance(made, bool):
-                continue
+        if row.status not in ("ok", "diverged") or row.env.get("device_type") != "cpu":
+            continue
+        if not isinstance(made, int) or isinstance(made, bool):
+            continue
+        expected: int | None = threads if isinstance(threads, int) else None
+        if threads == "auto":
+            flops = (row.env.get("threads_rule") or {}).get("forward_flops")
+            if not isinstance(flops, int):
+                raise ConfigError(
+                    f"results folder {str(out)!r} holds CPU rows made with {made} intra-op thread(s) and no "
+                    f"record of the thread rule's input (e.g. run {row.run_id}); `--threads auto` cannot "
+                    f"tell whether it would mix thread counts: run with `mmbalance --threads {made} ...`, "
+                    "or write to another --out"
+                )
+            expected = auto_threads(flops, torch.get_num_threads())
+        if made != expected:
             raise ConfigError(
                 f"results folder {str(out)!r} holds CPU rows made with {made} intra-op thread(s) (e.g. run "
-                f"{row.run_id}), but this command would run with {threads}; results differ between thread "
-                f"counts, so the folder would mix them: run with `mmbalance --threads {made} ...`, or "
-                "write to another --out"
+                f"{row.run_id}), but this command would make such a row with {expected} (--threads "
+                f"{threads}); results differ between thread counts, so the folder would mix them: run with "
+                f"`mmbalance --threads {made} ...`, or write to another --out"
             )
 
 
@@ -180,12 +202,14 @@ def run_matrix(
     stream: TextIO | None = None,
     run_fn: RunFn | None = None,
     executor: Executor | None = None,
+    threads: ThreadSetting = "auto",
 ) -> MatrixReport:
     """Run (or resume) the matrix's runs of ``shard`` into ``out``; one progress line per run.
 
     Runs train through ``executor`` (default: a :class:`~mmbalance.executor.LocalExecutor` calling
     ``run_fn(resolved_run, device=..., quiet=..., command=...)``, default
-    :func:`mmbalance.runner.run_one`).
+    :func:`mmbalance.runner.run_one` with ``threads``: ``"auto"`` or a count, see
+    :mod:`mmbalance.threads`).
 
     Raises:
         ConfigError / RegistryError: invalid spec, shard, override or device, or a thread count that
@@ -209,7 +233,7 @@ def run_matrix(
     todo = [run for run in selected if previous[run.run_id][0] not in DONE_STATUSES]
     if todo:
         prepare_output(out)
-        check_thread_count(load_rows(out).rows, dev, torch.get_num_threads(), out)
+        check_thread_count(load_rows(out).rows, dev, check_threads(threads), out)
     _write_plan(out, spec, runs)
     report = MatrixReport(out=out, planned=len(runs), selected=len(selected))
     width = len(str(len(selected)))
@@ -227,7 +251,9 @@ def run_matrix(
             print(heads[run.run_id] + note, end="", file=stream, flush=True)
 
     env: dict[str, Any] = {}
-    executor = executor if executor is not None else LocalExecutor(run_fn, dev)
+    if executor is None:
+        run_fn = run_fn if run_fn is not None else functools.partial(run_one, threads=threads)
+        executor = LocalExecutor(run_fn, dev)
     futures: dict[Future, PlannedRun] = {}
     for run in selected:
         status = previous[run.run_id][0]
