@@ -9,9 +9,11 @@ windows are active), warmed up, then measured in one process:
   trainer: FLOPs, ATen operator calls, persistent state bytes; on CUDA also peak-allocated bytes
   and host-device synchronisations;
 * wall clock: ``--blocks`` blocks of ``--steps`` interleaved steps per trainer
-  (:func:`mmbalance.measure.time_blocks`); ``ratio_vs_joint`` is the median of the per-block paired
-  ratios, ``ratio_interval`` its 95 % bootstrap interval over blocks (:mod:`mmbalance.bootstrap`),
-  shown as ``2.41 [2.35, 2.49]``;
+  (:func:`mmbalance.measure.time_blocks`), spread over ``--passes`` passes over all pairs (each
+  pair is built again for each pass), so that a load lasting a while hits a share of a pair's
+  blocks rather than all of them; ``ratio_vs_joint`` is the median of the per-block paired ratios,
+  ``ratio_interval`` its 95 % bootstrap interval over blocks (:mod:`mmbalance.bootstrap`), shown as
+  ``2.41 [2.35, 2.49]``;
 * ``floor``: the FLOPs of a method step over a joint step, the ratio the algorithm's own extra work
   explains; a measured ratio far above it is overhead worth investigating;
 * memory overhead (CUDA: peak-allocated delta; CPU: exact persistent bytes of the method's state).
@@ -29,7 +31,6 @@ needed): MOSI/IEMOCAP MulT-style, Food-101 ViT-B/16 + BERT-base, BraTS DeepLabv3
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -43,28 +44,29 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from mmbalance.balancer import EpochContext
-from mmbalance.bench_cases import PAPER_CASES, SYNTHETIC_TASKS, BenchCase, random_batches
+from mmbalance.bench_cases import (
+    PAPER_CASES,
+    SYNTHETIC_TASKS,
+    BenchCase,
+    build_pair,
+    default_epoch,
+    method_epoch,
+    random_batches,
+)
 from mmbalance.bootstrap import median_interval
 from mmbalance.datasets import DATASETS
 from mmbalance.datasets.base import DatasetSpec, TensorDictDataset
-from mmbalance.errors import ConfigError, UnsupportedError
+from mmbalance.errors import ConfigError
 from mmbalance.gate import compare, compare_notes, ratio_text
 from mmbalance.measure import StepTimes, block_ratios, memory_cost, time_blocks
 from mmbalance.methods import METHODS
-from mmbalance.models import MODELS
 from mmbalance.presets import TRAIN_PRESETS
-from mmbalance.registry import config_fields
 from mmbalance.signals import count_signals
-from mmbalance.tasks import make_task
 from mmbalance.threads import ThreadSetting, decide_threads, intra_op_threads
 from mmbalance.train import (
     TrainConfig,
     Trainer,
-    batch_to_device,
-    make_loader,
     resolve_device,
-    seed_everything,
 )
 
 __all__ = [
@@ -77,6 +79,7 @@ __all__ = [
     "method_epoch",
     "build_pair",
     "bench_pair",
+    "finish_pair",
     "run_bench",
     "compare",
     "format_table",
@@ -84,89 +87,19 @@ __all__ = [
     "add_arguments",
 ]
 
-def _method_overrides(method: str, spec: DatasetSpec) -> dict[str, Any]:
-    """Required options for timing: ``unimodal`` trains the first modality."""
-    if "modality" in config_fields(METHODS.get(method).Config):
-        return {"modality": spec.modality_names[0]}
-    return {}
-
-
-def default_epoch(config: Any, num_epochs: int) -> int:
-    """The epoch a method is benchmarked at by default: the last of ``num_epochs`` (past every
-    warm-up), or the method's ``modulation_ends`` when its modulation window closes earlier."""
-    last = num_epochs - 1
-    ends = getattr(config, "modulation_ends", None)
-    return last if ends is None else max(0, min(last, ends))
-
-
-def method_epoch(method: str, spec: DatasetSpec, num_epochs: int, method_preset: str | None = None) -> int:
-    """:func:`default_epoch` of ``method``'s config (with ``method_preset`` when it defines it)."""
-    preset = method_preset if method_preset in (METHODS.get(method).presets or {}) else None
-    return default_epoch(METHODS.resolve_config(method, preset, _method_overrides(method, spec)), num_epochs)
-
-
-def build_pair(
-    method: str,
-    spec: DatasetSpec,
-    model_name: str,
-    *,
-    model_preset: str | None,
-    train_set: TensorDictDataset,
-    val_set: TensorDictDataset,
-    cfg: TrainConfig,
-    device: torch.device,
-    epoch: int,
-    method_preset: str | None = None,
-) -> tuple[dict[str, Trainer], list[dict[str, torch.Tensor]]]:
-    """Trainers ``{"method", "joint"}`` on identical initial weights, their epoch-level work done
-    (untimed), and the training batches on the device.
-
-    The epoch-level work runs for epoch 0, where every method's state starts (a first boosting
-    stage, a first estimate), then for ``epoch``, the epoch the steps will run at (its window or
-    warm-up state); the epochs between are skipped.
-    """
-    from mmbalance.methods.joint import Joint
-
-    cls = METHODS.get(method)
-    if not cls.supports(task=spec.task, modalities=len(spec.modalities)):
-        raise UnsupportedError(
-            f"method {method!r} does not support task {spec.task!r} with {len(spec.modalities)} modalities"
-        )
-    if not 0 <= epoch < cfg.epochs:
-        raise ConfigError(f"epoch must be in [0, {cfg.epochs - 1}] (the training epochs), got {epoch}")
-    task = make_task(spec.task, spec.num_outputs, **dict(spec.task_options))
-    seed_everything(cfg.seed, cfg.deterministic)
-    model = MODELS.build(model_name, model_preset)(spec)
-    joint_model = copy.deepcopy(model)
-    preset = method_preset if method_preset in (cls.presets or {}) else None
-    balancer = METHODS.build(method, preset, **_method_overrides(method, spec))
-    train_loader = make_loader(train_set, cfg, device, train=True)
-    val_loader = make_loader(val_set, cfg, device, train=False)
-    trainers = {
-        "method": Trainer(model, balancer, task, cfg, device, len(train_loader)),
-        "joint": Trainer(joint_model, Joint(), task, cfg, device, len(train_loader)),
-    }
-    for t in trainers.values():  # epoch-level work (prototypes, teachers), untimed
-        t.model.train()
-        for e in sorted({0, epoch}):
-            t.balancer.on_train_epoch_start(
-                EpochContext(
-                    model=t.model, epoch=e, num_epochs=cfg.epochs, train_loader=train_loader,
-                    val_loader=val_loader, task=task, device=device, optimizer=t.optimizer,
-                    to_device=lambda b: batch_to_device(b, device),
-                )
-            )
-    return trainers, [batch_to_device(b, device) for b in train_loader]
-
-
 @dataclass(frozen=True)
 class BenchSettings:
     """How much to measure per pair (the ``config`` of a report)."""
 
-    blocks: int = 10  # timing blocks (the bootstrap's unit)
-    steps: int = 10  # timed steps per trainer per block
+    blocks: int = 20  # timing blocks (the bootstrap's unit)
+    steps: int = 8  # timed steps per trainer per block
     warmup: int = 5  # interleaved steps before anything is counted or timed
     signal_steps: int = 2  # steps per trainer counted for the deterministic signals
+    passes: int = 2  # passes over all pairs, each timing a share of every pair's blocks
+
+    def blocks_in_pass(self, index: int) -> int:
+        """Blocks timed in pass ``index``: the blocks split as evenly as they go."""
+        return self.blocks // self.passes + (1 if index < self.blocks % self.passes else 0)
 
     def check(self) -> None:
         for name in ("blocks", "steps", "signal_steps"):
@@ -175,6 +108,8 @@ class BenchSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be an integer >= 0, got {self.warmup}")
+        if not 1 <= self.passes <= self.blocks:
+            raise ConfigError(f"--passes must be an integer in [1, --blocks], got {self.passes}")
 
 
 def bench_pair(
@@ -191,9 +126,14 @@ def bench_pair(
     epoch: int | None = None,
     threads: ThreadSetting | None = "auto",
     method_preset: str | None = None,
+    pass_index: int = 0,
 ) -> dict[str, Any]:
     """Measure one method against joint on the same weights and batches (see the module docstring).
-    ``epoch`` None: :func:`default_epoch` of the method's config and ``cfg.epochs``."""
+    ``epoch`` None: :func:`default_epoch` of the method's config and ``cfg.epochs``.
+
+    Pass 0 counts the signals, times its share of the blocks and measures memory; a later pass
+    (``pass_index`` >= 1) only times its share, in ``block_ms``; :func:`finish_pair` merges them.
+    """
     if epoch is None:
         epoch = method_epoch(method, spec, cfg.epochs, method_preset)
     trainers, batches = build_pair(
@@ -208,7 +148,7 @@ def bench_pair(
             "epoch": epoch,
             "threads": count,
             "threads_rule": rule,
-            **_measure_pair(trainers, batches, device, settings, epoch),
+            **_measure_pair(trainers, batches, device, settings, epoch, pass_index),
             "batch_size": cfg.batch_size,
             "amp": cfg.amp,
             "extra_steps": trainers["method"].balancer.extra_steps(),
@@ -221,39 +161,59 @@ def _measure_pair(
     device: torch.device,
     settings: BenchSettings,
     epoch: int,
+    pass_index: int,
 ) -> dict[str, Any]:
     order = {"joint": trainers["joint"], "method": trainers["method"]}
     for i in range(settings.warmup):
         for t in order.values():
             t.train_step(batches[i % len(batches)], epoch, i % len(batches))
-    signals = {
-        name: count_signals(t, batches, steps=settings.signal_steps, epoch=epoch, device=device,
-                            first_step=settings.warmup)
-        for name, t in order.items()
-    }
-    times = time_blocks(
-        order, batches, blocks=settings.blocks, steps=settings.steps, device=device, epoch=epoch
+    out: dict[str, Any] = {}
+    if pass_index == 0:
+        signals = {
+            name: count_signals(t, batches, steps=settings.signal_steps, epoch=epoch, device=device,
+                                first_step=settings.warmup)
+            for name, t in order.items()
+        }
+        flops_m, flops_j = signals["method"]["flops"], signals["joint"]["flops"]
+        out.update(
+            floor=flops_m / flops_j if flops_j else float("nan"),
+            flops_method=flops_m // settings.signal_steps,
+            flops_joint=flops_j // settings.signal_steps,
+            signals={"steps": settings.signal_steps, **signals},
+        )
+    blocks = settings.blocks_in_pass(pass_index)
+    out["block_ms"] = time_blocks(
+        order, batches, blocks=blocks, steps=settings.steps, device=device, epoch=epoch
     )
+    if pass_index == 0:
+        out.update(memory_cost(trainers["method"], trainers["joint"], batches, device=device, epoch=epoch))
+    return out
+
+
+def finish_pair(record: dict[str, Any], later: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """A pair's report entry: the blocks of pass 0 (``record``) and of the ``later`` passes merged
+    into ``block_ratios``, ``ratio_vs_joint`` (their median), ``ratio_interval`` (95 %) and the
+    step-time medians and IQRs; the raw step times are dropped."""
+    times = {name: list(record["block_ms"][name]) for name in ("method", "joint")}
+    for part in later:
+        for name in times:
+            times[name] += part["block_ms"][name]
     ratios = block_ratios(times["method"], times["joint"])
     interval = median_interval(ratios)
     method_ms = StepTimes(tuple(ms for block in times["method"] for ms in block))
     joint_ms = StepTimes(tuple(ms for block in times["joint"] for ms in block))
-    flops_m, flops_j = signals["method"]["flops"], signals["joint"]["flops"]
-    return {
-        "ratio_vs_joint": interval.point,
-        "ratio_interval": [interval.low, interval.high],
-        "block_ratios": ratios,
-        "floor": flops_m / flops_j if flops_j else float("nan"),
-        "flops_method": flops_m // settings.signal_steps,
-        "flops_joint": flops_j // settings.signal_steps,
-        "signals": {"steps": settings.signal_steps, **signals},
-        "step_ms_median": method_ms.median,
-        "step_ms_iqr": method_ms.iqr,
-        "joint_step_ms_median": joint_ms.median,
-        "joint_step_ms_iqr": joint_ms.iqr,
-        "timed_steps": len(method_ms.ms),
-        **memory_cost(trainers["method"], trainers["joint"], batches, device=device, epoch=epoch),
-    }
+    out = {k: v for k, v in record.items() if k != "block_ms"}
+    out.update(
+        ratio_vs_joint=interval.point,
+        ratio_interval=[interval.low, interval.high],
+        block_ratios=ratios,
+        step_ms_median=method_ms.median,
+        step_ms_iqr=method_ms.iqr,
+        joint_step_ms_median=joint_ms.median,
+        joint_step_ms_iqr=joint_ms.iqr,
+        timed_steps=len(method_ms.ms),
+    )
+    return out
 
 
 def _cases(tasks: Sequence[str], paper_models: bool) -> list[tuple[str, DatasetSpec, str, str | None, Any]]:
@@ -306,7 +266,8 @@ def run_bench(
     dev = resolve_device(device)
     methods = list(methods) if methods else [m for m in METHODS.names() if m != "joint"]
     tasks = list(tasks) if tasks is not None else (list(SYNTHETIC_TASKS) if not paper_models else [])
-    results, skipped = [], []
+    skipped: list[dict[str, str]] = []
+    pairs: list[tuple[str, str, dict[str, Any]]] = []  # (case name, method, bench_pair's arguments)
     for name, spec, model_name, model_preset, source in _cases(tasks, paper_models):
         paper = isinstance(source, BenchCase)
         bs = batch_size or (source.batch_size if paper and dev.type == "cuda" else (8 if paper else 64))
@@ -326,15 +287,23 @@ def run_bench(
             if not cls.supports(task=spec.task, modalities=len(spec.modalities)):
                 skipped.append({"method": method, "task": name, "reason": "unsupported"})
                 continue
-            if progress:
-                print(f"bench {method} on {name} (batch {bs}, {dev.type})", file=sys.stderr, flush=True)
-            r = bench_pair(
-                method, spec, model_name, model_preset=model_preset, train_set=train_set, val_set=val_set,
-                cfg=cfg, device=dev, settings=settings, epoch=epoch, threads=threads,
+            pairs.append((name, method, dict(
+                spec=spec, model_name=model_name, model_preset=model_preset, train_set=train_set,
+                val_set=val_set, cfg=cfg, device=dev, settings=settings, epoch=epoch, threads=threads,
                 method_preset=spec.default_preset,
-            )
-            r["task"] = name
-            results.append(r)
+            )))
+    # Every pass visits every pair, so a pair's blocks are spread over the whole run: a load that
+    # lasts for a while hits some of its blocks (the interval sees it), not all of them.
+    records: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for index in range(settings.passes):
+        for name, method, kwargs in pairs:
+            if progress:
+                print(f"bench {method} on {name} (pass {index + 1}/{settings.passes}, batch "
+                      f"{kwargs['cfg'].batch_size}, {dev.type})", file=sys.stderr, flush=True)
+            kw = {k: v for k, v in kwargs.items() if k != "spec"}
+            record = bench_pair(method, kwargs["spec"], pass_index=index, **kw)
+            records.setdefault((name, method), []).append({**record, "task": name})
+    results = [finish_pair(parts[0], parts[1:]) for parts in records.values()]
     config = {**dataclasses.asdict(settings), "epoch": "default" if epoch is None else epoch,
               "threads": threads, "amp": amp, "seed": seed}
     return {"env": environment(dev), "config": config, "results": results, "skipped": skipped}
@@ -399,6 +368,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--blocks", type=int, default=d.blocks, help=f"timing blocks per pair (default {d.blocks})")
     add("--steps", type=int, default=d.steps, help=f"timed steps per trainer per block (default {d.steps})")
     add("--warmup", type=int, default=d.warmup, help=f"untimed warm-up steps (default {d.warmup})")
+    add("--passes", type=int, default=d.passes,
+        help=f"passes over all pairs, each timing a share of every pair's blocks (default {d.passes})")
     add("--signal-steps", type=int, default=d.signal_steps,
         help=f"steps counted for the deterministic signals (default {d.signal_steps})")
     add("--epoch", type=int, default=None,
@@ -435,7 +406,8 @@ def main(args: argparse.Namespace) -> int:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ConfigError(f"--compare: {str(path)!r} is not a mmbalance bench report ({exc})") from exc
     settings = BenchSettings(
-        blocks=args.blocks, steps=args.steps, warmup=args.warmup, signal_steps=args.signal_steps
+        blocks=args.blocks, steps=args.steps, warmup=args.warmup, signal_steps=args.signal_steps,
+        passes=args.passes,
     )
     report = run_bench(
         _split(args.methods), _split(args.tasks), paper_models=args.paper_models, device=args.device,

@@ -1,19 +1,33 @@
-"""Benchmark cases: the synthetic tasks, and paper-shaped random inputs for the paper models.
+"""What ``mmbalance bench`` measures: its cases, and the method / joint pair built on one.
 
-A :class:`BenchCase` names a model and the input shapes of a paper dataset, so that ``mmbalance
-bench --paper-models`` can cost the paper architectures without any data: MOSI / IEMOCAP MulT-style,
-Food-101 ViT-B/16 + BERT-base, BraTS DeepLabv3+ ResNet-101, on :func:`random_batches`.
+A case is a registered dataset (the synthetic tasks) or a :class:`BenchCase`: a model and the input
+shapes of a paper dataset, so that ``--paper-models`` can cost the paper architectures without any
+data (MOSI / IEMOCAP MulT-style, Food-101 ViT-B/16 + BERT-base, BraTS DeepLabv3+ ResNet-101) on
+:func:`random_batches`. :func:`build_pair` builds a method's trainer and joint's on the same weights;
+:func:`method_epoch` picks the epoch they are measured at.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from mmbalance.balancer import EpochContext
 from mmbalance.datasets.base import DatasetSpec, TensorDictDataset
+from mmbalance.errors import ConfigError, UnsupportedError
+from mmbalance.methods import METHODS
+from mmbalance.models import MODELS
+from mmbalance.registry import config_fields
+from mmbalance.tasks import make_task
+from mmbalance.train import TrainConfig, Trainer, batch_to_device, make_loader, seed_everything
 
-__all__ = ["SYNTHETIC_TASKS", "BenchCase", "PAPER_CASES", "random_batches"]
+__all__ = [
+    "SYNTHETIC_TASKS", "BenchCase", "PAPER_CASES", "random_batches", "default_epoch", "method_epoch",
+    "build_pair",
+]
 
 SYNTHETIC_TASKS = ("synthetic_cls2", "synthetic_cls3", "synthetic_reg3", "synthetic_seg4")
 
@@ -88,3 +102,78 @@ def random_batches(spec: DatasetSpec, batch_size: int, n: int, seed: int = 0) ->
     else:
         tensors["target"] = torch.randint(0, spec.num_outputs, (size, *spec.target_shape), generator=g)
     return TensorDictDataset(tensors)
+
+
+def _method_overrides(method: str, spec: DatasetSpec) -> dict[str, Any]:
+    """Required options for timing: ``unimodal`` trains the first modality."""
+    if "modality" in config_fields(METHODS.get(method).Config):
+        return {"modality": spec.modality_names[0]}
+    return {}
+
+
+def default_epoch(config: Any, num_epochs: int) -> int:
+    """The epoch a method is benchmarked at by default: the last of ``num_epochs`` (past every
+    warm-up), or the method's ``modulation_ends`` when its modulation window closes earlier."""
+    last = num_epochs - 1
+    ends = getattr(config, "modulation_ends", None)
+    return last if ends is None else max(0, min(last, ends))
+
+
+def method_epoch(method: str, spec: DatasetSpec, num_epochs: int, method_preset: str | None = None) -> int:
+    """:func:`default_epoch` of ``method``'s config (with ``method_preset`` when it defines it)."""
+    preset = method_preset if method_preset in (METHODS.get(method).presets or {}) else None
+    return default_epoch(METHODS.resolve_config(method, preset, _method_overrides(method, spec)), num_epochs)
+
+
+def build_pair(
+    method: str,
+    spec: DatasetSpec,
+    model_name: str,
+    *,
+    model_preset: str | None,
+    train_set: TensorDictDataset,
+    val_set: TensorDictDataset,
+    cfg: TrainConfig,
+    device: torch.device,
+    epoch: int,
+    method_preset: str | None = None,
+) -> tuple[dict[str, Trainer], list[dict[str, torch.Tensor]]]:
+    """Trainers ``{"method", "joint"}`` on identical initial weights, their epoch-level work done
+    (untimed), and the training batches on the device.
+
+    The epoch-level work runs for epoch 0, where every method's state starts (a first boosting
+    stage, a first estimate), then for ``epoch``, the epoch the steps will run at (its window or
+    warm-up state); the epochs between are skipped.
+    """
+    from mmbalance.methods.joint import Joint
+
+    cls = METHODS.get(method)
+    if not cls.supports(task=spec.task, modalities=len(spec.modalities)):
+        raise UnsupportedError(
+            f"method {method!r} does not support task {spec.task!r} with {len(spec.modalities)} modalities"
+        )
+    if not 0 <= epoch < cfg.epochs:
+        raise ConfigError(f"epoch must be in [0, {cfg.epochs - 1}] (the training epochs), got {epoch}")
+    task = make_task(spec.task, spec.num_outputs, **dict(spec.task_options))
+    seed_everything(cfg.seed, cfg.deterministic)
+    model = MODELS.build(model_name, model_preset)(spec)
+    joint_model = copy.deepcopy(model)
+    preset = method_preset if method_preset in (cls.presets or {}) else None
+    balancer = METHODS.build(method, preset, **_method_overrides(method, spec))
+    train_loader = make_loader(train_set, cfg, device, train=True)
+    val_loader = make_loader(val_set, cfg, device, train=False)
+    trainers = {
+        "method": Trainer(model, balancer, task, cfg, device, len(train_loader)),
+        "joint": Trainer(joint_model, Joint(), task, cfg, device, len(train_loader)),
+    }
+    for t in trainers.values():  # epoch-level work (prototypes, teachers), untimed
+        t.model.train()
+        for e in sorted({0, epoch}):
+            t.balancer.on_train_epoch_start(
+                EpochContext(
+                    model=t.model, epoch=e, num_epochs=cfg.epochs, train_loader=train_loader,
+                    val_loader=val_loader, task=task, device=device, optimizer=t.optimizer,
+                    to_device=lambda b: batch_to_device(b, device),
+                )
+            )
+    return trainers, [batch_to_device(b, device) for b in train_loader]

@@ -16,13 +16,13 @@ from mmbalance.gate import compare
 from mmbalance.methods import METHODS
 from mmbalance.methods.joint import Joint
 
-QUICK = BenchSettings(blocks=5, steps=2, warmup=1, signal_steps=2)
+QUICK = BenchSettings(blocks=5, steps=2, warmup=1, signal_steps=2, passes=1)
 
 
 def _args(*extra):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    quick = ["--blocks", "5", "--steps", "3", "--warmup", "2"]
+    quick = ["--blocks", "5", "--steps", "3", "--warmup", "2", "--passes", "2"]
     return parser.parse_args(["--tasks", "synthetic_cls2", *quick, "--quiet", *extra])
 
 
@@ -65,9 +65,11 @@ def test_report_fields_and_table(tmp_path, capsys, probe_method):
     assert row["epoch"] == 7  # the synthetic preset's 8 epochs: its last
     assert row["threads"] == 1 and row["threads_rule"]["setting"] == "auto"  # a tiny model: one thread
     assert report["config"] == {
-        "blocks": 5, "steps": 3, "warmup": 2, "signal_steps": 2, "epoch": "default", "threads": "auto",
-        "amp": "none", "seed": 0,
+        "blocks": 5, "steps": 3, "warmup": 2, "signal_steps": 2, "passes": 2, "epoch": "default",
+        "threads": "auto", "amp": "none", "seed": 0,
     }
+    assert row["timed_steps"] == 15  # 5 blocks (3 in the first pass, 2 in the second) of 3 steps
+    assert "block_ms" not in row  # raw step times are merged, not reported
     assert {"device", "torch", "threads", "git_commit"} <= set(report["env"])
     text = capsys.readouterr().out
     assert "probe_joint" in text and "ratio vs joint [95% CI]" in text
@@ -120,6 +122,11 @@ def test_methods_are_costed_inside_their_window():
         run_bench(["ogm"], ["synthetic_cls2"], settings=QUICK, epoch=8, progress=False)
 
 
+def test_blocks_are_split_over_the_passes():
+    settings = BenchSettings(blocks=7, passes=3)
+    assert [settings.blocks_in_pass(i) for i in range(3)] == [3, 2, 2]
+
+
 def test_default_epoch():
     class Window:
         modulation_ends = 3
@@ -132,6 +139,8 @@ def test_default_epoch():
 def test_bad_settings_and_compare_file(tmp_path):
     with pytest.raises(ConfigError, match="--blocks must be an integer >= 1, got 0"):
         run_bench(["joint"], ["synthetic_cls2"], settings=BenchSettings(blocks=0), progress=False)
+    with pytest.raises(ConfigError, match="--passes must be an integer in \\[1, --blocks\\], got 6"):
+        run_bench(["joint"], ["synthetic_cls2"], settings=BenchSettings(blocks=5, passes=6), progress=False)
     with pytest.raises(ConfigError, match="--warmup must be an integer >= 0, got -1"):
         run_bench(["joint"], ["synthetic_cls2"], settings=BenchSettings(warmup=-1), progress=False)
     with pytest.raises(ConfigError, match="--compare: no such file"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 
@@ -124,3 +125,28 @@ def test_ratio_text_and_bad_threshold():
     assert ratio_text({"ratio_vs_joint": 1.5}) == "1.50"
     with pytest.raises(ValueError, match="threshold must be >= 0"):
         compare(_report(), _report(), -0.1)
+
+
+def test_error_rate_script_in_a_tiny_configuration(tmp_path):
+    """results/gate/error_rates.py end to end, one round, counts only (the full run is a measurement)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "results/gate/error_rates.py"
+    out = tmp_path / "rates.json"
+    args = ["--comparisons", "1", "--methods", "", "--blocks", str(MIN_BLOCKS), "--steps", "1",
+            "--load-procs", "1", "--max-minutes", "3", "--out", str(out)]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert summary["comparisons"] == len(summary["rounds"]) == 1
+    # the exact part of the gate is deterministic: unchanged code passes it, the probe's extra matrix
+    # products fail it (the wall-clock counts depend on the machine: not asserted)
+    assert summary["false_alarms_exact"] == 0 and summary["detections_exact"] == 1
+    assert 0 <= summary["false_alarms"] <= 1 and 0 <= summary["detections"] <= 1
+    for pid in summary["load_pids"]:  # the load was stopped
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert "false alarms: " in done.stdout and "detections of a 25% slowdown of gate_probe" in done.stdout
