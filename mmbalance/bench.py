@@ -328,8 +328,10 @@ def format_table(report: Mapping[str, Any], fmt: str = "github") -> str:
     ] + (["syncs/step (m / j)"] if cuda else [])
     env = report["env"]
     kind = "CUDA peak-allocated delta" if cuda else "CPU persistent state bytes"
+    threads = ", ".join(str(t) for t in sorted({r.get("threads") for r in report["results"]} - {None}))
     caption = (
         f"Device: {env['device']}; torch {env['torch']}; memory = {kind}; amp = {report['config']['amp']}"
+        + (f"; intra-op threads per pair: {threads}" if threads else "")
     )
     return tabulate(rows, headers=headers, tablefmt=fmt, disable_numparse=True) + "\n\n" + caption
 

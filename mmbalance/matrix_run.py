@@ -170,8 +170,8 @@ def check_thread_count(
         if made != expected:
             raise ConfigError(
                 f"results folder {str(out)!r} holds CPU rows made with {made} intra-op thread(s) (e.g. run "
-                f"{row.run_id}), but this command would make such a row with {expected} (--threads "
-                f"{threads}); results differ between thread counts, so the folder would mix them: run with "
+                f"{row.run_id}), but this command would run with {expected} (--threads {threads}); "
+                "results differ between thread counts, so the folder would mix them: run with "
                 f"`mmbalance --threads {made} ...`, or write to another --out"
             )
 

@@ -122,7 +122,7 @@ def test_folder_check_under_auto_and_fixed_counts(tmp_path):
     large = {"setting": 4, "forward_flops": ONE_THREAD_BELOW_FLOPS}
     with intra_op_threads(2):
         check_thread_count([_row(1, small), _row(2, large)], CPU, "auto", tmp_path)  # what auto would do
-        with pytest.raises(ConfigError, match="made with 4 intra-op thread.*would make such a row with 2"):
+        with pytest.raises(ConfigError, match=r"made with 4 intra-op thread.*run with 2 \(--threads auto\)"):
             check_thread_count([_row(4, large)], CPU, "auto", tmp_path)
         with pytest.raises(ConfigError, match="no record of the thread rule's input.*--threads 1"):
             check_thread_count([_row(1)], CPU, "auto", tmp_path)  # a row made before the rule
