@@ -15,7 +15,7 @@ import os
 import pytest
 import torch
 
-from mmbalance.bench import SYNTHETIC_TASKS, build_pair
+from mmbalance.bench import SYNTHETIC_TASKS, build_pair, method_epoch
 from mmbalance.datasets import DATASETS
 from mmbalance.measure import compare_cost
 from mmbalance.methods import METHODS
@@ -67,14 +67,17 @@ def test_method_cost(benchmark, method, task):
     torch.set_num_threads(1)
     ds = DATASETS.build(task)
     steps, warmup = (STEPS, 5) if not benchmark.disabled else (3, 1)
-    cfg = TrainConfig(batch_size=64, eval_modality_scores=False, cost_steps=steps, cost_warmup=warmup)
+    cfg = TrainConfig(epochs=8, batch_size=64, eval_modality_scores=False)
+    epoch = method_epoch(method, ds.spec, cfg.epochs)  # the last epoch, inside the method's window
     trainers, batches = build_pair(
         method, ds.spec, ds.spec.default_model, model_preset=None, train_set=ds.split("train"),
-        val_set=ds.split("val"), cfg=cfg, device=CPU,
+        val_set=ds.split("val"), cfg=cfg, device=CPU, epoch=epoch,
     )
     batches = batches[: steps + warmup]
     method_trainer, joint_trainer = trainers["method"], trainers["joint"]
-    cost = compare_cost(method_trainer, joint_trainer, batches, steps=steps, warmup=warmup, device=CPU)
+    cost = compare_cost(
+        method_trainer, joint_trainer, batches, steps=steps, warmup=warmup, device=CPU, epoch=epoch
+    )
     expected = _hand_count_bytes(trainers["method"].balancer)
     assert cost["mem_overhead_bytes"] == expected  # joint adds nothing, so the overhead is exactly this
     benchmark.extra_info.update(
@@ -84,5 +87,5 @@ def test_method_cost(benchmark, method, task):
     )
     step = trainers["method"]
     rounds = steps if not benchmark.disabled else 1
-    benchmark.pedantic(step.train_step, args=(batches[0], 0, 0), rounds=rounds, iterations=1)
+    benchmark.pedantic(step.train_step, args=(batches[0], epoch, 0), rounds=rounds, iterations=1)
     step.flush_terms()

@@ -24,7 +24,7 @@ A run that finds a checkpoint continues from the epoch after it; on CPU with the
 its row equals an uninterrupted run's except for the fields of :data:`TIMING_FIELDS` (wall-clock
 measurements, which differ between any two runs; ``train_time_s`` is the sum over the attempts) and
 of :data:`EXECUTION_FIELDS` (how it was carried out: ``resumed_from_epoch``, ``takeover``,
-``attempts``, the node and the Ray task). The matrix removes the folder once the run's ``ok`` or
+``attempts``, the node, the Ray task and how the thread count was chosen). The matrix removes the folder once the run's ``ok`` or
 ``diverged`` row is written (``--keep-checkpoints`` keeps it); a failed run keeps its checkpoint, so
 its retry resumes too.
 """
@@ -77,7 +77,9 @@ TIMING_FIELDS: Mapping[str, tuple[str, ...]] = {
 # Row fields that record how a run was carried out, not what it computed.
 EXECUTION_FIELDS: Mapping[str, tuple[str, ...]] = {
     "": ("resumed_from_epoch", "takeover", "attempts"),
-    "env": ("node", "ray_task_id", "ray_gpu_ids"),
+    # threads_rule records how the count was chosen (--threads auto here, --cpus-per-run on Ray);
+    # the count itself (env.threads) is compared
+    "env": ("node", "ray_task_id", "ray_gpu_ids", "threads_rule"),
 }
 
 CheckpointEvery = int | Literal["auto"]

@@ -11,7 +11,6 @@ when its method called ``sys.exit``; a diverged run is a result (exit 0). Ctrl-C
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import shlex
 import sys
@@ -38,6 +37,7 @@ from mmbalance.cli_support import (
 from mmbalance.config import parse_set
 from mmbalance.errors import ConfigError, MMBalanceError, ResultError
 from mmbalance.table_grid import DEFAULT_MAX_WIDTH, FORMATS, LAYOUTS, SPLITS
+from mmbalance.threads import parse_threads
 
 # Everything that imports torch (registries, training, the matrix) is imported inside the command
 # that needs it, so that ``--version``, ``--help`` and ``list`` never import torch;
@@ -126,7 +126,6 @@ def _print_metrics(row: dict[str, Any]) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import torch
 
     from mmbalance.matrix_run import check_thread_count
     from mmbalance.output import prepare_output
@@ -142,10 +141,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     resolved = resolve_run(spec)
     device = resolve_device(args.device)
     out = prepare_output(args.out)  # before training: a result that cannot be written is not trained
-    check_thread_count(load_rows(out).rows, device, torch.get_num_threads(), out)
+    check_thread_count(load_rows(out).rows, device, args.threads, out)
     tracking = tracking_of(args, out, "mmbalance")
     try:
-        row = run_one(resolved, device=device, quiet=args.quiet, command=args.command_line, tracking=tracking)
+        row = run_one(
+            resolved, device=device, quiet=args.quiet, command=args.command_line, threads=args.threads,
+            tracking=tracking,
+        )
     except SystemExit as exc:  # a method or plugin exiting is a failed run, not the end of this command
         print(f"mmbalance: error: run {resolved.run_id} failed: the run called sys.exit({exc.code!r}); "
               "nothing was written", file=sys.stderr)
@@ -203,7 +205,6 @@ def _print_tables(out: Path, **options: Any) -> None:
 def _cmd_matrix(args: argparse.Namespace) -> int:
     from mmbalance.matrix import load_spec, parse_shard
     from mmbalance.matrix_run import run_matrix
-    from mmbalance.runner import run_one
 
     shard = parse_shard(args.shard)
     sets = parse_set(args.sets)
@@ -212,10 +213,9 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
     options = execution_options(args)
     check_matrix_data(spec, out, shard, sets, args.data_root)
     tracking = tracking_of(args, out, Path(args.spec).stem)
-    run_fn = functools.partial(run_one, tracking=tracking) if tracking else None
     report = run_matrix(
         spec, out, shard=shard, set_overrides=sets, data_root=args.data_root, device=args.device,
-        quiet=args.quiet, executor=make_executor(args, run_fn), **options,
+        quiet=args.quiet, executor=make_executor(args, tracking), **options,
     )
     print(report.summary(), file=sys.stderr)
     if not args.no_tables:
@@ -457,9 +457,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mmbalance {mmbalance.__version__}")
     parser.add_argument(
-        "--threads", type=_int_at_least("--threads"), default=None,
-        help="CPU threads for torch (default: torch's choice). 1 is steadier on a shared machine: two "
-        "processes that each want every core slow each other's small steps down by orders of magnitude",
+        "--threads", type=parse_threads, default="auto",
+        help="intra-op CPU threads per run: 'auto' (default: one thread when a forward pass of the model "
+        "on one batch is under 1e9 FLOPs, torch's default count otherwise; see mmbalance.threads) or a "
+        "count. Two processes whose threads each want every core slow each other down by orders of magnitude",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for entry in COMMANDS:
@@ -477,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(command_of(argv)).parse_args(argv)
     args.command_line = _command_line(argv)
-    if args.threads is not None:
+    if isinstance(args.threads, int):
         import torch
 
         torch.set_num_threads(args.threads)

@@ -9,6 +9,7 @@ torch (the CLI answers ``--help`` without it); making the executor does.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ from mmbalance.claims import DEFAULT_CLAIM_TIMEOUT_S
 from mmbalance.errors import ConfigError
 
 if TYPE_CHECKING:
-    from mmbalance.executor import Executor, RunFn
+    from mmbalance.executor import Executor
 
 __all__ = ["add_execution_arguments", "make_executor", "execution_options", "EXECUTORS"]
 
@@ -95,9 +96,10 @@ def execution_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def make_executor(args: argparse.Namespace, run_fn: RunFn | None = None) -> Executor:
-    """The executor the options ask for, training runs with ``run_fn`` (default
-    :func:`mmbalance.runner.run_one`); not started: the matrix starts it when a run is to train.
+def make_executor(args: argparse.Namespace, tracking: Any = None) -> Executor:
+    """The executor the options ask for, training each run with :func:`mmbalance.runner.run_one`
+    (mirrored to ``tracking`` when given) at the thread setting of ``--threads`` (local) or
+    ``--cpus-per-run`` (Ray); not started: the matrix starts it when a run is to train.
 
     Raises:
         ConfigError: an unknown executor, a malformed or out-of-range value, a Ray option without
@@ -111,8 +113,10 @@ def make_executor(args: argparse.Namespace, run_fn: RunFn | None = None) -> Exec
             verb = "applies" if len(given) == 1 else "apply"
             raise ConfigError(f"{', '.join(given)} only {verb} to --executor ray, not --executor local")
         from mmbalance.executor import LocalExecutor
+        from mmbalance.runner import run_one
 
-        return LocalExecutor(run_fn)
+        run_fn = functools.partial(run_one, threads=args.threads, tracking=tracking) if tracking else None
+        return LocalExecutor(run_fn, threads=args.threads)
     from mmbalance.executor_ray import RayExecutor, RayOptions, import_ray
 
     options = RayOptions(
@@ -122,4 +126,9 @@ def make_executor(args: argparse.Namespace, run_fn: RunFn | None = None) -> Exec
         max_in_flight=_integer("--max-in-flight", args.max_in_flight, 1),
     )
     import_ray()  # a missing ray is an error now, before anything is planned or written
+    run_fn = None
+    if tracking:
+        from mmbalance.runner import run_one
+
+        run_fn = functools.partial(run_one, threads=options.cpus_per_run, tracking=tracking)
     return RayExecutor(options, run_fn)

@@ -30,6 +30,7 @@ Ray task.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
@@ -71,8 +72,9 @@ class Executor(ABC):
         """Prepare to train on ``device`` (as the matrix asks); return the device runs train on."""
 
     @property
-    def threads(self) -> int:
-        """Intra-op CPU threads of each run (rows of a folder must agree on it)."""
+    def threads(self) -> Any:
+        """Intra-op CPU thread setting of each run, a count or ``"auto"`` (:mod:`mmbalance.threads`);
+        the rows of a folder must agree on the count it gives."""
         return torch.get_num_threads()
 
     @abstractmethod
@@ -96,19 +98,29 @@ class LocalExecutor(Executor):
     """Runs ``run_fn(run.resolved, device=..., quiet=True, command=run.command())`` in this process.
 
     Args:
-        run_fn: trains one run and returns its row (default :func:`mmbalance.runner.run_one`).
+        run_fn: trains one run and returns its row (default :func:`mmbalance.runner.run_one` with
+            ``threads``).
         device: the device of every run; default: the one the matrix asks for (:meth:`start`).
+        threads: the runs' intra-op thread setting, ``"auto"`` or a count (:mod:`mmbalance.threads`);
+            a given ``run_fn`` must apply the same setting.
     """
 
-    def __init__(self, run_fn: RunFn | None = None, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self, run_fn: RunFn | None = None, device: torch.device | str | None = None, threads: Any = "auto"
+    ) -> None:
         if run_fn is None:
             from mmbalance.runner import run_one
 
-            run_fn = run_one
+            run_fn = functools.partial(run_one, threads=threads)
         self.run_fn = run_fn
+        self._threads = threads
         self.device = resolve_device(device) if device is not None else None
         self._pending: dict[Future, tuple[PlannedRun, Callable[[PlannedRun], None] | None, Any]] = {}
         self._running = False
+
+    @property
+    def threads(self) -> Any:
+        return self._threads
 
     def start(self, device: str | torch.device) -> torch.device:
         if self.device is None:

@@ -34,6 +34,7 @@ folder there) the task removes its own once it has returned a final row.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -166,7 +167,8 @@ def _train_task(resolved: ResolvedRun, run_fn: RunFn | None, command: str, devic
             device = torch.device("cuda", 0)
         _check_data_root(resolved, node)
         extra = {"checkpoint": checkpoint} if checkpoint is not None else {}
-        row = (run_fn or run_one)(resolved, device=device, quiet=True, command=command, **extra)
+        train = run_fn or functools.partial(run_one, threads=threads)
+        row = train(resolved, device=device, quiet=True, command=command, **extra)
     except (Exception, SystemExit) as exc:  # KeyboardInterrupt (a cancel) ends the task
         message = f"the run called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else str(exc)
         record["env"] = {**environment(device), **record["env"]}

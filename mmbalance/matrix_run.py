@@ -56,6 +56,7 @@ from mmbalance.output import prepare_output, remove_stale_temps, write_json_atom
 from mmbalance.results import PLAN_DIR, ResultRow, load_rows, read_row, write_row
 from mmbalance.runner import environment
 from mmbalance.runtime import check_device_name
+from mmbalance.threads import ThreadSetting, auto_threads
 
 __all__ = ["MatrixReport", "run_matrix", "check_thread_count", "PRIMARY_METRIC", "DONE_STATUSES"]
 
@@ -146,25 +147,45 @@ def _previous_status(path: Path) -> tuple[str | None, str | None]:
         return None, str(exc)
 
 
-def check_thread_count(rows: Sequence[ResultRow], device: torch.device, threads: int, out: Path) -> None:
-    """Refuse to add rows made with ``threads`` CPU threads to a folder of rows made with another count.
+def check_thread_count(
+    rows: Sequence[ResultRow], device: torch.device, threads: ThreadSetting, out: Path
+) -> None:
+    """Refuse to add rows made with another CPU thread count than the folder's rows were made with.
+
+    ``threads`` is the setting of this command: a count, or ``"auto"`` (:mod:`mmbalance.threads`),
+    under which each existing CPU row is held to the count the rule gives for its recorded forward
+    FLOPs (``env.threads_rule.forward_flops``) on this machine; a row without that record (made
+    before the rule existed) cannot be checked and stops the command.
 
     Raises:
-        ConfigError: naming the folder, the count of the existing rows, the count asked now, and how
+        ConfigError: naming the folder, the count of the existing row, the count asked now, and how
             to proceed.
     """
     if device.type != "cpu":
         return
     for row in rows:
         made = row.env.get("threads")
-        if row.status in ("ok", "diverged") and row.env.get("device_type") == "cpu" and made != threads:
-            if not isinstance(made, int) or isinstance(made, bool):
-                continue
+        if row.status not in ("ok", "diverged") or row.env.get("device_type") != "cpu":
+            continue
+        if not isinstance(made, int) or isinstance(made, bool):
+            continue
+        expected: int | None = threads if isinstance(threads, int) else None
+        if threads == "auto":
+            flops = (row.env.get("threads_rule") or {}).get("forward_flops")
+            if not isinstance(flops, int):
+                raise ConfigError(
+                    f"results folder {str(out)!r} holds CPU rows made with {made} intra-op thread(s) and no "
+                    f"record of the thread rule's input (e.g. run {row.run_id}); `--threads auto` cannot "
+                    f"tell whether it would mix thread counts: run with `mmbalance --threads {made} ...`, "
+                    "or write to another --out"
+                )
+            expected = auto_threads(flops, torch.get_num_threads())
+        if made != expected:
             raise ConfigError(
                 f"results folder {str(out)!r} holds CPU rows made with {made} intra-op thread(s) (e.g. run "
-                f"{row.run_id}), but this command would run with {threads}; results differ between thread "
-                f"counts, so the folder would mix them: run with `mmbalance --threads {made} ...`, or "
-                "write to another --out"
+                f"{row.run_id}), but this command would run with {expected} (--threads {threads}); "
+                "results differ between thread counts, so the folder would mix them: run with "
+                f"`mmbalance --threads {made} ...`, or write to another --out"
             )
 
 
@@ -210,6 +231,7 @@ def run_matrix(
     claim_timeout: float = DEFAULT_CLAIM_TIMEOUT_S,
     checkpoint_every: CheckpointEvery = "auto",
     keep_checkpoints: bool = False,
+    threads: ThreadSetting = "auto",
 ) -> MatrixReport:
     """Run (or resume) the matrix's runs of ``shard`` into ``out``; one progress line per run.
 
@@ -217,7 +239,9 @@ def run_matrix(
     ``run_fn(resolved_run, device=..., quiet=..., command=..., checkpoint=...)``, default
     :func:`mmbalance.runner.run_one`). ``claim_timeout`` (seconds) makes a claim without a heartbeat
     stale (:mod:`mmbalance.claims`); ``checkpoint_every`` (``"auto"``, or epochs, 0 = never) and
-    ``keep_checkpoints`` govern epoch checkpoints (:mod:`mmbalance.checkpoint`).
+    ``keep_checkpoints`` govern epoch checkpoints (:mod:`mmbalance.checkpoint`). ``threads``: the
+    intra-op thread setting of the default local executor (``"auto"`` or a count, see
+    :mod:`mmbalance.threads`).
 
     Raises:
         ConfigError / RegistryError: invalid spec, shard, override, device or executor option, or a
@@ -237,7 +261,7 @@ def run_matrix(
     remove_stale_temps(out / PLAN_DIR)
     previous = {run.run_id: _previous_status(out / f"{run.run_id}.json") for run in selected}
     todo = [run for run in selected if previous[run.run_id][0] not in DONE_STATUSES]
-    executor = executor if executor is not None else LocalExecutor(run_fn)
+    executor = executor if executor is not None else LocalExecutor(run_fn, threads=threads)
     report = MatrixReport(out=out, planned=len(runs), selected=len(selected))
     dev = torch.device("cpu")  # replaced by the executor's device when something is to be done
     try:

@@ -15,6 +15,7 @@ finished, and ``divergence: {"step", "epoch", "reason"}``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import platform
 import subprocess
 import sys
@@ -27,12 +28,14 @@ import torch
 import mmbalance
 from mmbalance.checkpoint import RunCheckpoint
 from mmbalance.datasets import DATASETS
+from mmbalance.datasets.base import check_batch
 from mmbalance.errors import ConfigError, DivergedError
 from mmbalance.measure import compare_cost
 from mmbalance.methods import METHODS
 from mmbalance.models import MODELS
 from mmbalance.resolve import ResolvedRun, RunSpec, canonical_json, resolve_run
 from mmbalance.tasks import make_task
+from mmbalance.threads import ThreadSetting, decide_threads, intra_op_threads
 from mmbalance.tracking import RunTracker, Tracking
 from mmbalance.train import (
     TrainConfig,
@@ -64,14 +67,13 @@ def _git_state() -> tuple[str | None, bool | None]:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """The ``env`` fields of a row: host name, device name, torch, mmbalance, git commit, dirty flag."""
+    """The ``env`` fields of a row: device name, torch, mmbalance, git commit and dirty flag."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         name = f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
     commit, dirty = _git_state()
     return {
-        "node": platform.node(),
         "device": name,
         "device_type": device.type,
         "torch": torch.__version__,
@@ -102,6 +104,7 @@ def run_one(
     device: str | torch.device = "auto",
     quiet: bool = True,
     command: str | None = None,
+    threads: ThreadSetting | None = "auto",
     tracking: Tracking | None = None,
     checkpoint: RunCheckpoint | None = None,
     **spec_kwargs: Any,
@@ -110,10 +113,13 @@ def run_one(
 
     ``run_one(RunSpec("cggm", "synthetic_cls3"))``, ``run_one(method="cggm", dataset=...)``, or
     ``run_one(resolved_run)``. A diverged run returns a ``diverged`` row (module docstring).
-    ``tracking`` mirrors the run to TensorBoard / MLflow (:mod:`mmbalance.tracking`). With a
-    ``checkpoint`` (:class:`~mmbalance.checkpoint.RunCheckpoint` of this run), the run continues
-    from the checkpoint's epoch when there is one (the row says ``resumed_from_epoch``) and writes
-    epoch checkpoints; it never removes them (the matrix does, once the row is written).
+    ``threads``: intra-op CPU threads for this run, ``"auto"`` (:mod:`mmbalance.threads`: one
+    thread for small models), a count, or None (torch's current count); restored afterwards, and
+    recorded in ``env.threads`` / ``env.threads_rule`` (not in the run id). ``tracking`` mirrors
+    the run to TensorBoard / MLflow (:mod:`mmbalance.tracking`). With a ``checkpoint``
+    (:class:`~mmbalance.checkpoint.RunCheckpoint` of this run), the run continues from the
+    checkpoint's epoch when there is one (the row says ``resumed_from_epoch``) and writes epoch
+    checkpoints; it never removes them (the matrix does, once the row is written).
     """
     if spec is None:
         spec = RunSpec(**spec_kwargs)
@@ -132,6 +138,34 @@ def run_one(
     if prepare is not None:
         dataset_key = canonical_json({"dataset": resolved.dataset, "config": resolved.config["dataset"]})
         splits, data_spec = prepare(splits, data_spec, dev, dataset_key=dataset_key)
+    first = None
+    if dev.type == "cpu":  # the thread rule reads one forward pass (mmbalance.threads)
+        probe = make_loader(splits["train"], dataclasses.replace(train_cfg, num_workers=0), dev, train=False)
+        first = next(iter(probe))
+        check_batch(first, data_spec, source=f"dataset split 'train' ({type(splits['train']).__name__})")
+    count, rule = decide_threads(threads, model, first, dev)
+    with intra_op_threads(count):
+        built = (task, model, balancer)
+        extras = (tracking, checkpoint)
+        return _train_and_measure(resolved, dev, quiet, command, built, splits, data_spec, rule, extras)
+
+
+def _train_and_measure(
+    resolved: ResolvedRun,
+    dev: torch.device,
+    quiet: bool,
+    command: str | None,
+    built: tuple[Any, Any, Any],
+    splits: dict[str, Any],
+    data_spec: Any,
+    threads_rule: dict[str, Any],
+    extras: tuple[Tracking | None, RunCheckpoint | None],
+) -> dict[str, Any]:
+    """The body of :func:`run_one`, run with the run's thread count set; ``extras`` = (tracking,
+    checkpoint)."""
+    task, model, balancer = built
+    tracking, checkpoint = extras
+    train_cfg = resolved.train_config
     row: dict[str, Any] = {
         "run_id": resolved.run_id,
         "status": "ok",
@@ -148,7 +182,7 @@ def run_one(
         "metrics": {},
         "history": [],
         "cost": {},
-        "env": environment(dev),
+        "env": {**environment(dev), "threads_rule": threads_rule},
         "command": command if command is not None else " ".join(sys.argv),
     }
     epochs: list[dict[str, Any]] = []
@@ -175,8 +209,11 @@ def run_one(
         raise
 
     cost: dict[str, Any] = {}
-    if train_cfg.cost_steps > 0:
-        cost = tracker.guard(measure_run_cost, result.trainer, splits["train"], task, train_cfg, dev)
+    if train_cfg.cost_steps > 0:  # timed at the last trained epoch: warm-ups and windows are over
+        last_epoch = len(result.history) - 1
+        cost = tracker.guard(
+            measure_run_cost, result.trainer, splits["train"], task, train_cfg, dev, epoch=last_epoch
+        )
     cost["train_time_s"] = result.train_time_s
     cost["train_steps"] = result.steps
     cost["extra_steps"] = balancer.extra_steps()
@@ -197,9 +234,13 @@ def measure_run_cost(
     task: Any,
     cfg: TrainConfig,
     device: torch.device,
+    *,
+    epoch: int,
 ) -> dict[str, Any]:
     """Side-by-side cost of the trained method's step vs a fresh ``joint`` trainer on the same
-    weights (the method's best-validation weights) and the same training batches."""
+    weights (the method's best-validation weights) and the same training batches, at epoch index
+    ``epoch`` (the run's last trained epoch: what the hooks read, so a method with a warm-up or a
+    modulation window is costed while it acts)."""
     from mmbalance.methods.joint import Joint
 
     joint_model = copy.deepcopy(method_trainer.model)
@@ -214,7 +255,8 @@ def measure_run_cost(
     method_trainer.balancer.train()
     joint_trainer.model.train()
     return compare_cost(
-        method_trainer, joint_trainer, batches, steps=cfg.cost_steps, warmup=cfg.cost_warmup, device=device
+        method_trainer, joint_trainer, batches, steps=cfg.cost_steps, warmup=cfg.cost_warmup, device=device,
+        epoch=epoch,
     )
 
 

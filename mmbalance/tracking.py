@@ -240,10 +240,10 @@ class RunTracker:
         for backend in self.backends:
             backend.end("failed", {}, f"{type(exc).__name__}: {exc}")
 
-    def guard(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)``; when it raises, the trackers end the run as failed first."""
+    def guard(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``; when it raises, the trackers end the run as failed first."""
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except BaseException as exc:
             self.fail(exc)
             raise

@@ -1,4 +1,5 @@
-"""``mmbalance bench``: report fields, and the regression gate failing on a slowed method."""
+"""``mmbalance bench``: report fields, the epoch the steps run at, and the gate on deliberately changed
+test-only plugin methods (extra operator, clone, Python loop over parameters: exact; a sleep: wall clock)."""
 
 from __future__ import annotations
 
@@ -9,30 +10,42 @@ import time
 import pytest
 import torch
 
-from mmbalance.bench import add_arguments, compare, main, run_bench
+from mmbalance.bench import BenchSettings, add_arguments, default_epoch, main, run_bench
 from mmbalance.errors import ConfigError
+from mmbalance.gate import compare
 from mmbalance.methods import METHODS
 from mmbalance.methods.joint import Joint
 
+QUICK = BenchSettings(blocks=5, steps=2, warmup=1, signal_steps=2, passes=1)
 
-def _args(tmp_path, *extra):
+
+def _args(*extra):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    return parser.parse_args(["--tasks", "synthetic_cls2", "--steps", "12", "--warmup", "2", "--quiet", *extra])
+    quick = ["--blocks", "5", "--steps", "3", "--warmup", "2", "--passes", "2"]
+    return parser.parse_args(["--tasks", "synthetic_cls2", *quick, "--quiet", *extra])
 
 
 @pytest.fixture
 def probe_method():
-    """A joint-equivalent method registered for the test, then made slower and heavier."""
+    """A joint-equivalent method registered for the test, then given extra work on purpose."""
 
     @METHODS.register("probe_joint")
     class ProbeJoint(Joint):
         paper = "test probe"
         delay_s = 0.0
+        extra = ""  # "", "op", "clone", "param_loop"
 
         def on_after_backward(self, ctx):
             if self.delay_s:
                 time.sleep(self.delay_s)
+            if self.extra == "op":
+                torch.mul(ctx.terms["task"], 1.0)
+            elif self.extra == "clone":
+                ctx.terms["task"].clone()
+            elif self.extra == "param_loop":
+                for p in ctx.model.parameters():
+                    p.grad.mul_(1.0)
 
     yield ProbeJoint
     METHODS.unregister("probe_joint")
@@ -40,76 +53,126 @@ def probe_method():
 
 def test_report_fields_and_table(tmp_path, capsys, probe_method):
     out = tmp_path / "bench.json"
-    assert main(_args(tmp_path, "--methods", "probe_joint", "--out", str(out))) == 0
+    assert main(_args("--methods", "probe_joint", "--out", str(out))) == 0
     report = json.loads(out.read_text())
     (row,) = report["results"]
     assert row["method"] == "probe_joint" and row["task"] == "synthetic_cls2"
     assert row["mem_overhead_bytes"] == 0 and row["floor"] == pytest.approx(1.0)
-    assert 0.5 < row["ratio_vs_joint"] < 2.0
+    lo, hi = row["ratio_interval"]
+    assert len(row["block_ratios"]) == 5 and lo <= row["ratio_vs_joint"] <= hi
+    # a joint-equivalent method executes exactly joint's work
+    assert row["signals"]["method"] == row["signals"]["joint"] and row["signals"]["steps"] == 2
+    assert row["epoch"] == 7  # the synthetic preset's 8 epochs: its last
+    assert row["threads"] == 1 and row["threads_rule"]["setting"] == "auto"  # a tiny model: one thread
+    assert report["config"] == {
+        "blocks": 5, "steps": 3, "warmup": 2, "signal_steps": 2, "passes": 2, "epoch": "default",
+        "threads": "auto", "amp": "none", "seed": 0, "method_overrides": {},
+    }
+    assert row["timed_steps"] == 15  # 5 blocks (3 in the first pass, 2 in the second) of 3 steps
+    assert "block_ms" not in row  # raw step times are merged, not reported
     assert {"device", "torch", "threads", "git_commit"} <= set(report["env"])
-    assert "probe_joint" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "probe_joint" in text and "ratio vs joint [95% CI]" in text
+    assert f"{row['ratio_vs_joint']:.2f} [{lo:.2f}, {hi:.2f}]" in text
 
 
-def test_compare_fails_on_slowed_method_and_passes_unchanged(tmp_path, capsys, probe_method):
+@pytest.mark.parametrize(
+    "extra, grown",
+    [("op", "aten.mul +2"), ("clone", "aten.clone +2"), ("param_loop", "aten.mul_ +")],
+)
+def test_gate_catches_extra_work_exactly_and_passes_unchanged_code(probe_method, extra, grown):
+    base = run_bench(["probe_joint"], ["synthetic_cls2"], settings=QUICK, progress=False)
+    same = run_bench(["probe_joint"], ["synthetic_cls2"], settings=QUICK, progress=False)
+    assert same["results"][0]["signals"] == base["results"][0]["signals"]  # deterministic
+    assert [p for p in compare(base, same) if "ratio_vs_joint" not in p] == []
+    probe_method.extra = extra
+    changed = run_bench(["probe_joint"], ["synthetic_cls2"], settings=QUICK, progress=False)
+    exact = [p for p in compare(base, changed) if "ratio_vs_joint" not in p]
+    (problem,) = exact  # operator calls of the method grew; FLOPs and state did not
+    assert problem.startswith("probe_joint on synthetic_cls2: method aten_ops over 2 step(s) ")
+    assert grown in problem
+
+
+def test_wall_clock_gate_fails_on_slowed_method(tmp_path, capsys, probe_method):
     base = tmp_path / "base.json"
-    assert main(_args(tmp_path, "--methods", "probe_joint", "--out", str(base))) == 0
-    # Unchanged code: passes (a generous threshold absorbs the noise of a loaded 2-core machine).
+    assert main(_args("--methods", "probe_joint", "--out", str(base))) == 0
+    # Unchanged code passes (a generous threshold: this test runs on loaded shared machines).
     same = tmp_path / "same.json"
-    assert main(_args(tmp_path, "--methods", "probe_joint", "--out", str(same), "--compare", str(base), "--threshold", "0.5")) == 0
-    # Slowed copy: a 20 ms sleep per step on a ~1 ms step fails even that threshold.
+    gate = ["--compare", str(base), "--threshold", "1"]
+    assert main(_args("--methods", "probe_joint", "--out", str(same), *gate)) == 0
+    # A 20 ms sleep per step on a ~1 ms step (x ~20): the lower bound is far above even +100 %.
     probe_method.delay_s = 0.02
     slow = tmp_path / "slow.json"
-    rc = main(_args(tmp_path, "--methods", "probe_joint", "--out", str(slow), "--compare", str(base), "--threshold", "0.5"))
+    rc = main(_args("--methods", "probe_joint", "--out", str(slow), *gate))
     assert rc == 1
-    assert "probe_joint on synthetic_cls2: ratio_vs_joint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "probe_joint on synthetic_cls2: ratio_vs_joint" in err and "lower 95% bound is above +100%" in err
+    assert "aten_ops" not in err  # sleeping dispatches no operator
 
 
-def test_compare_flags_any_memory_growth():
-    base = {"results": [{"method": "m", "task": "t", "ratio_vs_joint": 1.0, "mem_overhead_bytes": 100}]}
-    head = {"results": [{"method": "m", "task": "t", "ratio_vs_joint": 1.0, "mem_overhead_bytes": 104}]}
-    assert compare(base, head) == ["m on t: mem_overhead_bytes 100 -> 104"]
-    assert compare(base, base) == []
+def test_methods_are_costed_inside_their_window():
+    """ogm (synthetic preset) modulates from epoch 1: at epoch 0 it does less per step than at the
+    default epoch (the preset's last), which the operator count shows exactly."""
+    inside = run_bench(["ogm"], ["synthetic_cls2"], settings=QUICK, progress=False)["results"][0]
+    outside = run_bench(["ogm"], ["synthetic_cls2"], settings=QUICK, epoch=0, progress=False)["results"][0]
+    assert inside["epoch"] == 7 and outside["epoch"] == 0
+    assert inside["signals"]["method"]["aten_ops"] > outside["signals"]["method"]["aten_ops"]
+    assert inside["signals"]["joint"] == outside["signals"]["joint"]  # joint has no window
+    with pytest.raises(ConfigError, match="--epoch 8 is past the last epoch \\(7\\) of synthetic_cls2"):
+        run_bench(["ogm"], ["synthetic_cls2"], settings=QUICK, epoch=8, progress=False)
 
 
-def test_compare_threshold_is_relative():
-    base = {"results": [{"method": "m", "task": "t", "ratio_vs_joint": 1.2, "mem_overhead_bytes": 0}]}
-    ok = {"results": [{"method": "m", "task": "t", "ratio_vs_joint": 1.31, "mem_overhead_bytes": 0}]}
-    bad = {"results": [{"method": "m", "task": "t", "ratio_vs_joint": 1.33, "mem_overhead_bytes": 0}]}
-    assert compare(base, ok, 0.10) == []
-    assert len(compare(base, bad, 0.10)) == 1
+def test_blocks_are_split_over_the_passes():
+    settings = BenchSettings(blocks=7, passes=3)
+    assert [settings.blocks_in_pass(i) for i in range(3)] == [3, 2, 2]
 
 
-def test_bad_compare_file(tmp_path):
+def test_default_epoch():
+    class Window:
+        modulation_ends = 3
+
+    assert default_epoch(object(), 8) == 7  # no window: the last epoch
+    assert default_epoch(Window(), 8) == 3  # the window closes earlier
+    assert default_epoch(Window(), 2) == 1
+
+
+def test_bad_settings_and_compare_file(tmp_path):
+    with pytest.raises(ConfigError, match="--blocks must be an integer >= 1, got 0"):
+        run_bench(["joint"], ["synthetic_cls2"], settings=BenchSettings(blocks=0), progress=False)
+    with pytest.raises(ConfigError, match="--passes must be an integer in \\[1, --blocks\\], got 6"):
+        run_bench(["joint"], ["synthetic_cls2"], settings=BenchSettings(blocks=5, passes=6), progress=False)
+    with pytest.raises(ConfigError, match="--warmup must be an integer >= 0, got -1"):
+        run_bench(["joint"], ["synthetic_cls2"], settings=BenchSettings(warmup=-1), progress=False)
     with pytest.raises(ConfigError, match="--compare: no such file"):
-        main(_args(tmp_path, "--compare", str(tmp_path / "missing.json")))
+        main(_args("--compare", str(tmp_path / "missing.json")))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="is not a mmbalance bench report"):
-        main(_args(tmp_path, "--compare", str(bad)))
+        main(_args("--compare", str(bad)))
 
 
 def test_unknown_method_in_bench():
     from mmbalance.errors import RegistryError
 
     with pytest.raises(RegistryError, match="unknown method"):
-        run_bench(["no_such_method"], ["synthetic_cls2"], steps=1, warmup=0, progress=False)
+        run_bench(["no_such_method"], ["synthetic_cls2"], settings=QUICK, progress=False)
 
 
 def test_method_overrides_reach_the_method_and_the_report(tmp_path):
     out = tmp_path / "bench.json"
     with pytest.warns(UserWarning, match="side_stream=True has no effect"):  # CPU: nothing to overlap
         sets = ["--set", "side_stream=true", "--set", "method.rho=1.1"]
-        assert main(_args(tmp_path, "--methods", "cggm", *sets, "--out", str(out))) == 0
+        assert main(_args("--methods", "cggm", *sets, "--out", str(out))) == 0
     report = json.loads(out.read_text())
     assert report["config"]["method_overrides"] == {"side_stream": True, "rho": 1.1}
     with pytest.raises(ConfigError, match="no_such_field"):
-        main(_args(tmp_path, "--methods", "cggm", "--set", "no_such_field=1", "--out", str(out)))
+        main(_args("--methods", "cggm", "--set", "no_such_field=1", "--out", str(out)))
 
 
 def test_initial_models_are_built_once_and_leave_the_rng_as_a_fresh_build(monkeypatch):
     """Every pair of a case starts from the weights and the RNG state that building the model anew
     gives: the cache changes what is drawn afterwards in no way."""
-    from mmbalance.bench import InitialModels
+    from mmbalance.bench_cases import InitialModels
     from mmbalance.datasets import DATASETS
     from mmbalance.models import MODELS
     from mmbalance.train import seed_everything
@@ -147,7 +210,7 @@ def test_a_pair_failing_at_run_time_is_recorded_and_the_others_go_on(tmp_path, c
 
     probe_method.on_after_backward = out_of_memory
     out = tmp_path / "bench.json"
-    assert main(_args(tmp_path, "--methods", "probe_joint,mrd", "--out", str(out))) == 1
+    assert main(_args("--methods", "probe_joint,mrd", "--out", str(out))) == 1
     report = json.loads(out.read_text())
     assert [r["method"] for r in report["results"]] == ["mrd"]
     (failure,) = report["failed"]

@@ -129,6 +129,6 @@ def test_bench_prints_csv_like_table():
               "config": {"amp": "none"}}
     lines = format_table(report, "csv").splitlines()
     table = list(csv.reader(lines[:-1]))
-    assert table[0][:3] == ["method", "task", "ratio vs joint"]
-    assert table[1][:3] == ["cggm", "synthetic_cls2", "2.500"]
+    assert table[0][:4] == ["method", "task", "epoch", "ratio vs joint [95% CI]"]
+    assert table[1][:2] == ["cggm", "synthetic_cls2"] and table[1][3].startswith("2.5")
     assert lines[-1].startswith("# Device: cpu")

@@ -1,4 +1,5 @@
-"""Cost measurement: exact CPU byte counts, median / IQR, strict alternation, and the cost fields."""
+"""Cost measurement: exact CPU byte counts, median / IQR, strict alternation, timing blocks, the epoch
+the steps run at, and the cost fields."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from torch import nn
 import mmbalance.measure as measure
 from mmbalance.measure import (
     StepTimes,
+    block_ratios,
     compare_cost,
     optimizer_state_bytes,
     peak_memory_bytes,
     persistent_state_bytes,
     summarize_ms,
+    time_blocks,
     time_interleaved,
 )
 
@@ -88,9 +91,11 @@ class FakeTrainer:
         self.name, self.ms, self.clock, self.log = name, ms, clock, log
         self.balancer = balancer
         self.flushed = 0
+        self.epochs: list[int] = []
 
     def train_step(self, batch, epoch, step_in_epoch):
         self.log.append((self.name, batch["i"], step_in_epoch))
+        self.epochs.append(epoch)
         self.clock.now += self.ms / 1e3
 
     def flush_terms(self):
@@ -102,17 +107,49 @@ def test_time_interleaved_alternates_and_discards_warmup(monkeypatch):
     monkeypatch.setattr(measure.time, "perf_counter", clock)
     a, b = FakeTrainer("a", 2.0, clock, log), FakeTrainer("b", 5.0, clock, log)
     batches = [{"i": 0}, {"i": 1}]
-    times = time_interleaved({"a": a, "b": b}, batches, steps=3, warmup=2, device=CPU)
+    times = time_interleaved({"a": a, "b": b}, batches, steps=3, warmup=2, device=CPU, epoch=4)
     # 5 rounds, a then b each round, batches reused cyclically
     assert log == [(n, i % 2, i % 2) for i in range(5) for n in ("a", "b")]
     assert times["a"].ms == pytest.approx((2.0, 2.0, 2.0)) and times["b"].ms == pytest.approx((5.0, 5.0, 5.0))
     assert a.flushed == b.flushed == 1  # deferred loss checks are read once, after timing
+    assert a.epochs == b.epochs == [4] * 5  # every step, warm-up included, runs at the given epoch
     with pytest.raises(ValueError, match="at least one batch"):
-        time_interleaved({"a": a}, [], steps=1, warmup=0, device=CPU)
+        time_interleaved({"a": a}, [], steps=1, warmup=0, device=CPU, epoch=0)
+
+
+def test_time_blocks_alternates_the_order_and_groups_steps(monkeypatch):
+    clock, log = FakeClock(), []
+    monkeypatch.setattr(measure.time, "perf_counter", clock)
+    a, b = FakeTrainer("a", 2.0, clock, log), FakeTrainer("b", 5.0, clock, log)
+    batches = [{"i": 0}, {"i": 1}, {"i": 2}]
+    times = time_blocks({"a": a, "b": b}, batches, blocks=2, steps=3, device=CPU, epoch=6)
+    # 6 steps per trainer; a first on even steps of a block, b first on odd ones; batches cycle on
+    expected = []
+    for block in range(2):
+        for k in range(3):
+            i = block * 3 + k
+            names = ("a", "b") if k % 2 == 0 else ("b", "a")
+            expected += [(n, i % 3, i % 3) for n in names]
+    assert log == expected
+    assert [list(t) for t in times["a"]] == [pytest.approx([2.0] * 3)] * 2
+    assert [list(t) for t in times["b"]] == [pytest.approx([5.0] * 3)] * 2
+    assert a.epochs == [6] * 6 and a.flushed == b.flushed == 1
+    with pytest.raises(ValueError, match="blocks and steps must be integers >= 1"):
+        time_blocks({"a": a}, batches, blocks=0, steps=1, device=CPU, epoch=0)
+
+
+def test_block_ratios_are_ratios_of_the_fastest_steps():
+    # block 1: fastest method step 3, fastest joint step 2 -> 1.5 (the 9 ms step, preempted, is ignored)
+    # block 2: 4 / 4 -> 1.0
+    assert block_ratios([(3.0, 9.0), (4.0, 5.0)], [(2.0, 2.5), (6.0, 4.0)]) == [1.5, 1.0]
+    with pytest.raises(ValueError, match="2 blocks and joint 1"):
+        block_ratios([(1.0,), (1.0,)], [(1.0,)])
+    with pytest.raises(ValueError, match="at least one step time"):
+        block_ratios([()], [(1.0,)])
 
 
 def test_peak_memory_is_none_on_cpu():
-    assert peak_memory_bytes(object(), [{}], steps=1, device=CPU) is None
+    assert peak_memory_bytes(object(), [{}], steps=1, device=CPU, epoch=0) is None
 
 
 class _Balancer(nn.Module):
@@ -134,10 +171,11 @@ def test_compare_cost_on_cpu_by_hand(monkeypatch):
     method = FakeTrainer("method", 3.0, clock, log, _Balancer(aux, [aux_opt]))
     method.model, method.optimizer = model, main_opt
     joint = FakeTrainer("joint", 2.0, clock, log, _Balancer())
-    cost = compare_cost(method, joint, [{"i": 0}], steps=4, warmup=1, device=CPU)
+    cost = compare_cost(method, joint, [{"i": 0}], steps=4, warmup=1, device=CPU, epoch=7)
     assert log[:2] == [("joint", 0, 0), ("method", 0, 0)]  # joint first, then the method, every round
     assert cost["step_ms_median"] == pytest.approx(3.0) and cost["joint_step_ms_median"] == pytest.approx(2.0)
     assert cost["step_time_ratio"] == pytest.approx(1.5) and cost["timed_steps"] == 4
     assert cost["step_ms_iqr"] == pytest.approx(0.0)
     assert cost["mem_overhead_bytes"] == 192  # joint's balancer adds nothing
     assert cost["peak_mem_bytes"] == 44 + 44 + 192 and cost["memory_kind"] == "cpu_persistent_state"
+    assert cost["epoch"] == 7 and method.epochs == joint.epochs == [7] * 5  # timed at the given epoch
