@@ -79,7 +79,7 @@ EXECUTION_FIELDS: Mapping[str, tuple[str, ...]] = {
     "": ("resumed_from_epoch", "takeover", "attempts"),
     # threads_rule records how the count was chosen (--threads auto here, --cpus-per-run on Ray);
     # the count itself (env.threads) is compared
-    "env": ("node", "ray_task_id", "ray_gpu_ids", "threads_rule"),
+    "env": ("node", "pid", "ray_task_id", "ray_gpu_ids", "threads_rule"),
 }
 
 CheckpointEvery = int | Literal["auto"]

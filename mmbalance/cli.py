@@ -11,7 +11,6 @@ when its method called ``sys.exit``; a diverged run is a result (exit 0). Ctrl-C
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from tabulate import tabulate
 
 import mmbalance
 from mmbalance.cli_execution import add_execution_arguments, execution_options, make_executor
+from mmbalance.cli_rows import DEFAULT_OUT, add_plot, add_show, fmt_value
 from mmbalance.cli_support import (
     BENCH_HELP,
     Deferred,
@@ -35,7 +35,7 @@ from mmbalance.cli_support import (
     tracking_of,
 )
 from mmbalance.config import parse_set
-from mmbalance.errors import ConfigError, MMBalanceError, ResultError
+from mmbalance.errors import MMBalanceError, ResultError
 from mmbalance.table_grid import DEFAULT_MAX_WIDTH, FORMATS, LAYOUTS, SPLITS
 from mmbalance.threads import parse_threads
 
@@ -45,7 +45,6 @@ from mmbalance.threads import parse_threads
 
 __all__ = ["main", "build_parser", "COMMANDS", "DEFAULT_OUT", "Deferred"]
 
-DEFAULT_OUT = "runs"  # where `run` writes rows and `show` looks for them; `matrix` adds the spec's stem
 EXIT_USER_ERROR = 2
 
 
@@ -119,7 +118,7 @@ def _print_metrics(row: dict[str, Any]) -> None:
     val = row["metrics"]["val"]
     test = row["metrics"]["test"]
     names = [k for k in test if not k.startswith("score/")] + [k for k in test if k.startswith("score/")]
-    body = [[k, _fmt(val.get(k)), _fmt(test.get(k))] for k in names]
+    body = [[k, fmt_value(val.get(k)), fmt_value(test.get(k))] for k in names]
     print(f"{row['label']} on {row['dataset']}, seed {row['seed']} (run {row['run_id']}), "
           f"best epoch {row['metrics']['best_epoch']}")
     print(tabulate(body, headers=["metric", "val", "test"], tablefmt="simple", disable_numparse=True))
@@ -204,7 +203,8 @@ def _print_tables(out: Path, **options: Any) -> None:
 
 def _cmd_matrix(args: argparse.Namespace) -> int:
     from mmbalance.matrix import load_spec, parse_shard
-    from mmbalance.matrix_run import run_matrix
+    from mmbalance.matrix_jobs import run_with_jobs
+    from mmbalance.matrix_run import run_matrix, runs_to_train
 
     shard = parse_shard(args.shard)
     sets = parse_set(args.sets)
@@ -213,10 +213,15 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
     options = execution_options(args)
     check_matrix_data(spec, out, shard, sets, args.data_root)
     tracking = tracking_of(args, out, Path(args.spec).stem)
-    report = run_matrix(
-        spec, out, shard=shard, set_overrides=sets, data_root=args.data_root, device=args.device,
-        quiet=args.quiet, executor=make_executor(args, tracking), **options,
-    )
+
+    def run(quiet: bool) -> Any:
+        return run_matrix(spec, out, shard=shard, set_overrides=sets, data_root=args.data_root,
+                          device=args.device, quiet=quiet, executor=make_executor(args, tracking), **options)
+
+    def to_train() -> int:
+        return runs_to_train(spec, out, shard=shard, set_overrides=sets, data_root=args.data_root)
+
+    report = run_with_jobs(args, run, to_train, device=args.device or spec.device)
     print(report.summary(), file=sys.stderr)
     if not args.no_tables:
         _print_tables(out)
@@ -287,152 +292,6 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_table)
 
 
-# -- show ------------------------------------------------------------------------------------------
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
-
-
-def _find_row_file(target: str, folder: Path) -> Path:
-    """A row file: ``target`` itself, or the one file under ``folder`` whose run id starts with it."""
-    path = Path(target)
-    if path.is_file():
-        return path
-    if not folder.is_dir():
-        where = f"the results folder {str(folder)!r} (--dir)"
-        raise ResultError(f"{target!r} is not a file, and {where} does not exist")
-    candidates = folder.rglob(f"{target}*.json")
-    matches = sorted(p for p in candidates if not p.name.startswith(".") and p.parent.name != "_matrix")
-    if not matches:
-        raise ResultError(
-            f"no result file or run id {target!r} under {str(folder)!r} (--dir); expected a path or a run id "
-            "(prefix)"
-        )
-    distinct = {p.stem for p in matches}
-    if len(distinct) > 1:
-        shown = ", ".join(sorted(distinct)[:8])
-        raise ResultError(f"run id prefix {target!r} is ambiguous under {str(folder)!r}: {shown}")
-    return matches[0]
-
-
-def _add_dir(p: argparse.ArgumentParser, *aliases: str) -> None:
-    p.add_argument("--dir", *aliases, dest="dir", default=DEFAULT_OUT,
-                   help="results folder searched (recursively) for run ids (default: %(default)s)"
-                   + (f"; {', '.join(aliases)} is an older spelling" if aliases else ""))
-
-
-def _flat(prefix: str, value: Any) -> list[tuple[str, Any]]:
-    if isinstance(value, dict):
-        out: list[tuple[str, Any]] = []
-        for k, v in value.items():
-            out += _flat(f"{prefix}.{k}" if prefix else str(k), v)
-        return out
-    return [(prefix, value)]
-
-
-def _cmd_show(args: argparse.Namespace) -> int:
-    from mmbalance.results import read_row
-
-    row = read_row(_find_row_file(args.target, Path(args.dir)))
-    d = row.data
-    lines = [
-        f"run {row.run_id}: {row.label} on {row.dataset} ({row.task}), seed {row.seed}: {row.status.upper()}",
-        f"command: {row.command}",
-        "env: " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.env.items()),
-    ]
-    if row.status == "unsupported":
-        lines.append(f"reason: {d.get('reason', '')}")
-    if row.status == "diverged":
-        div = d["divergence"]
-        lines.append(f"diverged at step {div.get('step')} (epoch {div.get('epoch')}): {div['reason']}")
-    if row.status == "failed" and row.error:
-        lines += [f"error: {row.error.get('type')}: {row.error.get('message')}",
-                  str(row.error.get("traceback", "")).rstrip()]
-    if row.config:
-        config = [(k, repr(v) if v is None or isinstance(v, str) else v) for k, v in _flat("", row.config)]
-        lines += ["", "config:", tabulate(config, tablefmt="plain", disable_numparse=True)]
-    if row.status == "ok":
-        val, test = row.metrics["val"], row.metrics["test"]
-        names = list(dict.fromkeys([*test, *val]))
-        lines += ["", f"metrics (best epoch {row.metrics['best_epoch']}):",
-                  tabulate([[k, _fmt(val.get(k)), _fmt(test.get(k))] for k in names],
-                           headers=["metric", "val", "test"], tablefmt="simple", disable_numparse=True)]
-        if row.cost:
-            cost = [[k, _fmt(v)] for k, v in row.cost.items()]
-            lines += ["", "cost:", tabulate(cost, tablefmt="plain", disable_numparse=True)]
-    if row.history:
-        hist = []
-        keys: list[str] = []
-        for record in row.history:
-            flat = dict(_flat("", {k: v for k, v in record.items() if k not in ("epoch",)}))
-            hist.append((record.get("epoch"), flat))
-            keys += [k for k in flat if k not in keys]
-        body = [[epoch, *(_fmt(flat.get(k)) for k in keys)] for epoch, flat in hist]
-        lines += ["", "history:",
-                  tabulate(body, headers=["epoch", *keys], tablefmt="simple", disable_numparse=True)]
-    print("\n".join(lines))
-    return 0
-
-
-def _add_show(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "show", help="summarise one result row",
-        description="Print one result row: status, command, environment, config, metrics, cost and per-epoch "
-        "history.",
-    )
-    p.add_argument("target", metavar="RUN_ID_OR_FILE", help="a row file, or a run id (prefix) under --dir")
-    _add_dir(p, "--out")
-    p.set_defaults(func=_cmd_show)
-
-
-# -- plot ------------------------------------------------------------------------------------------
-def _cmd_plot(args: argparse.Namespace) -> int:
-    from mmbalance import plotting  # matplotlib only when plotting
-
-    if bool(args.targets) == bool(args.label):
-        raise ConfigError("plot needs RUN (row files or run ids) or --label with --dataset, one of the two")
-    if args.label:
-        from mmbalance.results import load_rows
-
-        if not args.dataset:
-            raise ConfigError(f"--label {args.label!r} needs --dataset: the seed mean is over one dataset")
-        loaded = load_rows(args.dir)
-        rows = [r.data for r in loaded.rows if r.status == "ok" and r.dataset == args.dataset]
-        against = None if args.against.lower() == "none" else args.against
-        out = args.out or f"{args.label}_{args.dataset}.png"
-        path = plotting.plot_seed_mean(rows, args.label, out, against=against)
-    elif len(args.targets) == 1:
-        path = plotting.plot_run(_find_row_file(args.targets[0], Path(args.dir)), args.out)
-    else:
-        files = [_find_row_file(t, Path(args.dir)) for t in args.targets]
-        path = plotting.plot_runs(files, args.out or f"{'_'.join(f.stem[:6] for f in files)}.png")
-    print(f"plot written to {path}")
-    return 0
-
-
-def _add_plot(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "plot", help="draw per-epoch curves of runs (PNG): validation scores per modality, diagnostics",
-        description="Draw the per-epoch history of result rows: the per-modality validation scores, the "
-        "validation metric and training loss of any run, and the method's diagnostics where it logs them "
-        "(CGGM: ε_i, B_i, cos_i, gradient norms and cosines, L_gm), one panel each. Several RUNs are "
-        "overlaid; --label draws the mean ± std over seeds of a method's runs on --dataset beside joint's.",
-    )
-    p.add_argument("targets", metavar="RUN", nargs="*",
-                   help="row files, or run ids (unique prefixes) under --dir; several are overlaid")
-    p.add_argument("--label", help="instead of RUNs: the seed mean ± std of this method label (e.g. cggm)")
-    p.add_argument("--dataset", help="with --label: the dataset whose runs are averaged")
-    p.add_argument("--against", default="joint",
-                   help="with --label: the label drawn beside it (default: joint; none: alone)")
-    p.add_argument("--out",
-                   help="PNG path (default: one RUN: its row file with .png; else a name in this folder)")
-    _add_dir(p)
-    p.set_defaults(func=_cmd_plot)
-
-
 # -- entry point -----------------------------------------------------------------------------------
 # One line per subcommand: the function adding its parser.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None] | Deferred] = [
@@ -440,8 +299,8 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None] | Deferred] = [
     _add_run,
     _add_matrix,
     _add_table,
-    _add_show,
-    _add_plot,
+    add_show,
+    add_plot,
     Deferred("fixtures", "write tiny copies of the paper datasets in their on-disk formats", add_fixtures),
     Deferred("bench", BENCH_HELP, add_bench),
 ]
@@ -477,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 1 failed runs, 2 user error)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(command_of(argv)).parse_args(argv)
-    args.command_line = _command_line(argv)
+    args.command_line, args.argv = _command_line(argv), argv
     if isinstance(args.threads, int):
         import torch
 

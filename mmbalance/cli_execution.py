@@ -29,7 +29,11 @@ def add_execution_arguments(p: argparse.ArgumentParser) -> None:
     """Add ``--executor``, the Ray resources, ``--claim-timeout`` and the checkpoint options to ``p``."""
     g = p.add_argument_group("execution", "where runs train (see README, 'Run the matrix on a cluster')")
     g.add_argument("--executor", default="local", metavar="local|ray",
-                   help="local: one run after another in this process (default); ray: a Ray task per run")
+                   help="local: runs train in this process, and in --jobs - 1 more (default); ray: a Ray "
+                   "task per run")
+    g.add_argument("--jobs", default="auto", metavar="auto|N",
+                   help="local: worker processes sharing the matrix through its claims (default auto: one "
+                   "per usable core on the CPU, 1 on CUDA); each caps torch at cores // N threads")
     g.add_argument("--address", metavar="auto|HOST:PORT|ray://HOST:PORT",
                    help="ray: the cluster to join (default: start a local one sized to this machine)")
     g.add_argument("--gpus-per-run", metavar="F",

@@ -58,7 +58,9 @@ from mmbalance.runner import environment
 from mmbalance.runtime import check_device_name
 from mmbalance.threads import ThreadSetting, auto_threads
 
-__all__ = ["MatrixReport", "run_matrix", "check_thread_count", "PRIMARY_METRIC", "DONE_STATUSES"]
+__all__ = [
+    "MatrixReport", "run_matrix", "runs_to_train", "check_thread_count", "PRIMARY_METRIC", "DONE_STATUSES",
+]
 
 DONE_STATUSES = ("ok", "unsupported", "diverged")  # a resume skips these; failed runs are retried
 CLAIMED = "claimed"  # outcome of a run skipped because another live process holds its claim
@@ -145,6 +147,21 @@ def _previous_status(path: Path) -> tuple[str | None, str | None]:
         return read_row(path).status, None
     except ResultError as exc:
         return None, str(exc)
+
+
+def runs_to_train(
+    spec: MatrixSpec,
+    out: str | os.PathLike[str],
+    *,
+    shard: tuple[int, int] | None = None,
+    set_overrides: Mapping[str, Any] | None = None,
+    data_root: str | None = None,
+) -> int:
+    """How many runs of the selection have no finished row in ``out`` yet (what a call of
+    :func:`run_matrix` would train, claims aside)."""
+    runs = select_shard(plan_matrix(spec, set_overrides=set_overrides, data_root=data_root), shard)
+    statuses = (_previous_status(Path(out) / f"{run.run_id}.json")[0] for run in runs if run.resolved)
+    return sum(1 for status in statuses if status not in DONE_STATUSES)
 
 
 def check_thread_count(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import platform
 import subprocess
 import sys
@@ -67,7 +68,8 @@ def _git_state() -> tuple[str | None, bool | None]:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """The ``env`` fields of a row: device name, torch, mmbalance, git commit and dirty flag."""
+    """The ``env`` fields of a row: device name, torch, mmbalance, git commit and dirty flag, and the
+    process that trained it (``pid``: which ``--jobs`` worker)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -82,6 +84,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "git_commit": commit,
         "dirty": dirty,
+        "pid": os.getpid(),
     }
 
 
