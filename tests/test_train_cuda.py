@@ -13,9 +13,9 @@ from mmbalance.datasets import DATASETS
 from mmbalance.methods import METHODS
 from mmbalance.models import MODELS
 from mmbalance.tasks import make_task
+from mmbalance.testing import contract_trainer
 from mmbalance.train import TrainConfig, batch_to_device, fit, make_loader, seed_everything
 
-from .methods.test_contract import _trainer
 from .methods.test_contract_cuda import AMP_REFUSED
 
 pytestmark = [
@@ -53,7 +53,7 @@ def test_fp16_overflow_skips_the_steps_it_must_and_keeps_weights_finite(method):
     its own optimizer outside the scaler would apply inf or scaled gradients), and the scale halves."""
     if (method, "fp16") in AMP_REFUSED:
         pytest.skip(f"{method} refuses fp16")
-    trainer, batches = _trainer(method, "synthetic_cls2", device=CUDA, amp="fp16")
+    trainer, batches = contract_trainer(method, "synthetic_cls2", device=CUDA, amp="fp16")
     trainer.train_step(batches[0], 0, 0)  # builds lazy heads and their optimizers
     optimizers = [trainer.optimizer, *trainer.balancer.auxiliary_optimizers()]
     before = {id(p): p.detach().clone() for o in optimizers for g in o.param_groups for p in g["params"]}
@@ -81,7 +81,8 @@ def test_fp16_updates_do_not_depend_on_the_loss_scale(method):
     updates = []
     for scale in (2.0**6, 2.0**14):
         sgd = {"optimizer": "sgd", "momentum": 0.0}
-        trainer, batches = _trainer(method, "synthetic_cls2", device=CUDA, amp="fp16", train_options=sgd)
+        trainer, batches = contract_trainer(method, "synthetic_cls2", device=CUDA, amp="fp16",
+                                            train_options=sgd)
         trainer.train_step(batches[0], 0, 0)
         optimizers = [trainer.optimizer, *trainer.balancer.auxiliary_optimizers()]
         params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
@@ -125,8 +126,8 @@ def test_sample_valuation_resamples_on_cuda_as_on_cpu_without_a_sync():
     loss terms match the CPU run's, and the steps after the first read nothing back."""
     runs = {}
     for device in (torch.device("cpu"), CUDA):
-        trainer, batches = _trainer("sample_valuation", "synthetic_cls2", device=device,
-                                    method_options={"warmup": 0})
+        trainer, batches = contract_trainer("sample_valuation", "synthetic_cls2", device=device,
+                                            options={"warmup": 0})
         plan = (trainer.balancer.rows.index.clone(), trainer.balancer.rows.keep.clone())
         trainer.train_step(batches[0], 0, 0)
         if device.type == "cuda":

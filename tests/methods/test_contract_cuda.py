@@ -1,4 +1,5 @@
-"""The registry-wide contract tests on CUDA (``gpu``; skipped without a GPU).
+"""The registry-wide contract tests on CUDA (``gpu``; skipped without a GPU): the checks of
+:mod:`mmbalance.testing` that ``check_method(..., device="cuda")`` runs, parametrised over the registry.
 
 Every registered method, on every synthetic task it declares, on the GPU: three finite steps in
 fp32, bf16 and fp16 with its GradScaler, with every parameter and buffer of the model and the
@@ -21,18 +22,18 @@ import os
 import pytest
 import torch
 
-from mmbalance.errors import UnsupportedError
-
-from .test_contract import (
-    CASES,
-    _steps,
-    _trainer,
+from mmbalance.testing import (
+    AMP_MODES,
+    check_finite_steps,
     check_grad_edit_scope,
-    check_resume,
+    check_no_host_sync,
+    check_seeded_determinism,
+    check_state_round_trip,
 )
 
+from .test_contract import CASES
+
 DEVICE = torch.device(os.environ.get("MMB_TEST_DEVICE", "cuda"))
-AMP_MODES = ("none", "bf16", "fp16")
 # Methods that refuse an AMP mode with an UnsupportedError naming it (tested: the refusal happens).
 AMP_REFUSED = {("mla", "fp16"): "steps its shared head M times per batch; a GradScaler allows one step"}
 
@@ -57,55 +58,37 @@ def _selected(cases):
 DEVICE_CASES = _selected(CASES)
 
 
-def _off_device(trainer):
-    """Names of the model's and balancer's parameters and buffers that are not on the run's device."""
-    out = []
-    for prefix, module in (("model.", trainer.model), ("balancer.", trainer.balancer)):
-        for name, tensor in (*module.named_parameters(), *module.named_buffers()):
-            if tensor.device.type != DEVICE.type:
-                out.append(f"{prefix}{name} ({tensor.device})")
-    return out
+def _refused(method, amp):
+    """Whether the method must refuse ``amp`` here (a GradScaler is CUDA's)."""
+    return (method, amp) in AMP_REFUSED and DEVICE.type == "cuda"
 
 
 @pytest.mark.parametrize("amp", AMP_MODES)
 @pytest.mark.parametrize("method, ds_name", DEVICE_CASES)
 def test_three_finite_steps_on_the_device(method, ds_name, amp):
-    trainer, batches = _trainer(method, ds_name, device=DEVICE, amp=amp)
-    refused = AMP_REFUSED.get((method, amp))
-    if refused and DEVICE.type == "cuda":
-        with pytest.raises(UnsupportedError, match=f"amp='{amp}' is unsupported"):
-            _steps(trainer, batches)
-        return
-    _steps(trainer, batches)
-    for name, p in trainer.model.named_parameters():
-        assert torch.isfinite(p).all(), f"{method} ({amp}): parameter {name} is not finite"
-    assert not _off_device(trainer), f"{method}: state not on {DEVICE}: {_off_device(trainer)[:5]}"
-    if trainer.scaler.is_enabled():
-        assert torch.isfinite(torch.tensor(trainer.scaler.get_scale()))
+    note = check_finite_steps(method, ds_name, device=DEVICE, amp=amp)
+    if _refused(method, amp):
+        assert note is not None and f"amp='{amp}' is unsupported" in note, f"{method} ran amp={amp!r}"
+    else:
+        assert note is None, note
 
 
 @pytest.mark.parametrize("method, ds_name", DEVICE_CASES)
 def test_resume_through_a_cpu_checkpoint_continues_identically(method, ds_name):
-    check_resume(method, ds_name, device=DEVICE, map_location="cpu")
+    assert check_state_round_trip(method, ds_name, device=DEVICE, map_location="cpu") is None
 
 
 @pytest.mark.parametrize("method, ds_name", DEVICE_CASES)
 def test_seeded_determinism_on_the_device(method, ds_name):
-    finals = []
-    for _ in range(2):
-        trainer, batches = _trainer(method, ds_name, seed=7, device=DEVICE)
-        _steps(trainer, batches)
-        finals.append([p.detach().clone() for p in trainer.model.parameters()])
-    for a, b in zip(*finals, strict=True):
-        assert torch.equal(a, b)
+    assert check_seeded_determinism(method, ds_name, device=DEVICE) is None
 
 
 @pytest.mark.parametrize("amp", AMP_MODES)
 @pytest.mark.parametrize("method, ds_name", DEVICE_CASES)
 def test_gradient_edits_stay_in_declared_scope_on_the_device(method, ds_name, amp):
-    if (method, amp) in AMP_REFUSED and DEVICE.type == "cuda":
+    if _refused(method, amp):
         pytest.skip(f"{method} refuses amp={amp!r} (test_three_finite_steps_on_the_device checks it)")
-    check_grad_edit_scope(method, ds_name, device=DEVICE, amp=amp)
+    assert check_grad_edit_scope(method, ds_name, device=DEVICE, amp=amp) is None
 
 
 @pytest.mark.parametrize("method, ds_name", DEVICE_CASES)
@@ -114,13 +97,4 @@ def test_no_host_sync_after_the_first_step(method, ds_name):
     from the device (fp32: an fp16 GradScaler reads its inf flag on the host by design)."""
     if DEVICE.type != "cuda":
         pytest.skip("sync debug mode is CUDA's")
-    trainer, batches = _trainer(method, ds_name, device=DEVICE)
-    trainer.train_step(batches[0], 0, 0)
-    torch.cuda.synchronize(DEVICE)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for i, batch in enumerate(batches[1:], start=1):
-            trainer.train_step(batch, 0, i)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    trainer.flush_terms()
+    assert check_no_host_sync(method, ds_name, device=DEVICE) is None
