@@ -108,7 +108,8 @@ class Balancer(nn.Module):
         presets: per-dataset paper settings, e.g. ``{"mosi": {"rho": 1.3, "lam": 0.2}}``.
         tasks: subset of ``{"cls", "reg", "seg"}``.
         min_modalities / max_modalities: supported modality counts (``None`` = unbounded).
-        paper: citation shown by ``mmbalance list``.
+        paper: short citation shown by ``mmbalance list``: ``"Wei et al., ICCV 2025 (owner/repo)"``
+            (first author, venue and year, official repository); the full one is in the card.
         grad_edit_scope: model parts ("encoders", "fusion", "head") whose gradients the method
             edits in ``on_after_backward``.
     """

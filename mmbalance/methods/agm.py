@@ -170,10 +170,7 @@ class AGM(Balancer):
         },  # authors' setting, lihongcs/AGM#3 (continuous modulation)
         "avmnist": {"alpha": 2.5, "cap": "none"},  # README training command; AVMNIST_main.py has no cap
     }
-    paper = (
-        "Li, Li, Hu, Lei, Li, Zhou. Boosting Multi-modal Model Performance with Adaptive Gradient "
-        "Modulation. ICCV 2023 (lihong2303/AGM_ICCV2023)"
-    )
+    paper = "Li et al., ICCV 2023 (lihong2303/AGM_ICCV2023)"
     grad_edit_scope = frozenset({"encoders", "fusion", "head"})  # the conditional clip rescales all
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:

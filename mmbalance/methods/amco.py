@@ -86,10 +86,7 @@ class AMCo(HeadedBalancer):
 
     Config = AMCoConfig
     tasks = frozenset({"cls"})
-    paper = (
-        "Zhou, Liang, Zheng, Xuan, Kumada. Adaptive Mask Co-Optimization for Modal Dependence in "
-        "Multimodal Learning. ICASSP 2023 (re-implemented in GeWu-Lab/BalanceBenchmark)"
-    )
+    paper = "Zhou et al., ICASSP 2023 (as in GeWu-Lab/BalanceBenchmark)"
     heads_detach = False  # the unimodal losses (co-optimisation) train the encoders
 
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:

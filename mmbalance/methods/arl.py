@@ -106,10 +106,7 @@ class ARL(Balancer):
     }
     tasks = frozenset({"cls", "seg"})
     grad_edit_scope = frozenset({"encoders"})
-    paper = (
-        "Wei, Luo, Luo. Improving Multimodal Learning via Imbalanced Learning. ICCV 2025 "
-        "(shicaiwei123/ICCV2025-ARL)"
-    )
+    paper = "Wei et al., ICCV 2025 (shicaiwei123/ICCV2025-ARL)"
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: Any) -> None:
         super().setup(model, task, optimizer_factory)

@@ -117,10 +117,7 @@ class CGGM(Balancer):
         "brats": {"rho": 1.0, "lam": 0.1, "cls_lr": 6e-3, "cls_weight_decay": 3e-4, "head_dropout": 0.1},
     }
     grad_edit_scope = frozenset({"encoders"})
-    paper = (
-        "Guo, Jin, Chen, Zhao. Classifier-guided Gradient Modulation for Enhanced Multimodal Learning. "
-        "NeurIPS 2024 (arXiv 2411.01409); code zrguo/CGGM"
-    )
+    paper = "Guo et al., NeurIPS 2024 (zrguo/CGGM)"
 
     def __init__(self, config: CGGMConfig | None = None, head_factory: HeadFactory | None = None, *,
                  trace: bool | Callable[[dict[str, Tensor]], None] = False) -> None:

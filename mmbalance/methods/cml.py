@@ -101,8 +101,7 @@ class CML(Balancer):
     """CML: a modality-removal chain per sample; penalise subsets more confident than supersets."""
 
     Config = CMLConfig
-    paper = ("Ma, Zhang, Zhang, Wu, Fu, Zhou, Hu. Calibrating Multimodal Learning. ICML 2023 "
-             "(QingyangZhang/CML)")
+    paper = "Ma et al., ICML 2023 (QingyangZhang/CML)"
     tasks = frozenset({"cls", "seg"})  # needs class confidences: no regression
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:

@@ -52,10 +52,7 @@ class DGL(Balancer):
         "cremad": {"alpha": 5.0},  # cramed_dgl.sh: α 4 and 5 (notes 77.48 / 78.12); the better one
         "kineticsound": {"alpha": 3.0},  # ks_dgl.sh: α 2 and 3 (notes 74.78; 75.10, 76.28)
     }
-    paper = (
-        "Wei, Luo, Luo. Boosting Multimodal Learning via Disentangled Gradient Learning. ICCV 2025 "
-        "(shicaiwei123/ICCV2025-GDL)"
-    )
+    paper = "Wei et al., ICCV 2025 (shicaiwei123/ICCV2025-GDL)"
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: Any) -> None:
         super().setup(model, task, optimizer_factory)

@@ -122,10 +122,7 @@ class G2D(UMT):
         "synthetic": {"modulation_ends": 3},
     }
     grad_edit_scope = frozenset({"encoders"})
-    paper = (
-        "Rakib, Bagavathi. G2D: Boosting Multimodal Learning with Gradient-Guided Distillation. "
-        "ICCV 2025 (rAIson-Lab/G2D)"
-    )
+    paper = "Rakib and Bagavathi, ICCV 2025 (rAIson-Lab/G2D)"
 
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)

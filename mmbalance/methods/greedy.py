@@ -112,10 +112,7 @@ class Greedy(Balancer):
         "modelnet40": {"epsilon": 0.01, "window": 5, "start_epoch": 1},  # configs/training_guided.gin
     }
     max_modalities = 2
-    paper = (
-        "Wu, Jastrzębski, Cho, Geras. Characterizing and overcoming the greedy nature of learning in "
-        "multi-modal deep neural networks. ICML 2022 (nyukat/greedy_multimodal_learning)"
-    )
+    paper = "Wu et al., ICML 2022 (nyukat/greedy_multimodal_learning)"
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)

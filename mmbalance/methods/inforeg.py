@@ -108,10 +108,7 @@ class InfoReg(HeadedBalancer):
         "synthetic": {"window_length": 2},  # 10 of main.py's 50 epochs, scaled to the benchmark's 8
     }
     grad_edit_scope = frozenset({"encoders"})
-    paper = (
-        "Huang, Wei, Yang, Hu. Adaptive Unimodal Regulation for Balanced Multimodal Information "
-        "Acquisition. CVPR 2025 (GeWu-Lab/InfoReg_CVPR2025)"
-    )
+    paper = "Huang et al., CVPR 2025 (GeWu-Lab/InfoReg_CVPR2025)"
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         cfg: InfoRegConfig = self.config

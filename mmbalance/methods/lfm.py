@@ -150,10 +150,7 @@ class LFM(HeadedBalancer):
     Config = LFMConfig
     presets = {"cremad": {"weighting": "fitted"}}  # README: python Crema_epoch.py
     tasks = frozenset({"cls", "seg"})
-    paper = (
-        "Yang, Wan, Jiang, Xu. Facilitating Multimodal Classification via Dynamically Learning Modality "
-        "Gap. NeurIPS 2024 (njustkmg/NeurIPS24-LFM)"
-    )
+    paper = "Yang et al., NeurIPS 2024 (njustkmg/NeurIPS24-LFM)"
     heads_detach = False  # the alignment reaches the encoders through the heads
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:

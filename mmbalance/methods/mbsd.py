@@ -129,10 +129,7 @@ class MBSD(HeadedBalancer):
 
     Config = MBSDConfig
     tasks = frozenset({"cls", "seg"})
-    paper = (
-        "Liu, Li, Song, Yang, Zeng. Multimodal Pre-Training with Self-Distillation for Product "
-        "Understanding in E-Commerce. WSDM 2023 (mechanism as in GeWu-Lab/BalanceBenchmark MBSD_trainer)"
-    )
+    paper = "Liu et al., WSDM 2023 (as in GeWu-Lab/BalanceBenchmark)"
     heads_detach = False  # inside the window the unimodal losses train the encoders too
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:

@@ -94,11 +94,7 @@ class MLA(Balancer):
         "iemocap": {"fusion_weights": {"audio": 0.35, "vision": 0.25, "text": 0.4}},
     }
     tasks = frozenset({"cls", "seg"})
-    paper = (
-        "Zhang, Yoon, Bansal, Yao. Multimodal Representation Learning by Alternating Unimodal Adaptation. "
-        "CVPR 2024 "
-        "(Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation)"
-    )
+    paper = "Zhang et al., CVPR 2024 (Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation)"
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
         cfg: MLAConfig = self.config

@@ -65,10 +65,7 @@ class MMCosine(HeadedBalancer):
     # README: python main_CD.py --train --fusion_method gated --mmcosine True --scaling 10
     presets = {"cremad": {"scaling": 10.0}}
     tasks = frozenset({"cls"})
-    paper = (
-        "Xu, Feng, Zhang, Hu. MMCosine: Multi-Modal Cosine Loss Towards Balanced Audio-Visual "
-        "Fine-Grained Learning. ICASSP 2023 (GeWu-Lab/MMCosine_ICASSP23)"
-    )
+    paper = "Xu et al., ICASSP 2023 (GeWu-Lab/MMCosine_ICASSP23)"
     heads_detach = False  # the cross-entropy of the cosine logits trains the encoders
 
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:

@@ -110,10 +110,7 @@ class MMPareto(HeadedBalancer):
     their losses are MMPareto's unimodal tasks and reach the encoders."""
 
     Config = MMParetoConfig
-    paper = (
-        "Wei, Hu. MMPareto: Boosting Multimodal Learning with Innocent Unimodal Assistance. ICML 2024 "
-        "(GeWu-Lab/MMPareto_ICML2024)"
-    )
+    paper = "Wei and Hu, ICML 2024 (GeWu-Lab/MMPareto_ICML2024)"
     grad_edit_scope = frozenset({"encoders"})
     heads_detach = False
 

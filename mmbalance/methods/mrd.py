@@ -79,10 +79,7 @@ class MRD(Balancer):
     """Per-sample modality dropout at the fusion input (training only)."""
 
     Config = MRDConfig
-    paper = (
-        "Modality Random Dropout, as compared in Guo et al., Classifier-guided Gradient Modulation, "
-        "NeurIPS 2024; mechanism of Neverova et al., ModDrop, TPAMI 2016"
-    )
+    paper = "baseline of Guo et al., NeurIPS 2024; ModDrop, Neverova et al., TPAMI 2016"
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)

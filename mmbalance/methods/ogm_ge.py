@@ -146,10 +146,7 @@ class OGMGE(HeadedBalancer):
         "cremad": {"alpha": 0.8},  # README "Tips"
         "vggsound": {"alpha": 0.1},  # README "Tips" and default modulation setting
     }
-    paper = (
-        "Peng, Wei, Deng, Wang, Hu. Balanced Multimodal Learning via On-the-fly Gradient Modulation. "
-        "CVPR 2022 (GeWu-Lab/OGM-GE_CVPR2022)"
-    )
+    paper = "Peng et al., CVPR 2022 (GeWu-Lab/OGM-GE_CVPR2022)"
     grad_edit_scope = frozenset({"encoders"})
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:

@@ -93,10 +93,7 @@ class OPM(HeadedBalancer):
         # Not from the paper: the 8-epoch synthetic benchmark, warm-up scaled from 6 of 100 epochs.
         "synthetic": {"warmup_epochs": 1},
     }
-    paper = (
-        "Wei, Hu, Du, Wen. On-the-fly Modulation for Balanced Multimodal Learning. TPAMI 2024 "
-        "(GeWu-Lab/BML_TPAMI2024)"
-    )
+    paper = "Wei et al., TPAMI 2024 (GeWu-Lab/BML_TPAMI2024)"
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)

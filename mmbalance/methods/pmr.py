@@ -110,10 +110,7 @@ class PMR(Balancer):
         "cgmnist": {"alpha": 1.0, "momentum_coef": 0.0, "modulation_ends": 60},
     }
     tasks = frozenset({"cls"})
-    paper = (
-        "Fan, Xu, Wang, Wang, Guo. PMR: Prototypical Modal Rebalance for Multimodal Learning. CVPR 2023 "
-        "(fanyunfeng-bit/Modal-Imbalance-PMR)"
-    )
+    paper = "Fan et al., CVPR 2023 (fanyunfeng-bit/Modal-Imbalance-PMR)"
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)

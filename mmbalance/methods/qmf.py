@@ -133,10 +133,7 @@ class QMF(HeadedBalancer):
         "sunrgbd": {"lam": 0.1, "detach_weights": False},
     }
     tasks = frozenset({"cls", "seg"})
-    paper = (
-        "Zhang, Wu, Zhang, Hu, Fu, Zhou, Peng. Provable Dynamic Fusion for Low-Quality Multimodal Data. "
-        "ICML 2023 (QingyangZhang/QMF)"
-    )
+    paper = "Zhang et al., ICML 2023 (QingyangZhang/QMF)"
     heads_detach = False  # the heads are the predictor: their losses train the encoders
 
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
