@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from mmbalance.errors import ConfigError, ShapeError
+from mmbalance.methods._grads import step_auxiliary
 from mmbalance.models.resize import resize_bilinear
 
 __all__ = [
@@ -286,25 +287,12 @@ class UnimodalHeads(nn.Module):
         """``{"unimodal/<m>": task.loss(predictions[m], target)}`` (mean-reduced), in modality order."""
         return {head_term(m): task.loss(predictions[m], target) for m in self.modalities}
 
-    def make_optimizer(self, optimizer_factory: Any, lr: float | None = None, **overrides: Any) -> torch.optim.Optimizer:
-        """Transitional: methods not yet on :class:`~mmbalance.methods._headed.HeadedBalancer` build
-        the heads' optimizer themselves. Removed once every method passes ``optimizer_factory``."""
-        if not self.built:
-            raise ConfigError("unimodal heads are built on the first forward; make the optimizer after it")
-        return optimizer_factory(list(self.heads.parameters()), lr=lr, **overrides)
-
     # -- own optimizer --------------------------------------------------------------------------
     def step(self, scaler: torch.amp.GradScaler) -> None:
         """Step and zero the heads' optimizer through the run's GradScaler (unscales, skips inf
         steps); nothing before the heads are built or without an optimizer factory."""
         if self.optimizer is not None:
-            scaler.step(self.optimizer)
-            self.optimizer.zero_grad(set_to_none=True)
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        """The heads' own optimizer, once built (counted in the method's memory and saved in its
-        training state)."""
-        return [self.optimizer] if self.optimizer is not None else []
+            step_auxiliary(scaler, self.optimizer)
 
     # -- state ----------------------------------------------------------------------------------
     def get_extra_state(self) -> Tensor:

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from mmbalance.errors import ConfigError, ShapeError
-from mmbalance.methods._grads import step_auxiliary
 from mmbalance.methods._heads import UnimodalHeads, feature_kind, pool_features
 
 B = 3
@@ -121,18 +120,17 @@ def test_width_change_and_bad_options_raise():
         UnimodalHeads(("a",), "det", 2)
     with pytest.raises(ConfigError, match="hidden"):
         UnimodalHeads(("a",), "cls", 2, hidden=0)
-    with pytest.raises(ConfigError, match="first forward"):
-        UnimodalHeads(("a",), "cls", 2).make_optimizer(lambda p, lr=None: torch.optim.SGD(p, lr=0.1))
 
 
-def test_auxiliary_step_through_a_disabled_scaler_updates_and_zeroes():
-    heads = UnimodalHeads(("a",), "reg", 1, seed=0)
+def test_own_step_through_a_disabled_scaler_updates_and_zeroes():
+    heads = UnimodalHeads(("a",), "reg", 1, seed=0, optimizer_factory=torch.optim.SGD, lr=0.5)
     f = {"a": torch.randn(B, 5)}
+    heads.step(torch.amp.GradScaler("cpu", enabled=False))  # before the heads are built: nothing
+    assert heads.optimizer is None
     heads(f)
-    opt = heads.make_optimizer(lambda p, lr=None: torch.optim.SGD(p, lr=lr), lr=0.5)
     before = heads.heads["a"].net.bias.detach().clone()
     heads(f)["a"].sum().backward()
-    step_auxiliary(torch.amp.GradScaler("cpu", enabled=False), opt)
+    heads.step(torch.amp.GradScaler("cpu", enabled=False))
     # d(sum out)/d bias = B, so bias moves by -lr * B
     torch.testing.assert_close(heads.heads["a"].net.bias.detach(), before - 0.5 * B)
     assert heads.heads["a"].net.bias.grad is None
