@@ -27,7 +27,6 @@ from mmbalance.balancer import Balancer
 from mmbalance.config import finite, need
 from mmbalance.methods import register_method
 from mmbalance.methods._config import MethodConfig
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._heads import head_term
 from mmbalance.methods._shared_unimodal import shared_unimodal_predictions
 from mmbalance.models.base import ModelOutput, MultimodalModel
@@ -54,10 +53,6 @@ class DGL(Balancer):
     }
     paper = "Wei et al., ICCV 2025 (shicaiwei123/ICCV2025-GDL)"
 
-    def setup(self, model: MultimodalModel, task: Any, optimizer_factory: Any) -> None:
-        super().setup(model, task, optimizer_factory)
-        self._means = EpochMeans(self.modalities)
-
     def forward_step(self, model: MultimodalModel, batch: Mapping[str, Tensor]) -> ModelOutput:
         """Encode; fuse the **detached** features (the multimodal loss stops at the fusion module);
         ``output.features`` keep the attached encoder outputs for the unimodal passes."""
@@ -75,9 +70,9 @@ class DGL(Balancer):
         losses = {m: task.loss(predictions[m], target) for m in self.modalities}
         for m in self.modalities:
             terms[head_term(m)] = self.config.alpha * losses[m]
-        self._means.update(unimodal_loss=torch.stack([losses[m].detach().float() for m in self.modalities]))
+        self.epoch_means.update(unimodal_loss=torch.stack([losses[m].detach().float() for m in self.modalities]))
         return terms
 
     def diagnostics(self) -> dict[str, float]:
         """Epoch means of each modality's unweighted unimodal loss (``unimodal_loss/<m>``)."""
-        return self._means.pop()
+        return self.epoch_means.pop()

@@ -33,7 +33,6 @@ from mmbalance.config import finite, need
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import MethodConfig
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._grads import present_grads, step_auxiliary
 from mmbalance.models.base import ModelOutput, MultimodalModel
 from mmbalance.models.mmtm import MMTM
@@ -129,7 +128,6 @@ class Greedy(Balancer):
         self.register_buffer("caring", torch.zeros((), dtype=torch.long))
         self.register_buffer("curation_step", torch.zeros((), dtype=torch.long))
         self._epoch = 0
-        self._means = EpochMeans(self.modalities)
         # a state dict builds the MMTM from its saved layout; its optimizer must exist before a
         # training state's optimizer state is loaded into it
         self.register_load_state_dict_post_hook(lambda module, _keys: module._make_optimizer())
@@ -195,7 +193,7 @@ class Greedy(Balancer):
             else:
                 self.curation.fill_(False)
                 self.caring.fill_(0)
-            self._means.update(curation_fraction=self.curation, caring=self.caring)
+            self.epoch_means.update(curation_fraction=self.curation, caring=self.caring)
             return
         compute = ~self.curation if self.unlocked else torch.ones_like(self.curation)
         speeds_main, speeds_byp = [], []
@@ -216,7 +214,7 @@ class Greedy(Balancer):
         else:
             self.curation.fill_(False)
             self.caring.fill_(0)
-        self._means.update(d_bdr=self.d_bdr, curation_fraction=self.curation, caring=self.caring)
+        self.epoch_means.update(d_bdr=self.d_bdr, curation_fraction=self.curation, caring=self.caring)
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         if self.mmtm_optimizer is not None:
@@ -225,7 +223,7 @@ class Greedy(Balancer):
     def diagnostics(self) -> dict[str, float]:
         """Epoch means of d_BDR (guided), the fraction of steps in curation (``curation_fraction``)
         and the cared-for index (``caring``); the accumulated speeds ``m_main/<m>``, ``m_bypass/<m>``."""
-        out = self._means.pop()
+        out = self.epoch_means.pop()
         if not out:
             return {}
         speeds = torch.stack([self.m_main, self.m_bypass]).tolist()

@@ -153,7 +153,7 @@ def test_gradient_is_the_k_weighted_sum_of_response_gradients(mask):
     bal.running_score.copy_(torch.tensor([0.2, 3.0]))
     bal.num_scores.fill_(5)
     out = bal.forward_step(model, batch)
-    k = bal._means._sums["coeff"].float()
+    k = bal.epoch_means._sums["coeff"].float()
     assert not torch.allclose(k, torch.ones(2))
     torch.testing.assert_close(out.prediction, model(batch).prediction, atol=1e-6, rtol=1e-5)  # Σ m_i = f(N)
     params = list(model.parameters())
@@ -190,9 +190,9 @@ def test_modulation_window_and_running_mean():
     bal.num_scores.fill_(1)
     bal._epoch = 0
     bal.forward_step(trainer.model, batches[0])
-    k = bal._means._sums["coeff"]
+    k = bal.epoch_means._sums["coeff"]
     assert torch.equal(k, torch.ones(2, dtype=torch.float64))  # outside the window: k = 1
-    s = bal._means._sums["score"]
+    s = bal.epoch_means._sums["score"]
     expected = torch.tensor([0.2, 3.0], dtype=torch.float64) * 1 / 2 + s / 2
     torch.testing.assert_close(bal.running_score, expected, rtol=1e-12, atol=0)
     assert bal.num_scores.item() == 2

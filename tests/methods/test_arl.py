@@ -88,7 +88,7 @@ def test_the_entropy_floor_scales_with_the_number_of_modalities(monkeypatch):
     # three modalities: floor 0.3 * 2/3 = 0.2 -> (0.2, 0.25, 0.749) -> w ~ (0.484, 0.387, 0.129);
     # a fixed 0.3 would give (0.3, 0.3, 0.749) -> w ~ (0.417, 0.417, 0.167)
     inverse = [1 / max(x / sum(h), 0.2) for x in h]
-    recorded = bal._means.pop()
+    recorded = bal.epoch_means.pop()
     for m, inv in zip(rows, inverse, strict=True):
         assert recorded[f"inverse_entropy/{m}"] == pytest.approx(inv / sum(inverse), abs=1e-5)
     assert recorded["inverse_entropy/a"] == pytest.approx(0.484, abs=2e-3)
