@@ -185,7 +185,9 @@ class Balancer(nn.Module):
         :class:`~mmbalance.errors.UnsupportedError`), records the modalities, the task and
         :attr:`model`, and makes ``epoch_means``."""
         if task.name not in self.tasks:
-            raise UnsupportedError(f"method {self.name!r} supports tasks {sorted(self.tasks)}, not task {task.name!r}")
+            raise UnsupportedError(
+                f"method {self.name!r} supports tasks {sorted(self.tasks)}, not task {task.name!r}"
+            )
         self.modalities = tuple(model.modalities)
         self.task = task
         self.__dict__["_model_ref"] = model  # a plain reference (see ``model``), not a submodule

@@ -75,7 +75,9 @@ class EpochMeans:
                 out[name] = flat[i]
             else:
                 if size != len(self.modalities):
-                    raise ValueError(f"statistic {name!r} has {size} values for {len(self.modalities)} modalities")
+                    raise ValueError(
+                        f"statistic {name!r} has {size} values for {len(self.modalities)} modalities"
+                    )
                 out.update({f"{name}/{m}": flat[i + j] for j, m in enumerate(self.modalities)})
             i += size
         return out

@@ -70,7 +70,8 @@ class DGL(Balancer):
         losses = {m: task.loss(predictions[m], target) for m in self.modalities}
         for m in self.modalities:
             terms[head_term(m)] = self.config.alpha * losses[m]
-        self.epoch_means.update(unimodal_loss=torch.stack([losses[m].detach().float() for m in self.modalities]))
+        unimodal_loss = torch.stack([losses[m].detach().float() for m in self.modalities])
+        self.epoch_means.update(unimodal_loss=unimodal_loss)
         return terms
 
     def diagnostics(self) -> dict[str, float]:

@@ -135,7 +135,8 @@ class Greedy(Balancer):
     def _make_optimizer(self) -> None:
         """The MMTM's own optimizer, once the block is built (first forward or a loaded state)."""
         if self.mmtm_optimizer is None and self.mmtm.built:
-            self.mmtm_optimizer = self._optimizer_factory(list(self.mmtm.parameters()), lr=self.config.mmtm_lr)
+            params = list(self.mmtm.parameters())
+            self.mmtm_optimizer = self._optimizer_factory(params, lr=self.config.mmtm_lr)
 
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
         self._epoch = ctx.epoch

@@ -83,7 +83,8 @@ def test_state_dict_round_trip_builds_fresh_heads():
     trained = UnimodalHeads(("vec", "seq", "map"), "cls", 3, hidden=4, seed=1)
     feats = _features()
     expected = trained(feats)
-    assert all(isinstance(v, torch.Tensor) for v in trained.state_dict().values())  # runner snapshots clone them
+    # runner snapshots clone them
+    assert all(isinstance(v, torch.Tensor) for v in trained.state_dict().values())
     fresh = UnimodalHeads(("vec", "seq", "map"), "cls", 3, hidden=4, seed=99)
     assert not fresh.built
     fresh.load_state_dict(trained.state_dict())
