@@ -6,112 +6,73 @@ CATALOG = {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Li, Li, Hu, Lei, Li, Zhou. Boosting Multi-modal Model Performance with Adaptive '
-                'Gradient Modulation. ICCV 2023 (lihong2303/AGM_ICCV2023)'
-            ),
+            'paper': 'Li et al., ICCV 2023 (lihong2303/AGM_ICCV2023)',
         },
         'amco': {
             'tasks': ['cls'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Zhou, Liang, Zheng, Xuan, Kumada. Adaptive Mask Co-Optimization for Modal '
-                'Dependence in Multimodal Learning. ICASSP 2023 (re-implemented in '
-                'GeWu-Lab/BalanceBenchmark)'
-            ),
+            'paper': 'Zhou et al., ICASSP 2023 (as in GeWu-Lab/BalanceBenchmark)',
         },
         'arl': {
             'tasks': ['cls', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Wei, Luo, Luo. Improving Multimodal Learning via Imbalanced Learning. ICCV 2025 '
-                '(shicaiwei123/ICCV2025-ARL)'
-            ),
+            'paper': 'Wei et al., ICCV 2025 (shicaiwei123/ICCV2025-ARL)',
         },
         'aug': {
             'tasks': ['cls', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Jiang, Huang, Yang. Rethinking Multimodal Learning from the Perspective of '
-                'Mitigating Classification Ability Disproportion. NeurIPS 2025 '
-                '(njustkmg/NeurIPS25-AUG)'
-            ),
+            'paper': 'Jiang et al., NeurIPS 2025 (njustkmg/NeurIPS25-AUG)',
         },
         'cggm': {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Guo, Jin, Chen, Zhao. Classifier-guided Gradient Modulation for Enhanced '
-                'Multimodal Learning. NeurIPS 2024 (arXiv 2411.01409); code zrguo/CGGM'
-            ),
+            'paper': 'Guo et al., NeurIPS 2024 (zrguo/CGGM)',
         },
         'cml': {
             'tasks': ['cls', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Ma, Zhang, Zhang, Wu, Fu, Zhou, Hu. Calibrating Multimodal Learning. ICML 2023 '
-                '(QingyangZhang/CML)'
-            ),
+            'paper': 'Ma et al., ICML 2023 (QingyangZhang/CML)',
         },
         'dgl': {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Wei, Luo, Luo. Boosting Multimodal Learning via Disentangled Gradient Learning. '
-                'ICCV 2025 (shicaiwei123/ICCV2025-GDL)'
-            ),
+            'paper': 'Wei et al., ICCV 2025 (shicaiwei123/ICCV2025-GDL)',
         },
         'di_mml': {
             'tasks': ['cls'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Fan, Xu, Wang, Liu, Guo. Detached and Interactive Multimodal Learning. ACM MM '
-                '2024 (fanyunfeng-bit/DI-MML)'
-            ),
+            'paper': 'Fan et al., ACM MM 2024 (fanyunfeng-bit/DI-MML)',
         },
         'g2d': {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Rakib, Bagavathi. G2D: Boosting Multimodal Learning with Gradient-Guided '
-                'Distillation. ICCV 2025 (rAIson-Lab/G2D)'
-            ),
+            'paper': 'Rakib and Bagavathi, ICCV 2025 (rAIson-Lab/G2D)',
         },
         'g_blending': {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Wang, Tran, Feiszli. What Makes Training Multi-Modal Classification Networks '
-                'Hard? CVPR 2020'
-            ),
+            'paper': 'Wang et al., CVPR 2020',
         },
         'greedy': {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
             'max_modalities': 2,
-            'paper': (
-                'Wu, Jastrzębski, Cho, Geras. Characterizing and overcoming the greedy nature of '
-                'learning in multi-modal deep neural networks. ICML 2022 '
-                '(nyukat/greedy_multimodal_learning)'
-            ),
+            'paper': 'Wu et al., ICML 2022 (nyukat/greedy_multimodal_learning)',
         },
         'inforeg': {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Huang, Wei, Yang, Hu. Adaptive Unimodal Regulation for Balanced Multimodal '
-                'Information Acquisition. CVPR 2025 (GeWu-Lab/InfoReg_CVPR2025)'
-            ),
+            'paper': 'Huang et al., CVPR 2025 (GeWu-Lab/InfoReg_CVPR2025)',
         },
         'joint': {
             'tasks': ['cls', 'reg', 'seg'],
@@ -123,28 +84,20 @@ CATALOG = {
             'tasks': ['cls', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Yang, Wan, Jiang, Xu. Facilitating Multimodal Classification via Dynamically '
-                'Learning Modality Gap. NeurIPS 2024 (njustkmg/NeurIPS24-LFM)'
-            ),
+            'paper': 'Yang et al., NeurIPS 2024 (njustkmg/NeurIPS24-LFM)',
         },
         'mbsd': {
             'tasks': ['cls', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Liu, Li, Song, Yang, Zeng. Multimodal Pre-Training with Self-Distillation for '
-                'Product Understanding in E-Commerce. WSDM 2023 (mechanism as in '
-                'GeWu-Lab/BalanceBenchmark MBSD_trainer)'
-            ),
+            'paper': 'Liu et al., WSDM 2023 (as in GeWu-Lab/BalanceBenchmark)',
         },
         'mla': {
             'tasks': ['cls', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
             'paper': (
-                'Zhang, Yoon, Bansal, Yao. Multimodal Representation Learning by Alternating '
-                'Unimodal Adaptation. CVPR 2024 '
+                'Zhang et al., CVPR 2024 '
                 '(Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation)'
             ),
         },
@@ -152,145 +105,97 @@ CATALOG = {
             'tasks': ['cls'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Xu, Feng, Zhang, Hu. MMCosine: Multi-Modal Cosine Loss Towards Balanced '
-                'Audio-Visual Fine-Grained Learning. ICASSP 2023 (GeWu-Lab/MMCosine_ICASSP23)'
-            ),
+            'paper': 'Xu et al., ICASSP 2023 (GeWu-Lab/MMCosine_ICASSP23)',
         },
         'mmpareto': {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Wei, Hu. MMPareto: Boosting Multimodal Learning with Innocent Unimodal '
-                'Assistance. ICML 2024 (GeWu-Lab/MMPareto_ICML2024)'
-            ),
+            'paper': 'Wei and Hu, ICML 2024 (GeWu-Lab/MMPareto_ICML2024)',
         },
         'mrd': {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Modality Random Dropout, as compared in Guo et al., Classifier-guided Gradient '
-                'Modulation, NeurIPS 2024; mechanism of Neverova et al., ModDrop, TPAMI 2016'
-            ),
+            'paper': 'baseline of Guo et al., NeurIPS 2024; ModDrop, Neverova et al., TPAMI 2016',
         },
         'mses': {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Fujimori, Endo, Kawai, Mochizuki. Modality-specific learning rate control for '
-                'multimodal classification. ACPR 2019'
-            ),
+            'paper': 'Fujimori et al., ACPR 2019',
         },
         'mslr': {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Yao, Mihalcea. Modality-specific Learning Rates for Effective Multimodal '
-                'Additive Late-fusion. Findings of ACL 2022'
-            ),
+            'paper': 'Yao and Mihalcea, Findings of ACL 2022',
         },
         'ogm': {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Wei, Hu, Du, Wen. On-the-fly Modulation for Balanced Multimodal Learning. TPAMI '
-                '2024 (GeWu-Lab/BML_TPAMI2024)'
-            ),
+            'paper': 'Wei et al., TPAMI 2024 (GeWu-Lab/BML_TPAMI2024)',
         },
         'ogm_ge': {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Peng, Wei, Deng, Wang, Hu. Balanced Multimodal Learning via On-the-fly Gradient '
-                'Modulation. CVPR 2022 (GeWu-Lab/OGM-GE_CVPR2022)'
-            ),
+            'paper': 'Peng et al., CVPR 2022 (GeWu-Lab/OGM-GE_CVPR2022)',
         },
         'opm': {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Wei, Hu, Du, Wen. On-the-fly Modulation for Balanced Multimodal Learning. TPAMI '
-                '2024 (GeWu-Lab/BML_TPAMI2024)'
-            ),
+            'paper': 'Wei et al., TPAMI 2024 (GeWu-Lab/BML_TPAMI2024)',
         },
         'pmr': {
             'tasks': ['cls'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Fan, Xu, Wang, Wang, Guo. PMR: Prototypical Modal Rebalance for Multimodal '
-                'Learning. CVPR 2023 (fanyunfeng-bit/Modal-Imbalance-PMR)'
-            ),
+            'paper': 'Fan et al., CVPR 2023 (fanyunfeng-bit/Modal-Imbalance-PMR)',
         },
         'qmf': {
             'tasks': ['cls', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Zhang, Wu, Zhang, Hu, Fu, Zhou, Peng. Provable Dynamic Fusion for Low-Quality '
-                'Multimodal Data. ICML 2023 (QingyangZhang/QMF)'
-            ),
+            'paper': 'Zhang et al., ICML 2023 (QingyangZhang/QMF)',
         },
         'reconboost': {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Hua, Xu, Bao, Yang, Huang. ReconBoost: Boosting Can Achieve Modality '
-                'Reconcilement. ICML 2024 (huacong/ReconBoost)'
-            ),
+            'paper': 'Hua et al., ICML 2024 (huacong/ReconBoost)',
         },
         'relearning': {
             'tasks': ['cls', 'reg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Wei, Li, Feng, Hu. Diagnosing and Re-learning for Balanced Multimodal Learning. '
-                'ECCV 2024 (GeWu-Lab/Diagnosing_Relearning_ECCV2024)'
-            ),
+            'paper': 'Wei et al., ECCV 2024 (GeWu-Lab/Diagnosing_Relearning_ECCV2024)',
         },
         'remix': {
             'tasks': ['cls', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Ma, Chen, Deng. Improving Multimodal Learning Balance and Sufficiency through '
-                'Data Remixing. ICML 2025 (MatthewMaxy/Remix_ICML2025)'
-            ),
+            'paper': 'Ma et al., ICML 2025 (MatthewMaxy/Remix_ICML2025)',
         },
         'sample_valuation': {
             'tasks': ['cls', 'reg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Wei, Feng, Wang, Hu. Enhancing Multimodal Cooperation via Sample-level Modality '
-                'Valuation. CVPR 2024 (GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation)'
-            ),
+            'paper': 'Wei et al., CVPR 2024 (GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation)',
         },
         'ume': {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Du et al. On Uni-Modal Feature Learning in Supervised Multi-Modal Learning. ICML '
-                '2023'
-            ),
+            'paper': 'Du et al., ICML 2023',
         },
         'umt': {
             'tasks': ['cls', 'reg', 'seg'],
             'min_modalities': 2,
             'max_modalities': None,
-            'paper': (
-                'Du et al. On Uni-Modal Feature Learning in Supervised Multi-Modal Learning. ICML '
-                '2023'
-            ),
+            'paper': 'Du et al., ICML 2023',
         },
         'unimodal': {
             'tasks': ['cls', 'reg', 'seg'],

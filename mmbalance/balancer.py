@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from mmbalance.epoch_means import EpochMeans
 from mmbalance.errors import ConfigError, UnsupportedError
 
 if TYPE_CHECKING:
@@ -108,9 +109,14 @@ class Balancer(nn.Module):
         presets: per-dataset paper settings, e.g. ``{"mosi": {"rho": 1.3, "lam": 0.2}}``.
         tasks: subset of ``{"cls", "reg", "seg"}``.
         min_modalities / max_modalities: supported modality counts (``None`` = unbounded).
-        paper: citation shown by ``mmbalance list``.
+        paper: short citation shown by ``mmbalance list``: ``"Wei et al., ICCV 2025 (owner/repo)"``
+            (first author, venue and year, official repository); the full one is in the card.
         grad_edit_scope: model parts ("encoders", "fusion", "head") whose gradients the method
             edits in ``on_after_backward``.
+
+    Set by :meth:`setup` for subclasses: :attr:`model`, ``modalities``, ``task``, and
+    ``epoch_means``, an :class:`~mmbalance.epoch_means.EpochMeans` over the modalities into which
+    step hooks record device statistics and from which ``diagnostics()`` reads their epoch means.
     """
 
     name: ClassVar[str] = "balancer"
@@ -176,13 +182,16 @@ class Balancer(nn.Module):
         own optimizers, parameter groups. Modules created here must be moved with
         ``self.to(device)``; the runner calls ``balancer.to(device)`` right after ``setup``. Subclasses
         call ``super().setup`` first: it checks the task against :attr:`tasks` (raising
-        :class:`~mmbalance.errors.UnsupportedError`) and records the modalities, the task and
-        :attr:`model`."""
+        :class:`~mmbalance.errors.UnsupportedError`), records the modalities, the task and
+        :attr:`model`, and makes ``epoch_means``."""
         if task.name not in self.tasks:
-            raise UnsupportedError(f"method {self.name!r} supports tasks {sorted(self.tasks)}, not task {task.name!r}")
+            raise UnsupportedError(
+                f"method {self.name!r} supports tasks {sorted(self.tasks)}, not task {task.name!r}"
+            )
         self.modalities = tuple(model.modalities)
         self.task = task
         self.__dict__["_model_ref"] = model  # a plain reference (see ``model``), not a submodule
+        self.epoch_means = EpochMeans(self.modalities)
 
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
         """At the start of each training epoch, model in train mode: epoch-level work

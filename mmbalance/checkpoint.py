@@ -24,9 +24,9 @@ A run that finds a checkpoint continues from the epoch after it; on CPU with the
 its row equals an uninterrupted run's except for the fields of :data:`TIMING_FIELDS` (wall-clock
 measurements, which differ between any two runs; ``train_time_s`` is the sum over the attempts) and
 of :data:`EXECUTION_FIELDS` (how it was carried out: ``resumed_from_epoch``, ``takeover``,
-``attempts``, the node, the Ray task and how the thread count was chosen). The matrix removes the folder once the run's ``ok`` or
-``diverged`` row is written (``--keep-checkpoints`` keeps it); a failed run keeps its checkpoint, so
-its retry resumes too.
+``attempts``, the node, the process, the Ray task and how the thread count was chosen). The matrix
+removes the folder once the run's ``ok`` or ``diverged`` row is written (``--keep-checkpoints`` keeps
+it); a failed run keeps its checkpoint, so its retry resumes too.
 """
 
 from __future__ import annotations

@@ -271,9 +271,10 @@ def _add_table(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", help="results folder (as written by `mmbalance matrix` or `mmbalance run`)")
     p.add_argument("--format", choices=FORMATS, default="github", help="output format (default: %(default)s)")
     p.add_argument("--split", choices=SPLITS, default="test", help="which metrics (default: %(default)s)")
-    p.add_argument("--layout", choices=LAYOUTS, default="default",
-                   help="default: one table, dataset x metric columns; paper: one table per dataset with the paper's columns")
-    p.add_argument("--metrics", metavar="M1,M2", help="metric columns instead of the per-task defaults (e.g. acc,f1_macro,mae)")
+    p.add_argument("--layout", choices=LAYOUTS, default="default", help="default: one table, dataset x "
+                   "metric columns; paper: one table per dataset with the paper's columns")
+    p.add_argument("--metrics", metavar="M1,M2", help="metric columns instead of the per-task defaults "
+                   "(e.g. acc,f1_macro,mae)")
     p.add_argument(
         "--delta", action="store_true",
         help="add a Δ-vs-joint column after every metric column; † marks a difference that a two-sided "

@@ -150,7 +150,8 @@ def run_with_jobs(
         log.seek(0)
         lines = [ln for ln in log.read().splitlines() if ln.startswith("mmbalance: error:")]
         if code == 2 and lines:
-            raise ConfigError(f"another --jobs worker stopped: {lines[-1].removeprefix('mmbalance: error: ')}")
+            message = lines[-1].removeprefix("mmbalance: error: ")
+            raise ConfigError(f"another --jobs worker stopped: {message}")
     # the runs other workers claimed: counted from their rows; a dead worker's runs trained here
     return _settle(report, run(True))
 

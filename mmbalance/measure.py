@@ -274,8 +274,9 @@ def memory_cost(
 
     CUDA: peak allocated bytes over ``min(steps, 5)`` steps of each trainer, in separate passes, and
     their difference plus the bytes the method keeps resident and joint does not (both trainers are
-    resident during both passes, so the peaks alone cancel them). CPU: the exact persistent bytes of the method's own state (its parameters,
-    their gradients, buffers, its optimizers' state) over joint's, and the whole trainer's as peak.
+    resident during both passes, so the peaks alone cancel them). CPU: the exact persistent bytes of
+    the method's own state (its parameters, their gradients, buffers, its optimizers' state) over
+    joint's, and the whole trainer's as peak.
     """
     if device.type == "cuda":
         n = min(5, max(1, steps))

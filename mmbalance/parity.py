@@ -65,7 +65,11 @@ def parity_setup(
 
 
 def measure_parity(
-    trainer: Trainer, bare: BareLoop, batches: Sequence[Mapping[str, Tensor]], steps: int = 60, warmup: int = 10
+    trainer: Trainer,
+    bare: BareLoop,
+    batches: Sequence[Mapping[str, Tensor]],
+    steps: int = 60,
+    warmup: int = 10,
 ) -> dict[str, float]:
     """Interleaved step times of both loops; ``ratio`` = median(mmbalance) / median(bare)."""
     ours, theirs = [], []

@@ -376,14 +376,17 @@ def cost_table(
 
 # -- the whole output ------------------------------------------------------------------------------
 def _notes(rows: Sequence[ResultRow], fmt: str) -> list[str]:
+    def with_status(status: str) -> list[ResultRow]:
+        return sorted((r for r in rows if r.status == status), key=lambda r: (r.label, r.dataset, r.seed))
+
     notes = []
-    for row in sorted((r for r in rows if r.status == "failed"), key=lambda r: (r.label, r.dataset, r.seed)):
+    for row in with_status("failed"):
         err = row.error or {}
         message = str(err.get("message", "")).strip().splitlines()
         first = message[0] if message else ""
         where = f"{row.label} on {row.dataset}, seed {row.seed} (run {row.run_id})"
         notes.append(f"x {where}: {err.get('type', '?')}: {first}")
-    for row in sorted((r for r in rows if r.status == "diverged"), key=lambda r: (r.label, r.dataset, r.seed)):
+    for row in with_status("diverged"):
         reason = str((row.data.get("divergence") or {}).get("reason", "")).strip()
         where = f"{row.label} on {row.dataset}, seed {row.seed} (run {row.run_id})"
         notes.append(f"div {where}: diverged: {reason}")

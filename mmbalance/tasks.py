@@ -268,7 +268,8 @@ class SegmentationTask(Task):
         _check_reduction(reduction)
         if prediction.ndim < 3 or prediction.shape[1] != self.num_outputs:
             raise ShapeError(
-                f"segmentation logits must have shape (B, {self.num_outputs}, *spatial), got {tuple(prediction.shape)}"
+                f"segmentation logits must have shape (B, {self.num_outputs}, *spatial), "
+                f"got {tuple(prediction.shape)}"
             )
         intersection, denominator = soft_dice_statistics(prediction, target)  # checks target's shape
         target = target.long()

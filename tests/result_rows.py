@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-ENV = {"device": "cpu (x86_64, 1 threads)", "torch": "2.x", "mmbalance": "0.1.0", "git_commit": "abc", "dirty": False}
+ENV = {
+    "device": "cpu (x86_64, 1 threads)", "torch": "2.x", "mmbalance": "0.1.0",
+    "git_commit": "abc", "dirty": False,
+}
 
 
 def run_id_for(*parts: Any) -> str:
@@ -36,7 +39,9 @@ def make_row(
         "dataset": dataset,
         "task": task,
         "seed": seed,
-        "config": config if config is not None else {"method": {}, "train": {"epochs": 1, "seed": seed}, "dataset": {}, "model": {}},
+        "config": config if config is not None else {
+            "method": {}, "train": {"epochs": 1, "seed": seed}, "dataset": {}, "model": {}
+        },
         "metrics": {},
         "history": [],
         "cost": {},
@@ -55,7 +60,11 @@ def make_row(
             "mem_overhead_bytes": mem,
         }
     elif status == "failed":
-        row["error"] = {"type": "NonFiniteLossError", "message": "loss term 'task' is nan at step 3 (epoch 0)", "traceback": "Traceback ..."}
+        row["error"] = {
+            "type": "NonFiniteLossError",
+            "message": "loss term 'task' is nan at step 3 (epoch 0)",
+            "traceback": "Traceback ...",
+        }
     else:
         row["reason"] = f"method {method!r} does not support task {task!r}"
     return row

@@ -1,8 +1,9 @@
-"""Balancer base: the ``model`` reference set by ``setup``."""
+"""Balancer base: the ``model`` reference and the ``epoch_means`` accumulator set by ``setup``."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mmbalance.errors import ConfigError
 from mmbalance.methods.joint import Joint
@@ -29,3 +30,19 @@ def test_setup_rejects_a_task_the_method_does_not_declare():
     pmr = METHODS.build("pmr")  # classification only
     with pytest.raises(UnsupportedError, match="method 'pmr' supports tasks \\['cls'\\], not task 'reg'"):
         pmr.setup(tiny_model(classes=1), make_task("reg", 1), lambda params, **kw: None)
+
+
+def test_setup_gives_an_epoch_accumulator_over_the_modalities():
+    balancer = Joint()
+    model = tiny_model()
+    balancer.setup(model, make_task("cls", 3), lambda params, **kw: None)
+    assert balancer.epoch_means.modalities == tuple(model.modalities)
+    # per-modality statistics are named <stat>/<modality>; means over steps: (1 + 3) / 2, (2 + 6) / 2
+    balancer.epoch_means.update(ratio=torch.tensor([1.0, 2.0]))
+    balancer.epoch_means.update(ratio=torch.tensor([3.0, 6.0]))
+    a, b = model.modalities
+    assert balancer.epoch_means.pop() == {f"ratio/{a}": 2.0, f"ratio/{b}": 4.0}
+    # a new setup (a fresh run on the same balancer) starts from an empty accumulator
+    balancer.epoch_means.update(ratio=torch.tensor([1.0, 1.0]))
+    balancer.setup(model, make_task("cls", 3), lambda params, **kw: None)
+    assert balancer.epoch_means.pop() == {}

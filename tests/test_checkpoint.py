@@ -22,29 +22,13 @@ from mmbalance.checkpoint import (
     comparable_row,
     parse_checkpoint_every,
 )
-from mmbalance.datasets import DATASETS
 from mmbalance.errors import ConfigError, ResultError
-from mmbalance.methods import METHODS
-from mmbalance.models import MODELS
 from mmbalance.output import temp_path
-from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, fit, seed_everything
+
+from .methods._helpers import short_fit
 
 RUN = "0123456789ab"
 CPU = torch.device("cpu")
-
-
-def fit_synthetic(method, dataset, epochs, checkpoint):
-    """``fit`` of two steps per epoch on 64 training samples, with ``checkpoint``."""
-    ds = DATASETS.build(dataset, n_train=64, n_val=32, n_test=32)
-    spec = ds.spec
-    task = make_task(spec.task, spec.num_outputs, **dict(spec.task_options))
-    cfg = TrainConfig(epochs=epochs, batch_size=16, max_train_batches=2, eval_modality_scores=False,
-                      cost_steps=0)
-    seed_everything(0)
-    model = MODELS.build(spec.default_model)(spec)
-    splits = {s: ds.split(s) for s in ("train", "val", "test")}
-    return fit(model, METHODS.build(method), splits, spec, task, cfg, CPU, checkpoint=checkpoint)
 
 
 @pytest.mark.parametrize("text, expected", [("auto", "auto"), ("0", 0), ("3", 3), (2, 2), (" 4 ", 4)])
@@ -95,13 +79,13 @@ def test_random_states_round_trip_through_a_saved_file(tmp_path):
 
 
 def test_a_fit_with_checkpoints_resumes_from_the_last_one(tmp_path):
-    """fit_synthetic twice on one checkpoint folder: the second call finds the last epoch's checkpoint
+    """short_fit twice on one checkpoint folder: the second call finds the last epoch's checkpoint
     and trains nothing, with the first call's metrics and history."""
     checkpoint = RunCheckpoint(tmp_path / "ck", RUN, every=1)
-    first = fit_synthetic("joint", "synthetic_cls2", epochs=2, checkpoint=checkpoint)
+    first = short_fit("joint", "synthetic_cls2", epochs=2, samples=64, checkpoint=checkpoint)
     assert torch.load(checkpoint.path, weights_only=True)["epoch"] == 1
     assert not [p for p in checkpoint.folder.iterdir() if p.name != CHECKPOINT_FILE]  # no temp file
-    again = fit_synthetic("joint", "synthetic_cls2", epochs=2, checkpoint=checkpoint)
+    again = short_fit("joint", "synthetic_cls2", epochs=2, samples=64, checkpoint=checkpoint)
     assert again.resumed_from_epoch == 2 and again.steps == first.steps == 4
     assert again.test == first.test and again.best_epoch == first.best_epoch
     assert [r["val"] for r in again.history] == [r["val"] for r in first.history]
@@ -112,20 +96,20 @@ def test_a_fit_with_checkpoints_resumes_from_the_last_one(tmp_path):
 def test_no_checkpoint_for_every_0_or_a_short_run_on_auto(tmp_path):
     for every in (0, "auto"):  # the tiny fit is expected to train far less than a minute
         checkpoint = RunCheckpoint(tmp_path / str(every), RUN, every=every)
-        fit_synthetic("joint", "synthetic_cls2", epochs=2, checkpoint=checkpoint)
+        short_fit("joint", "synthetic_cls2", epochs=2, samples=64, checkpoint=checkpoint)
         assert not checkpoint.folder.exists()
 
 
 def test_a_checkpoint_of_another_run_or_a_broken_file_is_an_error_saying_how_to_start_over(tmp_path):
     checkpoint = RunCheckpoint(tmp_path / "ck", RUN, every=1)
-    fit_synthetic("joint", "synthetic_cls2", epochs=1, checkpoint=checkpoint)
+    short_fit("joint", "synthetic_cls2", epochs=1, samples=64, checkpoint=checkpoint)
     other = RunCheckpoint(checkpoint.folder, "ba9876543210", every=1)
     with pytest.raises(ResultError, match=r"is not a format-1 checkpoint of run ba9876543210 \(found "
                                           r"'0123456789ab'\); remove the folder .* from its first epoch"):
-        fit_synthetic("joint", "synthetic_cls2", epochs=1, checkpoint=other)
+        short_fit("joint", "synthetic_cls2", epochs=1, samples=64, checkpoint=other)
     checkpoint.path.write_bytes(checkpoint.path.read_bytes()[:100])
     with pytest.raises(ResultError, match=r"checkpoint '.*checkpoint.pt' cannot be read \(.*\); remove the "):
-        fit_synthetic("joint", "synthetic_cls2", epochs=1, checkpoint=checkpoint)
+        short_fit("joint", "synthetic_cls2", epochs=1, samples=64, checkpoint=checkpoint)
 
 
 def test_a_killed_writer_s_temporary_file_is_removed_before_loading(tmp_path):
@@ -134,7 +118,7 @@ def test_a_killed_writer_s_temporary_file_is_removed_before_loading(tmp_path):
     mine = temp_path(checkpoint.path)  # .checkpoint.pt.<pid>@<host>.tmp
     stray = mine.with_name(mine.name.replace(f".{os.getpid()}@", ".999999999@"))
     stray.write_bytes(b"half a checkpoint")
-    fit_synthetic("joint", "synthetic_cls2", epochs=1, checkpoint=checkpoint)
+    short_fit("joint", "synthetic_cls2", epochs=1, samples=64, checkpoint=checkpoint)
     assert not stray.exists() and checkpoint.path.is_file()
 
 

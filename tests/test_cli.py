@@ -207,7 +207,8 @@ def test_matrix_command_prints_tables_and_records_failures(tmp_path, capsys):
     assert "RuntimeError: boom in a step" in err
 
     def cells(table: str) -> dict[str, list[str]]:
-        return {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:-1]] for ln in table.splitlines()}
+        rows = [ln.split("|") for ln in table.splitlines()]
+        return {cols[1].strip(): [c.strip() for c in cols[2:-1]] for cols in rows}
 
     # wider than 100 characters: one table per dataset, metric tables first
     tables = [cells(t) for t in out.split("\n\n") if t.startswith("| method")]

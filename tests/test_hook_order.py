@@ -118,6 +118,8 @@ def test_hook_order_with_scaler_and_clipping(tiny_problem, monkeypatch):
 
     steps_per_epoch = 2  # 48 train samples / batch 24
     val_batches = 2
-    epoch = ["on_train_epoch_start"] + STEP * steps_per_epoch + ["predict"] * val_batches + ["on_validation_end"]
+    epoch = (
+        ["on_train_epoch_start"] + STEP * steps_per_epoch + ["predict"] * val_batches + ["on_validation_end"]
+    )
     expected = ["setup"] + epoch * 2 + ["predict"] * 2  # test pass on the best-validation state
     assert log == expected

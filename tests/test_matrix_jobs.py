@@ -32,7 +32,9 @@ def test_parse_and_resolve_jobs():
 
 
 def test_worker_argv_is_the_command_quiet_without_tables_and_one_job():
-    argv = ["--threads", "1", "matrix", "s.toml", "--jobs", "4", "-q", "--out", "o", "--no-tables", "--jobs=2"]
+    argv = [
+        "--threads", "1", "matrix", "s.toml", "--jobs", "4", "-q", "--out", "o", "--no-tables", "--jobs=2",
+    ]
     assert worker_argv(argv) == [
         "--threads", "1", "matrix", "s.toml", "--out", "o", "--jobs", "1", "--quiet", "--no-tables",
     ]

@@ -18,7 +18,8 @@ SMALL = {
     "iemocap": ["nlevels=3"],
     "brats2021": ["crop_size=32", "backbone=resnet18", "multi_grid=[]"],
 }
-FULL = {"food101": [], "mosi": [], "iemocap": [], "brats2021": ["crop_size=32"]}  # fixture volumes are 48 x 48
+# fixture volumes are 48 x 48
+FULL = {"food101": [], "mosi": [], "iemocap": [], "brats2021": ["crop_size=32"]}
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +30,9 @@ def fixture_root(tmp_path_factory):
 
 
 def _run(dataset, extra, root, out):
-    args = ["--threads", "1", "run", "cggm", dataset, "--data-root", str(root), "--out", str(out), "--device", "cpu",
-            "--set", "epochs=1", "--set", "max_train_batches=2", "--set", "batch_size=2", "--set", "cost_steps=0"]
+    args = ["--threads", "1", "run", "cggm", dataset, "--data-root", str(root), "--out", str(out),
+            "--device", "cpu", "--set", "epochs=1", "--set", "max_train_batches=2", "--set", "batch_size=2",
+            "--set", "cost_steps=0"]
     for kv in extra:
         args += ["--set", kv]
     assert main(args) == 0

@@ -30,4 +30,5 @@ def test_parity_detects_a_difference():
         trainer.train_step(b, 0, i)
         bare.train_step(b)
     bare.train_step(batches[0])
-    assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), bare.model.parameters(), strict=True))
+    pairs = zip(trainer.model.parameters(), bare.model.parameters(), strict=True)
+    assert any(not torch.equal(p, q) for p, q in pairs)

@@ -77,7 +77,9 @@ def test_history_records_terms_lr_and_loader_wait():
     splits, spec = tiny_splits()
     r = fit(tiny_model(), Joint(), splits, spec, make_task("cls", 3), _cfg(eval_modality_scores=True), CPU)
     h = r.history[0]
-    assert set(h) >= {"epoch", "terms", "train_loss", "lr", "epoch_time_s", "loader_wait_s", "val", "diagnostics"}
+    assert set(h) >= {
+        "epoch", "terms", "train_loss", "lr", "epoch_time_s", "loader_wait_s", "val", "diagnostics"
+    }
     assert math.isfinite(h["terms"]["task"]) and h["steps"] == 3
     assert {"score/a", "score/b"} <= set(h["val"])
 
@@ -90,7 +92,9 @@ def test_wrong_shapes_from_dataset_raise():
 
 
 def test_cosine_schedule_warmup_and_end():
-    cfg = TrainConfig(epochs=10, lr=1e-2, scheduler="cosine", warmup_epochs=2, warmup_start_lr=4e-4, final_lr=1e-3)
+    cfg = TrainConfig(
+        epochs=10, lr=1e-2, scheduler="cosine", warmup_epochs=2, warmup_start_lr=4e-4, final_lr=1e-3
+    )
     fn = cosine_lr_lambda(cfg, steps_per_epoch=5)
     assert fn(0) * cfg.lr == pytest.approx(4e-4)
     assert fn(10) * cfg.lr == pytest.approx(1e-2)

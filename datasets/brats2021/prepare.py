@@ -26,12 +26,16 @@ from mmbalance.errors import MMBalanceError
 def main(argv: list[str] | None = None) -> int:
     defaults = BraTS2021Config()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", type=Path, help="folder of case folders BraTS2021_XXXXX/BraTS2021_XXXXX_<modality>.nii.gz")
+    parser.add_argument(
+        "src", type=Path, help="folder of case folders BraTS2021_XXXXX/BraTS2021_XXXXX_<modality>.nii.gz"
+    )
     parser.add_argument("dst", type=Path, help="output folder; receives train/, valid/, test/ of <case>.h5")
     parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
     parser.add_argument("--test-fraction", type=float, default=defaults.test_fraction)
     parser.add_argument("--split-seed", type=int, default=defaults.split_seed)
-    parser.add_argument("--split-file", default="", help='JSON {"train","val","test": [case ids]}, relative to SRC')
+    parser.add_argument(
+        "--split-file", default="", help='JSON {"train","val","test": [case ids]}, relative to SRC'
+    )
     parser.add_argument("--case-glob", default=defaults.case_glob)
     parser.add_argument("--no-normalize", action="store_true", help="store raw intensities (not z-scored)")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (default: %(default)s)")
@@ -51,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     except (MMBalanceError, ValueError) as exc:
         print(f"prepare.py: error: {exc}", file=sys.stderr)
         return 2
-    print("wrote " + ", ".join(f"{len(cases)} {split}" for split, cases in splits.items()) + f" cases to {args.dst}")
+    counts = ", ".join(f"{len(cases)} {split}" for split, cases in splits.items())
+    print(f"wrote {counts} cases to {args.dst}")
     return 0
 
 

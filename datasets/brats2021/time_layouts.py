@@ -26,7 +26,10 @@ def write_cases(folder: Path, n: int = 10, shape: tuple[int, int, int] = (240, 2
     rng = np.random.default_rng(0)
     h, w, d = shape
     yy, xx, zz = np.meshgrid(np.arange(h), np.arange(w), np.arange(d), indexing="ij")
-    brain = ((yy - h / 2) / (0.42 * h)) ** 2 + ((xx - w / 2) / (0.35 * w)) ** 2 + ((zz - d / 2) / (0.45 * d)) ** 2 <= 1
+    brain = (
+        ((yy - h / 2) / (0.42 * h)) ** 2 + ((xx - w / 2) / (0.35 * w)) ** 2 + ((zz - d / 2) / (0.45 * d)) ** 2
+        <= 1
+    )
     r = ((yy - h / 2) / 30) ** 2 + ((xx - w / 2 + 10) / 25) ** 2 + ((zz - d / 2) / 20) ** 2
     seg = np.zeros(shape, np.uint8)
     seg[r <= 1] = 2
@@ -55,7 +58,8 @@ def main() -> None:
             t = time.perf_counter()
             for i in range(len(data)):
                 data[i]
-            print(f"{subdir}: {1000 * (time.perf_counter() - t) / len(data):.1f} ms per training item ({len(data)} items)")
+            per_item_ms = 1000 * (time.perf_counter() - t) / len(data)
+            print(f"{subdir}: {per_item_ms:.1f} ms per training item ({len(data)} items)")
         print(f"conversion: {per_case:.2f} s per case")
 
 

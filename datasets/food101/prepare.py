@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("folder", type=Path, help="the Food-101 dataset folder (public or CGGM JSON layout)")
     parser.add_argument("--tokenizer", required=True, help="local BERT tokenizer folder (vocab.txt)")
     parser.add_argument("--layout", default="auto", choices=LAYOUTS)
-    parser.add_argument("--max-length", type=int, default=50, help="tokens per title (default: %(default)s, as CGGM)")
+    parser.add_argument(
+        "--max-length", type=int, default=50, help="tokens per title (default: %(default)s, as CGGM)"
+    )
     args = parser.parse_args(argv)
     try:
         written = write_token_cache(args.folder, args.layout, args.tokenizer, args.max_length)

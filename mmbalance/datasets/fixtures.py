@@ -75,7 +75,9 @@ def write_fixtures(root: str | Path, seed: int = 0, names: Sequence[str] | None 
         "food101": _write_food_public,
         "food101_cggm": _write_food_json,
         "mosi": lambda folder, rng: _write_sentiment(folder, rng, "mosi_data.pkl", dims=(300, 5, 20)),
-        "mosei": lambda folder, rng: _write_sentiment(folder, rng, "mosei_senti_data.pkl", dims=(300, 74, 35)),
+        "mosei": lambda folder, rng: _write_sentiment(
+            folder, rng, "mosei_senti_data.pkl", dims=(300, 74, 35)
+        ),
         "iemocap": _write_iemocap,
         "brats2021": _write_brats_nifti,
     }
@@ -88,7 +90,8 @@ def write_fixtures(root: str | Path, seed: int = 0, names: Sequence[str] | None 
         from mmbalance.datasets.brats2021 import BraTS2021Config
         from mmbalance.datasets.brats2021_prepare import convert_nifti_to_h5
 
-        convert_nifti_to_h5(out["brats2021"], root / "brats2021_h5", BraTS2021Config(root=str(out["brats2021"]), subdir=""))
+        config = BraTS2021Config(root=str(out["brats2021"]), subdir="")
+        convert_nifti_to_h5(out["brats2021"], root / "brats2021_h5", config)
         out["brats2021_h5"] = root / "brats2021_h5"
     return {n: out[n] for n in FIXTURE_NAMES if n in out}
 
@@ -111,12 +114,14 @@ def add_fixtures_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fixtures",
         help="write tiny copies of the paper datasets in their on-disk formats",
-        description="Write tiny copies of UPMC Food-101, CMU-MOSI/MOSEI, IEMOCAP and BraTS 2021 in their real "
-        "on-disk formats under DIR (one folder per dataset), for trying the pipeline without the data.",
+        description="Write tiny copies of UPMC Food-101, CMU-MOSI/MOSEI, IEMOCAP and BraTS 2021 in their "
+        "real on-disk formats under DIR (one folder per dataset), for trying the pipeline without the data.",
     )
     p.add_argument("dir", metavar="DIR", help="output folder (pass it as --data-root)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random contents (default: %(default)s)")
-    p.add_argument("--only", nargs="+", metavar="NAME", choices=FIXTURE_NAMES, help="write only these fixtures")
+    p.add_argument(
+        "--only", nargs="+", metavar="NAME", choices=FIXTURE_NAMES, help="write only these fixtures"
+    )
     p.set_defaults(func=run)
 
 
@@ -148,11 +153,15 @@ def _write_jpg(path: Path, rng: np.random.Generator, cls: str) -> None:
     Image.fromarray(pixels, "RGB").save(path, format="JPEG", quality=90)
 
 
-def _food_samples(rng: np.random.Generator, per_class: dict[str, int]) -> dict[str, list[tuple[str, str, list[str]]]]:
+def _food_samples(
+    rng: np.random.Generator, per_class: dict[str, int]
+) -> dict[str, list[tuple[str, str, list[str]]]]:
     """split -> [(class, file name, title tokens)]."""
     out: dict[str, list[tuple[str, str, list[str]]]] = {}
     for split, n in per_class.items():
-        out[split] = [(cls, f"{cls}_{split}_{i}.jpg", _food_title(rng, cls)) for cls in _FOOD_CLASSES for i in range(n)]
+        out[split] = [
+            (cls, f"{cls}_{split}_{i}.jpg", _food_title(rng, cls)) for cls in _FOOD_CLASSES for i in range(n)
+        ]
     return out
 
 
@@ -187,7 +196,9 @@ def _write_food_json(folder: Path, rng: np.random.Generator) -> Path:
 
 
 # -- MOSI / MOSEI --------------------------------------------------------------------------------
-def _sentiment_split(rng: np.random.Generator, n: int, length: int, dims: tuple[int, int, int]) -> dict[str, np.ndarray]:
+def _sentiment_split(
+    rng: np.random.Generator, n: int, length: int, dims: tuple[int, int, int]
+) -> dict[str, np.ndarray]:
     labels = np.round(rng.uniform(-3, 3, size=n), 1).astype(np.float32)
     labels[0] = 0.0  # neutral samples exist in the release (Acc-2 has-0 / non-0)
     d_t, d_a, d_v = dims
@@ -199,7 +210,9 @@ def _sentiment_split(rng: np.random.Generator, n: int, length: int, dims: tuple[
     return {"text": text, "audio": audio, "vision": vision, "labels": labels}
 
 
-def _write_sentiment(folder: Path, rng: np.random.Generator, mult_file: str, dims: tuple[int, int, int]) -> Path:
+def _write_sentiment(
+    folder: Path, rng: np.random.Generator, mult_file: str, dims: tuple[int, int, int]
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     sizes = {"train": 16, "valid": 8, "test": 8}
     mult = {}
@@ -234,7 +247,9 @@ def _write_iemocap(folder: Path, rng: np.random.Generator) -> Path:
     lengths = {"A": (20, 80), "V": (5, 50), "L": (3, 22)}
     files = {"A": "comparE", "V": "denseface", "L": "bert_large"}
     n_utt, n_cls = 32, 4
-    names = [f"Ses0{1 + i % 5}{'FM'[i % 2]}_impro0{i % 7 + 1}_{'FM'[(i + 1) % 2]}{i:03d}" for i in range(n_utt)]
+    names = [
+        f"Ses0{1 + i % 5}{'FM'[i % 2]}_impro0{i % 7 + 1}_{'FM'[(i + 1) % 2]}{i:03d}" for i in range(n_utt)
+    ]
     classes = np.arange(n_utt) % n_cls
     for sub in dims:
         (folder / sub).mkdir(parents=True, exist_ok=True)
@@ -269,7 +284,10 @@ def _write_brats_nifti(folder: Path, rng: np.random.Generator, n_cases: int = 10
 
     h, w, d = BRATS_FIXTURE_SHAPE
     yy, xx, zz = np.meshgrid(np.arange(h), np.arange(w), np.arange(d), indexing="ij")
-    brain = ((yy - h / 2) / (0.45 * h)) ** 2 + ((xx - w / 2) / (0.4 * w)) ** 2 + ((zz - d / 2) / (0.55 * d)) ** 2 <= 1
+    brain = (
+        ((yy - h / 2) / (0.45 * h)) ** 2 + ((xx - w / 2) / (0.4 * w)) ** 2 + ((zz - d / 2) / (0.55 * d)) ** 2
+        <= 1
+    )
     for k in range(n_cases):
         case = f"BraTS2021_{k:05d}"
         cy, cx, cz = h / 2 + rng.uniform(-5, 5), w / 2 + rng.uniform(-5, 5), d / 2 + rng.uniform(-2, 2)

@@ -72,19 +72,20 @@ __all__ = [
 # The 101 class names, in the order the CGGM code indexes them (FOODDataset.CLASS_NAME).
 CLASS_NAMES: tuple[str, ...] = (
     "apple_pie", "baby_back_ribs", "baklava", "beef_carpaccio", "beef_tartare", "beet_salad", "beignets",
-    "bibimbap", "bread_pudding", "breakfast_burrito", "bruschetta", "caesar_salad", "cannoli", "caprese_salad",
-    "carrot_cake", "ceviche", "cheese_plate", "cheesecake", "chicken_curry", "chicken_quesadilla", "chicken_wings",
-    "chocolate_cake", "chocolate_mousse", "churros", "clam_chowder", "club_sandwich", "crab_cakes", "creme_brulee",
-    "croque_madame", "cup_cakes", "deviled_eggs", "donuts", "dumplings", "edamame", "eggs_benedict", "escargots",
-    "falafel", "filet_mignon", "fish_and_chips", "foie_gras", "french_fries", "french_onion_soup", "french_toast",
-    "fried_calamari", "fried_rice", "frozen_yogurt", "garlic_bread", "gnocchi", "greek_salad",
-    "grilled_cheese_sandwich", "grilled_salmon", "guacamole", "gyoza", "hamburger", "hot_and_sour_soup", "hot_dog",
-    "huevos_rancheros", "hummus", "ice_cream", "lasagna", "lobster_bisque", "lobster_roll_sandwich",
-    "macaroni_and_cheese", "macarons", "miso_soup", "mussels", "nachos", "omelette", "onion_rings", "oysters",
-    "pad_thai", "paella", "pancakes", "panna_cotta", "peking_duck", "pho", "pizza", "pork_chop", "poutine",
-    "prime_rib", "pulled_pork_sandwich", "ramen", "ravioli", "red_velvet_cake", "risotto", "samosa", "sashimi",
-    "scallops", "seaweed_salad", "shrimp_and_grits", "spaghetti_bolognese", "spaghetti_carbonara", "spring_rolls",
-    "steak", "strawberry_shortcake", "sushi", "tacos", "takoyaki", "tiramisu", "tuna_tartare", "waffles",
+    "bibimbap", "bread_pudding", "breakfast_burrito", "bruschetta", "caesar_salad", "cannoli",
+    "caprese_salad", "carrot_cake", "ceviche", "cheese_plate", "cheesecake", "chicken_curry",
+    "chicken_quesadilla", "chicken_wings", "chocolate_cake", "chocolate_mousse", "churros", "clam_chowder",
+    "club_sandwich", "crab_cakes", "creme_brulee", "croque_madame", "cup_cakes", "deviled_eggs", "donuts",
+    "dumplings", "edamame", "eggs_benedict", "escargots", "falafel", "filet_mignon", "fish_and_chips",
+    "foie_gras", "french_fries", "french_onion_soup", "french_toast", "fried_calamari", "fried_rice",
+    "frozen_yogurt", "garlic_bread", "gnocchi", "greek_salad", "grilled_cheese_sandwich", "grilled_salmon",
+    "guacamole", "gyoza", "hamburger", "hot_and_sour_soup", "hot_dog", "huevos_rancheros", "hummus",
+    "ice_cream", "lasagna", "lobster_bisque", "lobster_roll_sandwich", "macaroni_and_cheese", "macarons",
+    "miso_soup", "mussels", "nachos", "omelette", "onion_rings", "oysters", "pad_thai", "paella", "pancakes",
+    "panna_cotta", "peking_duck", "pho", "pizza", "pork_chop", "poutine", "prime_rib", "pulled_pork_sandwich",
+    "ramen", "ravioli", "red_velvet_cake", "risotto", "samosa", "sashimi", "scallops", "seaweed_salad",
+    "shrimp_and_grits", "spaghetti_bolognese", "spaghetti_carbonara", "spring_rolls", "steak",
+    "strawberry_shortcake", "sushi", "tacos", "takoyaki", "tiramisu", "tuna_tartare", "waffles",
 )
 CLASS_INDEX = {name: i for i, name in enumerate(CLASS_NAMES)}
 LAYOUTS = ("auto", "cggm_json", "public")
@@ -113,12 +114,17 @@ class Food101Config(ConfigBase):
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise ValueError(f"max_length must be an integer >= 2 ([CLS] + [SEP]), got {self.max_length!r}")
         if not isinstance(self.image_size, int) or self.image_size < BLUR_KERNEL // 2 + 1:
-            raise ValueError(f"image_size must be an integer >= {BLUR_KERNEL // 2 + 1} (blur kernel {BLUR_KERNEL}), got {self.image_size!r}")
+            raise ValueError(
+                f"image_size must be an integer >= {BLUR_KERNEL // 2 + 1} (blur kernel {BLUR_KERNEL}), "
+                f"got {self.image_size!r}"
+            )
         check_fraction("val_fraction", self.val_fraction)
         if self.split_seed < 0:
             raise ValueError(f"split_seed must be an integer >= 0, got {self.split_seed!r}")
         if self.on_missing_image not in MISSING_IMAGE_POLICIES:
-            raise ValueError(f"on_missing_image must be one of {MISSING_IMAGE_POLICIES}, got {self.on_missing_image!r}")
+            raise ValueError(
+                f"on_missing_image must be one of {MISSING_IMAGE_POLICIES}, got {self.on_missing_image!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -148,7 +154,8 @@ def detect_layout(folder: Path) -> str:
         )
     if not (has_json or has_public):
         raise DataError(
-            f"{folder}: found neither train.json (cggm_json layout) nor texts/train_titles.csv (public layout); "
+            f"{folder}: found neither train.json (cggm_json layout) nor texts/train_titles.csv "
+            "(public layout); "
             "expected one of the layouts in datasets/food101/README.md"
         )
     return "cggm_json" if has_json else "public"
@@ -164,14 +171,18 @@ def _class_index(name: Any, where: str) -> int:
 
 
 def _read_public(folder: Path, split: str) -> list[Record]:
-    path = require_file(folder / "texts" / f"{split}_titles.csv", "rows (image file name, title, class name), no header")
+    path = require_file(
+        folder / "texts" / f"{split}_titles.csv", "rows (image file name, title, class name), no header"
+    )
     records: list[Record] = []
     with open(path, newline="", encoding="utf-8") as fh:
         for row_no, row in enumerate(csv.reader(fh), start=1):
             if not row:
                 continue
             if len(row) != 3:
-                raise DataError(f"{path} row {row_no}: {len(row)} fields, expected 3 (image file name, title, class name)")
+                raise DataError(
+                    f"{path} row {row_no}: {len(row)} fields, expected 3 (image file name, title, class name)"
+                )
             file, text, label = (f.strip() for f in row)
             if row_no == 1 and not file.lower().endswith(IMAGE_SUFFIXES) and label not in CLASS_INDEX:
                 continue  # a header row
@@ -196,11 +207,16 @@ def _read_json(folder: Path, split: str) -> list[Record]:
             raise DataError(f"{where}: is {type(entry).__name__}, expected an object")
         for key in ("id", "text_tokens", "img_path", "label"):
             if key not in entry:
-                raise DataError(f"{where}: missing key {key!r}; expected keys id, text_tokens, img_path, label")
+                raise DataError(
+                    f"{where}: missing key {key!r}; expected keys id, text_tokens, img_path, label"
+                )
         tokens = entry["text_tokens"]
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
-            raise DataError(f"{where}: 'text_tokens' is {type(tokens).__name__}, expected a list of token strings")
-        records.append(Record(str(entry["id"]), str(entry["img_path"]), " ".join(tokens), _class_index(entry["label"], where)))
+            raise DataError(
+                f"{where}: 'text_tokens' is {type(tokens).__name__}, expected a list of token strings"
+            )
+        label = _class_index(entry["label"], where)
+        records.append(Record(str(entry["id"]), str(entry["img_path"]), " ".join(tokens), label))
     return records
 
 
@@ -228,14 +244,17 @@ def load_tokenizer(path: str) -> Any:
 
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise ConfigError(f"tokenizer_path {path!r} is not a folder; expected a local BERT tokenizer (vocab.txt)")
+        raise ConfigError(
+            f"tokenizer_path {path!r} is not a folder; expected a local BERT tokenizer (vocab.txt)"
+        )
     try:
         tokenizer = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"tokenizer_path {path!r}: cannot load a BERT tokenizer ({exc})") from exc
     if tokenizer.pad_token_id != 0:
         raise ConfigError(
-            f"tokenizer_path {path!r}: pad token id is {tokenizer.pad_token_id}, expected 0 (the model masks ids == 0)"
+            f"tokenizer_path {path!r}: pad token id is {tokenizer.pad_token_id}, expected 0 "
+            "(the model masks ids == 0)"
         )
     return tokenizer
 
@@ -269,20 +288,24 @@ def write_token_cache(folder: Path, layout: str, tokenizer_path: str, max_length
     if layout == "auto":
         layout = detect_layout(folder)
     tokenizer = load_tokenizer(tokenizer_path)
-    splits = ["train", "test"] + (["dev"] if layout == "cggm_json" and (folder / "dev.json").is_file() else [])
+    has_dev = layout == "cggm_json" and (folder / "dev.json").is_file()
+    splits = ["train", "test"] + (["dev"] if has_dev else [])
     written = []
     for split in splits:
         records = read_records(folder, layout, split)
         ids = tokenize(tokenizer, [r.text for r in records], max_length)
         path = token_cache_path(folder, layout, split)
         tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, keys=np.array([r.key for r in records]), ids=ids.astype(np.int32), max_length=np.int64(max_length))
+        keys = np.array([r.key for r in records])
+        np.savez(tmp, keys=keys, ids=ids.astype(np.int32), max_length=np.int64(max_length))
         tmp.replace(path)
         written.append(path)
     return written
 
 
-def read_token_cache(folder: Path, layout: str, split: str, records: list[Record], max_length: int) -> np.ndarray:
+def read_token_cache(
+    folder: Path, layout: str, split: str, records: list[Record], max_length: int
+) -> np.ndarray:
     """Ids for ``records`` (in their order) from the token cache.
 
     Raises:
@@ -292,14 +315,17 @@ def read_token_cache(folder: Path, layout: str, split: str, records: list[Record
     path = token_cache_path(folder, layout, split)
     if not path.is_file():
         raise DataError(
-            f"no tokenizer_path given and no token cache {str(path)!r}; pass tokenizer_path=<local BERT tokenizer "
-            f"folder> or run: python datasets/food101/prepare.py {folder} --tokenizer <folder>"
+            f"no tokenizer_path given and no token cache {str(path)!r}; "
+            "pass tokenizer_path=<local BERT tokenizer folder> or run: "
+            f"python datasets/food101/prepare.py {folder} --tokenizer <folder>"
         )
     try:
         with np.load(path, allow_pickle=False) as npz:
             keys, ids, cached_len = npz["keys"], npz["ids"], int(npz["max_length"])
     except (KeyError, ValueError, OSError) as exc:
-        raise DataError(f"{path}: not a token cache with keys/ids/max_length ({exc}); re-run prepare.py") from exc
+        raise DataError(
+            f"{path}: not a token cache with keys/ids/max_length ({exc}); re-run prepare.py"
+        ) from exc
     if cached_len != max_length or ids.ndim != 2 or ids.shape != (len(keys), max_length):
         raise ShapeError(
             f"{path}: ids {ids.shape} for max_length {cached_len}, expected ({len(keys)}, {max_length}); "
@@ -309,7 +335,8 @@ def read_token_cache(folder: Path, layout: str, split: str, records: list[Record
     missing = [r.key for r in records if r.key not in row]
     if missing:
         raise DataError(
-            f"{path}: {len(missing)} of {len(records)} samples are not in the token cache (e.g. {missing[0]!r}); "
+            f"{path}: {len(missing)} of {len(records)} samples are not in the token cache "
+            f"(e.g. {missing[0]!r}); "
             "re-run prepare.py"
         )
     return ids[[row[r.key] for r in records]].astype(np.int64)
@@ -317,13 +344,15 @@ def read_token_cache(folder: Path, layout: str, split: str, records: list[Record
 
 # -- the dataset -----------------------------------------------------------------------------------
 def _transforms(image_size: int, train: bool) -> Any:
-    """The CGGM ``val_transform`` / ``train_transform`` (torchvision, imported lazily: it is slow to import)."""
+    """The CGGM ``val_transform`` / ``train_transform`` (torchvision, imported lazily: it is slow to
+    import)."""
     from torchvision import transforms
 
     if not train:
         return transforms.Compose([transforms.Resize([image_size, image_size]), transforms.ToTensor()])
     jitter = transforms.ColorJitter(
-        brightness=0.8 * COLOR_DISTORT, contrast=0.8 * COLOR_DISTORT, saturation=0.8 * COLOR_DISTORT, hue=0.2 * COLOR_DISTORT
+        brightness=0.8 * COLOR_DISTORT, contrast=0.8 * COLOR_DISTORT, saturation=0.8 * COLOR_DISTORT,
+        hue=0.2 * COLOR_DISTORT,
     )
     return transforms.Compose(
         [
@@ -340,7 +369,9 @@ def _transforms(image_size: int, train: bool) -> Any:
 class Food101Split(Dataset):
     """Items ``{"image": float32 (3, S, S), "text": int64 (L,), "target": int64 ()}``."""
 
-    def __init__(self, folder: Path, records: list[Record], ids: np.ndarray, image_size: int, augment: bool) -> None:
+    def __init__(
+        self, folder: Path, records: list[Record], ids: np.ndarray, image_size: int, augment: bool
+    ) -> None:
         self.folder = folder
         self.images = [r.image for r in records]
         self.ids = torch.from_numpy(ids)
@@ -380,7 +411,7 @@ class Food101(MultimodalDataset):
         self.folder, self.layout = folder, layout
         tokenizer = load_tokenizer(config.tokenizer_path) if config.tokenizer_path else None
 
-        release = {"train": read_records(folder, layout, "train"), "test": read_records(folder, layout, "test")}
+        release = {split: read_records(folder, layout, split) for split in ("train", "test")}
         has_dev = layout == "cggm_json" and (folder / "dev.json").is_file()
         if has_dev:
             release["dev"] = read_records(folder, layout, "dev")
@@ -401,7 +432,9 @@ class Food101(MultimodalDataset):
             parts = {
                 s: ([release["train"][i] for i in carve[s]], ids["train"][carve[s]]) for s in ("train", "val")
             }
-            val_source = f"carved from train: val_fraction={config.val_fraction}, split_seed={config.split_seed}"
+            val_source = (
+                f"carved from train: val_fraction={config.val_fraction}, split_seed={config.split_seed}"
+            )
         parts["test"] = (release["test"], ids["test"])
         self._parts = parts
         size = config.image_size
@@ -433,8 +466,9 @@ class Food101(MultimodalDataset):
             return records, 0
         if self.config.on_missing_image == "error":
             raise DataError(
-                f"missing image file {str(self.folder / missing[0].image)!r} ({len(missing)} of {len(records)} "
-                f"listed images are missing); expected every listed image, or set on_missing_image='drop'"
+                f"missing image file {str(self.folder / missing[0].image)!r} "
+                f"({len(missing)} of {len(records)} listed images are missing); expected every listed image, "
+                "or set on_missing_image='drop'"
             )
         gone = {r.key for r in missing}
         return [r for r in records if r.key not in gone], len(missing)
@@ -442,4 +476,5 @@ class Food101(MultimodalDataset):
     def split(self, split: str) -> Dataset:
         self.check_split_name(split)
         records, ids = self._parts[split]
-        return Food101Split(self.folder, records, ids, self.config.image_size, self.config.augment and split == "train")
+        augment = self.config.augment and split == "train"
+        return Food101Split(self.folder, records, ids, self.config.image_size, augment)

@@ -60,7 +60,8 @@ class IEMOCAPConfig(ConfigBase):
     audio_feature: str = "comparE"  # A/<name>.h5 (and A/<name>_mean_std.h5 for audio_norm="trn")
     vision_feature: str = "denseface"  # V/<name>.h5
     text_feature: str = "bert_large"  # L/<name>.h5
-    audio_norm: str = "trn"  # "trn": fold train mean/std (CGGM, opt.norm_method) | "utt": per utterance | "none"
+    # "trn": fold train mean/std (CGGM, opt.norm_method) | "utt": per utterance | "none"
+    audio_norm: str = "trn"
     audio_max_len: int = 350  # frames; zero-padded to this length (CGGM collate_fn)
     vision_max_len: int = 50  # frames (CGGM get_seq_len)
     text_max_len: int = 22  # tokens (CGGM get_seq_len)
@@ -172,18 +173,27 @@ class IEMOCAP(MultimodalDataset):
         super().__init__(config)
         folder = data_dir("iemocap", config.root, config.subdir, "datasets/iemocap/README.md")
         self.folder = folder
-        features = {"audio": config.audio_feature, "vision": config.vision_feature, "text": config.text_feature}
+        features = {
+            "audio": config.audio_feature, "vision": config.vision_feature, "text": config.text_feature
+        }
         self.paths = {
-            m: require_file(folder / FOLDERS[m] / f"{features[m]}.h5", f"an h5 file of utterance id -> (length, dim) {m} features")
+            m: require_file(
+                folder / FOLDERS[m] / f"{features[m]}.h5",
+                f"an h5 file of utterance id -> (length, dim) {m} features",
+            )
             for m in MODALITIES
         }
-        self.max_len = {"audio": config.audio_max_len, "vision": config.vision_max_len, "text": config.text_max_len}
+        self.max_len = {
+            "audio": config.audio_max_len, "vision": config.vision_max_len, "text": config.text_max_len
+        }
         target_dir = folder / "target" / str(config.fold)
         if not target_dir.is_dir():
-            folds = sorted(p.name for p in (folder / "target").glob("*") if p.is_dir()) if (folder / "target").is_dir() else []
+            targets = folder / "target"
+            folds = sorted(p.name for p in targets.glob("*") if p.is_dir()) if targets.is_dir() else []
             raise DataError(
-                f"fold {config.fold}: folder {str(target_dir)!r} does not exist; expected target/<fold>/ with "
-                f"{{trn,val,tst}}_label.npy and _int2name.npy (folds found: {folds or 'none'})"
+                f"fold {config.fold}: folder {str(target_dir)!r} does not exist; "
+                f"expected target/<fold>/ with {{trn,val,tst}}_label.npy and _int2name.npy "
+                f"(folds found: {folds or 'none'})"
             )
         names: dict[str, list[str]] = {}
         labels: dict[str, np.ndarray] = {}
@@ -194,7 +204,8 @@ class IEMOCAP(MultimodalDataset):
                 num_classes = width
             elif width != num_classes:
                 raise ShapeError(
-                    f"{target_dir / f'{tag}_label.npy'}: {width} label columns, expected {num_classes} as in trn_label.npy"
+                    f"{target_dir / f'{tag}_label.npy'}: {width} label columns, "
+                    f"expected {num_classes} as in trn_label.npy"
                 )
         assert num_classes is not None
         self.dims = self._check_features(names)
@@ -231,9 +242,13 @@ class IEMOCAP(MultimodalDataset):
             onehot = np.load(label_path, allow_pickle=False)
             raw_names = np.load(name_path, allow_pickle=False)
         except (ValueError, OSError) as exc:
-            raise DataError(f"{target_dir}: cannot read {tag}_label.npy / {tag}_int2name.npy ({exc})") from exc
+            raise DataError(
+                f"{target_dir}: cannot read {tag}_label.npy / {tag}_int2name.npy ({exc})"
+            ) from exc
         if onehot.ndim != 2 or onehot.shape[1] < 2:
-            raise ShapeError(f"{label_path}: shape {onehot.shape}, expected (N, C) one-hot labels with C >= 2")
+            raise ShapeError(
+                f"{label_path}: shape {onehot.shape}, expected (N, C) one-hot labels with C >= 2"
+            )
         valid = np.isin(onehot, (0, 1)).all(axis=1) & (onehot.sum(axis=1) == 1)
         if not valid.all():
             row = int(np.flatnonzero(~valid)[0])
@@ -277,7 +292,8 @@ class IEMOCAP(MultimodalDataset):
             for utt, (length, dim) in shapes.items():
                 if dim != dims[m]:
                     raise ShapeError(
-                        f"{path}[{utt!r}]: feature dim {dim}, expected {dims[m]} like the other {counts[dims[m]]} utterances"
+                        f"{path}[{utt!r}]: feature dim {dim}, expected {dims[m]} like the other "
+                        f"{counts[dims[m]]} utterances"
                     )
                 if length > self.max_len[m]:
                     raise DataError(
@@ -307,7 +323,9 @@ class IEMOCAP(MultimodalDataset):
         if mean.shape != (d,) or std.shape != (d,):
             raise ShapeError(f"{path}['{key}']: mean {mean.shape}, std {std.shape}, expected ({d},) each")
         if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
-            raise DataError(f"{path}['{key}']: mean/std must be finite with std > 0 (MMIN writes 1 where std is 0)")
+            raise DataError(
+                f"{path}['{key}']: mean/std must be finite with std > 0 (MMIN writes 1 where std is 0)"
+            )
         return torch.from_numpy(mean).unsqueeze(0), torch.from_numpy(std).unsqueeze(0)
 
     def _load_all(self, names: dict[str, list[str]]) -> dict[str, dict[str, np.ndarray]]:

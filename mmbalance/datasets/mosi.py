@@ -61,8 +61,10 @@ def _check_common(flavour: str, file: str) -> None:
 class MOSIConfig(ConfigBase):
     root: str = ""  # data root (--data-root); the pickle is read from root/subdir/file
     subdir: str = "mosi"  # folder under root; "" reads root itself
-    flavour: str = "mult"  # "mult": MulT pickle, labels (N,1,1) | "mmsa": MMSA pickle, regression_labels (N,)
-    file: str = ""  # pickle name in the folder; "" = flavour default (mult: mosi_data.pkl, mmsa: aligned_50.pkl)
+    # "mult": MulT pickle, labels (N,1,1) | "mmsa": MMSA pickle, regression_labels (N,)
+    flavour: str = "mult"
+    # pickle name in the folder; "" = flavour default (mult: mosi_data.pkl, mmsa: aligned_50.pkl)
+    file: str = ""
 
     def check(self) -> None:
         _check_common(self.flavour, self.file)
@@ -72,8 +74,10 @@ class MOSIConfig(ConfigBase):
 class MOSEIConfig(ConfigBase):
     root: str = ""  # data root (--data-root); the pickle is read from root/subdir/file
     subdir: str = "mosei"  # folder under root; "" reads root itself
-    flavour: str = "mult"  # "mult": MulT pickle, labels (N,1,1) | "mmsa": MMSA pickle, regression_labels (N,)
-    file: str = ""  # pickle name in the folder; "" = flavour default (mult: mosei_senti_data.pkl, mmsa: aligned_50.pkl)
+    # "mult": MulT pickle, labels (N,1,1) | "mmsa": MMSA pickle, regression_labels (N,)
+    flavour: str = "mult"
+    # pickle name in the folder; "" = flavour default (mult: mosei_senti_data.pkl, mmsa: aligned_50.pkl)
+    file: str = ""
 
     def check(self) -> None:
         _check_common(self.flavour, self.file)
@@ -88,7 +92,9 @@ def _array(split_dict: dict, key: str, source: str) -> np.ndarray:
         raise DataError(f"{source}: key {key!r} is not a numeric array ({exc})") from exc
 
 
-def load_sentiment_pickle(path: Path, flavour: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+def load_sentiment_pickle(
+    path: Path, flavour: str
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """Read a MulT / MMSA pickle into ``{split: {text, audio, vision, target}}`` float tensors.
 
     Returns:
@@ -100,21 +106,28 @@ def load_sentiment_pickle(path: Path, flavour: str) -> tuple[dict[str, dict[str,
         ShapeError: arrays that are not (N, L, d), labels of the wrong shape, N or (L, d) that
             differ between modalities or splits.
     """
-    require_file(path, f"a {flavour} pickle with 'train', 'valid' and 'test' split dicts (see datasets/mosi/README.md)")
+    require_file(
+        path, f"a {flavour} pickle with 'train', 'valid' and 'test' split dicts (see datasets/mosi/README.md)"
+    )
     try:
         with open(path, "rb") as fh:
             data = pickle.load(fh)
     except Exception as exc:  # unpickling can fail in many ways; all mean "not the expected file"
         raise DataError(f"{path}: cannot be read as a pickle ({type(exc).__name__}: {exc})") from exc
     if not isinstance(data, dict):
-        raise DataError(f"{path}: top level is {type(data).__name__}, expected a dict with keys 'train', 'valid', 'test'")
+        raise DataError(
+            f"{path}: top level is {type(data).__name__}, expected a dict with keys 'train', 'valid', 'test'"
+        )
     label_key = "labels" if flavour == "mult" else "regression_labels"
     out: dict[str, dict[str, torch.Tensor]] = {}
     facts: dict[str, Any] = {"audio_neg_inf_zeroed": {}}
     shapes: dict[str, tuple[int, int]] = {}
     for split, key in RELEASE_SPLITS.items():
         if key not in data:
-            raise DataError(f"{path}: missing split {key!r}; found keys {sorted(map(str, data))}, expected 'train', 'valid', 'test'")
+            raise DataError(
+                f"{path}: missing split {key!r}; found keys {sorted(map(str, data))}, "
+                "expected 'train', 'valid', 'test'"
+            )
         part = data[key]
         source = f"{path} [{key!r}]"
         if not isinstance(part, dict):
@@ -127,17 +140,21 @@ def load_sentiment_pickle(path: Path, flavour: str) -> tuple[dict[str, dict[str,
             if n is None:
                 n = arr.shape[0]
             elif arr.shape[0] != n:
-                raise ShapeError(f"{source}[{m!r}]: {arr.shape[0]} samples, expected {n} like {MODALITIES[0]!r}")
+                raise ShapeError(
+                    f"{source}[{m!r}]: {arr.shape[0]} samples, expected {n} like {MODALITIES[0]!r}"
+                )
             if m in shapes and shapes[m] != arr.shape[1:]:
                 raise ShapeError(
-                    f"{source}[{m!r}]: per-sample shape {arr.shape[1:]}, expected {shapes[m]} as in the train split"
+                    f"{source}[{m!r}]: per-sample shape {arr.shape[1:]}, "
+                    f"expected {shapes[m]} as in the train split"
                 )
             shapes[m] = arr.shape[1:]
         labels = _array(part, label_key, source)
         expected = (n, 1, 1) if flavour == "mult" else (n,)
         if labels.shape != expected and not (flavour == "mmsa" and labels.shape == (n, 1)):
             raise ShapeError(
-                f"{source}[{label_key!r}]: shape {labels.shape}, expected {expected} for the {flavour!r} flavour"
+                f"{source}[{label_key!r}]: shape {labels.shape}, "
+                f"expected {expected} for the {flavour!r} flavour"
             )
         labels = labels.reshape(-1)
         bad = ~np.isfinite(labels) | (labels < LABEL_RANGE[0]) | (labels > LABEL_RANGE[1])
@@ -145,7 +162,8 @@ def load_sentiment_pickle(path: Path, flavour: str) -> tuple[dict[str, dict[str,
             i = int(np.flatnonzero(bad)[0])
             raise DataError(
                 f"{source}[{label_key!r}]: label out of range at sample {i}: {float(labels[i])}; "
-                f"expected finite values in [{LABEL_RANGE[0]}, {LABEL_RANGE[1]}] ({int(bad.sum())} such labels)"
+                f"expected finite values in [{LABEL_RANGE[0]}, {LABEL_RANGE[1]}] "
+                f"({int(bad.sum())} such labels)"
             )
         audio = arrays["audio"]
         neg_inf = audio == -np.inf

@@ -223,6 +223,15 @@ def build_head(
     )
 
 
+_RANK_SHAPES = {2: "vector features (B, d)", 3: "sequence features (B, L, d)"}
+
+
+def _need_rank(feature: Tensor, rank: int, *, head: str, modality: str) -> None:
+    """Raise ShapeError unless ``feature`` has ``rank`` dimensions (a head that reads one kind only)."""
+    if feature.dim() != rank:
+        raise ShapeError(
+            f"head={head!r} needs {_RANK_SHAPES[rank]}; features[{modality!r}] is {tuple(feature.shape)}"
+        )
 
 
 def _default_heads(width: int) -> int:
@@ -284,10 +293,7 @@ def msa_head(
     feature: Tensor, *, modality: str, out_layer: nn.Module, num_outputs: int, config: Any
 ) -> nn.Module:
     """:class:`OfficialClassifier` on ``(B, L, d)`` features (``head_layers`` = ``cls_layers``)."""
-    if feature.dim() != 3:
-        raise ShapeError(
-            f"head='msa' needs sequence features (B, L, d); features[{modality!r}] is {tuple(feature.shape)}"
-        )
+    _need_rank(feature, 3, head="msa", modality=modality)
     width = feature.shape[-1]
     heads = config.head_heads if config.head_heads is not None else _default_heads(width)
     return OfficialClassifier(width, num_outputs, heads, config.head_layers, config.head_dropout)
@@ -298,10 +304,7 @@ def linear_head(
     feature: Tensor, *, modality: str, out_layer: nn.Module, num_outputs: int, config: Any
 ) -> nn.Module:
     """A bare ``nn.Linear(d, K)`` on ``(B, d)`` features: the head is its own ``out_layer``."""
-    if feature.dim() != 2:
-        raise ShapeError(
-            f"head='linear' needs vector features (B, d); features[{modality!r}] is {tuple(feature.shape)}"
-        )
+    _need_rank(feature, 2, head="linear", modality=modality)
     return nn.Linear(feature.shape[-1], num_outputs)
 
 
@@ -432,10 +435,6 @@ class CGGMHeads(nn.ModuleDict):
         """Step and zero the heads' optimizer through the run's GradScaler (once built)."""
         if self.optimizer is not None:
             step_auxiliary(scaler, self.optimizer)
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        """The heads' own optimizer, once built."""
-        return [self.optimizer] if self.optimizer is not None else []
 
     def get_extra_state(self) -> Tensor:
         """The built layout: ``(M, 5)`` int64 rows ``(rank - 1, *shape[1:], 0-padding)``; ``(0, 5)``

@@ -29,9 +29,11 @@ class HeadConfig(MethodConfig):
         super().__post_init__()
         names = vars(self)
         if "head_hidden" in names:
-            need(self, self.head_hidden is None or self.head_hidden >= 1, "head_hidden", "None or an integer >= 1")
+            hidden = self.head_hidden
+            need(self, hidden is None or hidden >= 1, "head_hidden", "None or an integer >= 1")
         if "head_lr" in names:
-            need(self, self.head_lr is None or (finite(self.head_lr) and self.head_lr > 0), "head_lr", "None or > 0")
+            lr = self.head_lr
+            need(self, lr is None or (finite(lr) and lr > 0), "head_lr", "None or > 0")
         if "head_layers" in names:
             need(self, self.head_layers >= 1, "head_layers", "an integer >= 1")
         if "sequence_pool" in names:

@@ -44,7 +44,9 @@ class HeadedBalancer(Balancer):
         """Whether this configuration trains heads (default ``True``); read once, in ``setup``."""
         return True
 
-    def make_heads(self, task: Any, optimizer_factory: OptimizerFactory | None, **options: Any) -> UnimodalHeads:
+    def make_heads(
+        self, task: Any, optimizer_factory: OptimizerFactory | None, **options: Any
+    ) -> UnimodalHeads:
         """Unimodal heads from the Config's head fields; ``options`` override them."""
         cfg = self.config
         kwargs: dict[str, Any] = {

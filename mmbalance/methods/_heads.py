@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from mmbalance.errors import ConfigError, ShapeError
+from mmbalance.methods._grads import step_auxiliary
 from mmbalance.models.resize import resize_bilinear
 
 __all__ = [
@@ -142,7 +143,9 @@ def _reset_with_generator(module: nn.Module, generator: torch.Generator) -> None
                     nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
 
 
-def build_with_generator(factory: Callable[[], nn.Module], generator: torch.Generator, device: Any, dtype: torch.dtype) -> nn.Module:
+def build_with_generator(
+    factory: Callable[[], nn.Module], generator: torch.Generator, device: Any, dtype: torch.dtype
+) -> nn.Module:
     """``factory()`` built on the meta device, then materialised on ``device`` with PyTorch's default
     Linear/Conv2d initialisation drawn from ``generator``: nothing is drawn from the global RNG, and
     the initial weights do not depend on the device."""
@@ -230,7 +233,9 @@ class UnimodalHeads(nn.Module):
         for index, m in enumerate(self.modalities):
             kind, in_dim = layout[m]
             if kind not in _KINDS:
-                raise ShapeError(f"unimodal head layout for {m!r} has kind {kind!r}; expected one of {_KINDS}")
+                raise ShapeError(
+                    f"unimodal head layout for {m!r} has kind {kind!r}; expected one of {_KINDS}"
+                )
             if self.task_name == "seg" and kind != "map":
                 raise ShapeError(
                     f"segmentation heads need map features (B, C, h, w); features[{m!r}] is a {kind} feature"
@@ -240,7 +245,9 @@ class UnimodalHeads(nn.Module):
             if self.task_name == "seg":
                 factory = functools.partial(_MapHead, in_dim, self.num_outputs, self.hidden)
             else:
-                factory = functools.partial(_VectorHead, in_dim, self.num_outputs, self.hidden, self.sequence_pool)
+                factory = functools.partial(
+                    _VectorHead, in_dim, self.num_outputs, self.hidden, self.sequence_pool
+                )
             generator = torch.Generator().manual_seed((self.seed + 7919 * (index + 1)) % (2**63))
             self.heads[m] = build_with_generator(factory, generator, device, dtype)
         self._layout = {m: (layout[m][0], int(layout[m][1])) for m in self.modalities}
@@ -258,7 +265,9 @@ class UnimodalHeads(nn.Module):
         return layout
 
     # -- forward --------------------------------------------------------------------------------
-    def forward(self, features: Mapping[str, Tensor], out_size: Sequence[int] | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, features: Mapping[str, Tensor], out_size: Sequence[int] | None = None
+    ) -> dict[str, Tensor]:
         """Unimodal predictions ``{m: (B, K) | (B, K, H, W)}``; builds the heads on the first call.
 
         Raises:
@@ -286,31 +295,19 @@ class UnimodalHeads(nn.Module):
         """``{"unimodal/<m>": task.loss(predictions[m], target)}`` (mean-reduced), in modality order."""
         return {head_term(m): task.loss(predictions[m], target) for m in self.modalities}
 
-    def make_optimizer(self, optimizer_factory: Any, lr: float | None = None, **overrides: Any) -> torch.optim.Optimizer:
-        """Transitional: methods not yet on :class:`~mmbalance.methods._headed.HeadedBalancer` build
-        the heads' optimizer themselves. Removed once every method passes ``optimizer_factory``."""
-        if not self.built:
-            raise ConfigError("unimodal heads are built on the first forward; make the optimizer after it")
-        return optimizer_factory(list(self.heads.parameters()), lr=lr, **overrides)
-
     # -- own optimizer --------------------------------------------------------------------------
     def step(self, scaler: torch.amp.GradScaler) -> None:
         """Step and zero the heads' optimizer through the run's GradScaler (unscales, skips inf
         steps); nothing before the heads are built or without an optimizer factory."""
         if self.optimizer is not None:
-            scaler.step(self.optimizer)
-            self.optimizer.zero_grad(set_to_none=True)
-
-    def optimizers(self) -> list[torch.optim.Optimizer]:
-        """The heads' own optimizer, once built (counted in the method's memory and saved in its
-        training state)."""
-        return [self.optimizer] if self.optimizer is not None else []
+            step_auxiliary(scaler, self.optimizer)
 
     # -- state ----------------------------------------------------------------------------------
     def get_extra_state(self) -> Tensor:
         """The built layout as an int64 tensor ``(M, 2)`` of (kind code, input width) in modality
         order; ``(0, 2)`` before the heads are built. A tensor, so state dicts stay tensor-only."""
-        rows = [[_KINDS.index(self._layout[m][0]), self._layout[m][1]] for m in self.modalities if m in self._layout]
+        built = [m for m in self.modalities if m in self._layout]
+        rows = [[_KINDS.index(self._layout[m][0]), self._layout[m][1]] for m in built]
         return torch.tensor(rows, dtype=torch.int64).reshape(-1, 2)
 
     def set_extra_state(self, state: Any) -> None:
@@ -321,12 +318,15 @@ class UnimodalHeads(nn.Module):
             return
         if state.shape[0] != len(self.modalities):
             raise ShapeError(
-                f"saved unimodal heads are for {state.shape[0]} modalities, expected {len(self.modalities)} {self.modalities}"
+                f"saved unimodal heads are for {state.shape[0]} modalities, "
+                f"expected {len(self.modalities)} {self.modalities}"
             )
         rows = state.tolist()
         if any(not 0 <= code < len(_KINDS) for code, _ in rows):
             raise ShapeError(f"saved unimodal heads layout has unknown kind codes: {rows}")
-        layout = {m: (_KINDS[code], int(width)) for m, (code, width) in zip(self.modalities, rows, strict=True)}
+        layout = {
+            m: (_KINDS[code], int(width)) for m, (code, width) in zip(self.modalities, rows, strict=True)
+        }
         if self.built:
             if layout != self._layout:
                 raise ShapeError(f"saved unimodal heads have layout {layout}, these heads {self._layout}")

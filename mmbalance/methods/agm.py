@@ -35,7 +35,6 @@ from mmbalance.config import need
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import ModulationWindow
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._grads import present_grads, scale_grads_
 from mmbalance.models.base import ModelOutput, MultimodalModel
 
@@ -170,10 +169,7 @@ class AGM(Balancer):
         },  # authors' setting, lihongcs/AGM#3 (continuous modulation)
         "avmnist": {"alpha": 2.5, "cap": "none"},  # README training command; AVMNIST_main.py has no cap
     }
-    paper = (
-        "Li, Li, Hu, Lei, Li, Zhou. Boosting Multi-modal Model Performance with Adaptive Gradient "
-        "Modulation. ICCV 2023 (lihong2303/AGM_ICCV2023)"
-    )
+    paper = "Li et al., ICCV 2023 (lihong2303/AGM_ICCV2023)"
     grad_edit_scope = frozenset({"encoders", "fusion", "head"})  # the conditional clip rescales all
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
@@ -192,7 +188,6 @@ class AGM(Balancer):
         self._epoch = 0
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._out_weight = model.out_layer.weight
-        self._means = EpochMeans(self.modalities)
 
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
         self._epoch = ctx.epoch
@@ -237,7 +232,7 @@ class AGM(Balancer):
         prediction = scale_grad(responses[0], k[0])
         for i in range(1, responses.shape[0]):
             prediction = prediction + scale_grad(responses[i], k[i])
-        self._means.update(coeff=k, ratio=r, ratio_ref=r_ref, score=scores)
+        self.epoch_means.update(coeff=k, ratio=r, ratio_ref=r_ref, score=scores)
         return ModelOutput(prediction, full.features, full.head_input, full.extras)
 
     def on_after_backward(self, ctx: StepContext) -> None:
@@ -256,4 +251,4 @@ class AGM(Balancer):
     def diagnostics(self) -> dict[str, float]:
         """Epoch means of k_i (``coeff/<m>``), r_i (``ratio/<m>``), r̃_i (``ratio_ref/<m>``) and s_i
         (``score/<m>``)."""
-        return self._means.pop()
+        return self.epoch_means.pop()

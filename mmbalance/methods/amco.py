@@ -31,7 +31,6 @@ from mmbalance.balancer import EpochContext, OptimizerFactory, StepContext
 from mmbalance.config import finite, need
 from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig, ModulationWindow
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._grads import step_auxiliary
 from mmbalance.methods._headed import HeadedBalancer
 from mmbalance.methods._heads import build_with_generator, head_term
@@ -86,10 +85,7 @@ class AMCo(HeadedBalancer):
 
     Config = AMCoConfig
     tasks = frozenset({"cls"})
-    paper = (
-        "Zhou, Liang, Zheng, Xuan, Kumada. Adaptive Mask Co-Optimization for Modal Dependence in "
-        "Multimodal Learning. ICASSP 2023 (re-implemented in GeWu-Lab/BalanceBenchmark)"
-    )
+    paper = "Zhou et al., ICASSP 2023 (as in GeWu-Lab/BalanceBenchmark)"
     heads_detach = False  # the unimodal losses (co-optimisation) train the encoders
 
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
@@ -102,7 +98,6 @@ class AMCo(HeadedBalancer):
         self.register_buffer("dependent", torch.zeros(len(self.modalities), dtype=torch.bool))
         self._epoch = 0
         self._batch = 0
-        self._means = EpochMeans(self.modalities)
 
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
         """Reset the schedule level ``l_t`` and the dependency flags (official: per ``train_loop``)."""
@@ -147,7 +142,7 @@ class AMCo(HeadedBalancer):
         terms.update({head_term(m): task.loss(logits[m], target) for m in self.modalities})
         with torch.no_grad():
             shares = dependency_shares([logits[m].detach() for m in self.modalities])
-            self._means.update(masked=self.dependent.float(), share=shares)
+            self.epoch_means.update(masked=self.dependent.float(), share=shares)
             self.dependent = shares > self.config.sigma  # a new tensor: this step's graph saved the old one
         return terms
 
@@ -167,4 +162,4 @@ class AMCo(HeadedBalancer):
 
     def diagnostics(self) -> dict[str, float]:
         """Epoch means of ``masked/<m>`` (share of batches whose logits were masked) and ``share/<m>``."""
-        return self._means.pop()
+        return self.epoch_means.pop()

@@ -33,7 +33,6 @@ from mmbalance.config import finite, need
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import MethodConfig
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._grads import scale_grads_
 from mmbalance.methods._heads import head_term
 from mmbalance.methods._shared_unimodal import shared_unimodal_predictions
@@ -106,17 +105,13 @@ class ARL(Balancer):
     }
     tasks = frozenset({"cls", "seg"})
     grad_edit_scope = frozenset({"encoders"})
-    paper = (
-        "Wei, Luo, Luo. Improving Multimodal Learning via Imbalanced Learning. ICCV 2025 "
-        "(shicaiwei123/ICCV2025-ARL)"
-    )
+    paper = "Wei et al., ICCV 2025 (shicaiwei123/ICCV2025-ARL)"
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: Any) -> None:
         super().setup(model, task, optimizer_factory)
         self._params = {m: model.modality_parameters(m) for m in self.modalities}
         self._epoch = 0
         self._omega: Tensor | None = None
-        self._means = EpochMeans(self.modalities)
 
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
         self._epoch = ctx.epoch
@@ -145,7 +140,7 @@ class ARL(Balancer):
                 self._omega = arl_coefficients(shares, weights, cfg.temperature)
             else:
                 self._omega = torch.full_like(shares, 1.0 / len(self.modalities))
-        self._means.update(omega=self._omega, share=shares, inverse_entropy=weights)
+        self.epoch_means.update(omega=self._omega, share=shares, inverse_entropy=weights)
         return terms
 
     def on_after_backward(self, ctx: StepContext) -> None:
@@ -161,4 +156,4 @@ class ARL(Balancer):
     def diagnostics(self) -> dict[str, float]:
         """Epoch means of ω_m (``omega/<m>``), the logit shares c_m (``share/<m>``) and the
         inverse-entropy weights w_m (``inverse_entropy/<m>``)."""
-        return self._means.pop()
+        return self.epoch_means.pop()

@@ -133,10 +133,7 @@ class AUG(Balancer):
         "synthetic": {"classifier_hidden": 128},
     }
     tasks = frozenset({"cls", "seg"})
-    paper = (
-        "Jiang, Huang, Yang. Rethinking Multimodal Learning from the Perspective of Mitigating "
-        "Classification Ability Disproportion. NeurIPS 2025 (njustkmg/NeurIPS25-AUG)"
-    )
+    paper = "Jiang et al., NeurIPS 2025 (njustkmg/NeurIPS25-AUG)"
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)

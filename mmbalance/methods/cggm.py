@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from mmbalance.balancer import Balancer, OptimizerFactory, StepContext
 from mmbalance.config import finite, need
+from mmbalance.epoch_means import EpochMeans
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
 from mmbalance.methods._cggm_checks import check_first_batch, check_setup
@@ -43,7 +44,6 @@ from mmbalance.methods._cggm_formulas import (
 )
 from mmbalance.methods._cggm_heads import CUSTOM_HEAD, HEAD_FACTORIES, CGGMHeads, HeadFactory, resolve_head
 from mmbalance.methods._config import HeadConfig
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._grads import present_grads, scale_grads_
 from mmbalance.methods._heads import head_term
 from mmbalance.methods._stages import target_size
@@ -117,10 +117,7 @@ class CGGM(Balancer):
         "brats": {"rho": 1.0, "lam": 0.1, "cls_lr": 6e-3, "cls_weight_decay": 3e-4, "head_dropout": 0.1},
     }
     grad_edit_scope = frozenset({"encoders"})
-    paper = (
-        "Guo, Jin, Chen, Zhao. Classifier-guided Gradient Modulation for Enhanced Multimodal Learning. "
-        "NeurIPS 2024 (arXiv 2411.01409); code zrguo/CGGM"
-    )
+    paper = "Guo et al., NeurIPS 2024 (zrguo/CGGM)"
 
     def __init__(self, config: CGGMConfig | None = None, head_factory: HeadFactory | None = None, *,
                  trace: bool | Callable[[dict[str, Tensor]], None] = False) -> None:
@@ -166,7 +163,6 @@ class CGGM(Balancer):
             self.register_buffer("stale_heads", w.new_zeros(m, w.numel()))
             self.register_buffer("stale_fusion", w.new_zeros(w.numel()))
         self._side = SideStream(cfg.side_stream)  # warned by check_setup when the model is not on CUDA
-        self._means = EpochMeans(self.modalities)
         self._grad_cos_means = EpochMeans(self.modalities)  # over the sampled steps only
         self._extremes = tuple(EpochMeans(self.modalities, reduction=r) for r in ("min", "max"))
 
@@ -275,7 +271,7 @@ class CGGM(Balancer):
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         """Step the heads' optimizer (through the run's GradScaler); record the step's diagnostics."""
         self.heads.step(ctx.scaler)
-        self._means.update(**self._stats)
+        self.epoch_means.update(**self._stats)
         if self._grad_cos_value is not None:
             self._grad_cos_means.update(grad_cos=self._grad_cos_value)
         self._extremes[0].update(B_min=self._B)
@@ -287,7 +283,7 @@ class CGGM(Balancer):
         fractions of steps with |Σ Δε| < 1/batch and with a negative raw coefficient, the encoder
         gradient norms before modulation; grad_cos_i (mean over its sampled steps: every
         ``grad_cos_every``-th step, every step in paper mode); B_i's min and max. Resets them."""
-        out = self._means.pop()
+        out = self.epoch_means.pop()
         for means in (self._grad_cos_means, *self._extremes):
             out.update(means.pop())
         return out

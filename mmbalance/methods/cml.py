@@ -31,7 +31,6 @@ from mmbalance.config import finite, need
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import ModulationWindow
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._stages import stage_seed
 from mmbalance.models.base import ModelOutput, MultimodalModel
 
@@ -101,8 +100,7 @@ class CML(Balancer):
     """CML: a modality-removal chain per sample; penalise subsets more confident than supersets."""
 
     Config = CMLConfig
-    paper = ("Ma, Zhang, Zhang, Wu, Fu, Zhou, Hu. Calibrating Multimodal Learning. ICML 2023 "
-             "(QingyangZhang/CML)")
+    paper = "Ma et al., ICML 2023 (QingyangZhang/CML)"
     tasks = frozenset({"cls", "seg"})  # needs class confidences: no regression
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
@@ -112,7 +110,6 @@ class CML(Balancer):
         # untouched and no host-to-device copy happens per step.
         self._generator = torch.Generator(device=device).manual_seed(stage_seed(0xC3))
         self._epoch = 0
-        self._means = EpochMeans(self.modalities)
 
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
         self._epoch = ctx.epoch
@@ -156,7 +153,7 @@ class CML(Balancer):
         # the official sum over samples; a segmentation sample's value is the mean over its pixels
         calibration = penalty.reshape(penalty.shape[0], -1).mean(dim=1).sum()
         over = (confidence[-1].detach() > confidence[0].detach()).float().mean()
-        self._means.update(penalty=calibration.detach(), single_over_full=over)
+        self.epoch_means.update(penalty=calibration.detach(), single_over_full=over)
         return {
             "task": task.loss(output.prediction, target) / m,
             "cml/subsets": subsets / m,
@@ -174,4 +171,4 @@ class CML(Balancer):
         """Epoch means (window epochs only) of the regulariser per batch (``penalty``, before λ) and
         of the fraction of positions whose last single modality is more confident than all of them
         together (``single_over_full``)."""
-        return self._means.pop()
+        return self.epoch_means.pop()

@@ -27,7 +27,6 @@ from mmbalance.balancer import Balancer
 from mmbalance.config import finite, need
 from mmbalance.methods import register_method
 from mmbalance.methods._config import MethodConfig
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._heads import head_term
 from mmbalance.methods._shared_unimodal import shared_unimodal_predictions
 from mmbalance.models.base import ModelOutput, MultimodalModel
@@ -52,14 +51,7 @@ class DGL(Balancer):
         "cremad": {"alpha": 5.0},  # cramed_dgl.sh: α 4 and 5 (notes 77.48 / 78.12); the better one
         "kineticsound": {"alpha": 3.0},  # ks_dgl.sh: α 2 and 3 (notes 74.78; 75.10, 76.28)
     }
-    paper = (
-        "Wei, Luo, Luo. Boosting Multimodal Learning via Disentangled Gradient Learning. ICCV 2025 "
-        "(shicaiwei123/ICCV2025-GDL)"
-    )
-
-    def setup(self, model: MultimodalModel, task: Any, optimizer_factory: Any) -> None:
-        super().setup(model, task, optimizer_factory)
-        self._means = EpochMeans(self.modalities)
+    paper = "Wei et al., ICCV 2025 (shicaiwei123/ICCV2025-GDL)"
 
     def forward_step(self, model: MultimodalModel, batch: Mapping[str, Tensor]) -> ModelOutput:
         """Encode; fuse the **detached** features (the multimodal loss stops at the fusion module);
@@ -78,9 +70,10 @@ class DGL(Balancer):
         losses = {m: task.loss(predictions[m], target) for m in self.modalities}
         for m in self.modalities:
             terms[head_term(m)] = self.config.alpha * losses[m]
-        self._means.update(unimodal_loss=torch.stack([losses[m].detach().float() for m in self.modalities]))
+        unimodal_loss = torch.stack([losses[m].detach().float() for m in self.modalities])
+        self.epoch_means.update(unimodal_loss=unimodal_loss)
         return terms
 
     def diagnostics(self) -> dict[str, float]:
         """Epoch means of each modality's unweighted unimodal loss (``unimodal_loss/<m>``)."""
-        return self._means.pop()
+        return self.epoch_means.pop()

@@ -141,10 +141,7 @@ class DIMML(HeadedBalancer):
     Config = DIMMLConfig
     tasks = frozenset({"cls"})
     heads_detach = False  # the own classifiers' loss trains the encoders (it is their only objective)
-    paper = (
-        "Fan, Xu, Wang, Liu, Guo. Detached and Interactive Multimodal Learning. ACM MM 2024 "
-        "(fanyunfeng-bit/DI-MML)"
-    )
+    paper = "Fan et al., ACM MM 2024 (fanyunfeng-bit/DI-MML)"
     presets = {
         # run.sh: main_CFT.py / main_CFT_stage2.py --temperature; main_CFT_stage2.py --epochs 20
         "cremad": {"temperature": 50.0, "fusion_temperature": 1.0, "fusion_epochs": 20},

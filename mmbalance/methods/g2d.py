@@ -33,7 +33,6 @@ from mmbalance.config import finite, need
 from mmbalance.errors import ConfigError, ShapeError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import ModulationWindow
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._grads import scale_grads_
 from mmbalance.methods._stages import target_size
 from mmbalance.methods.ogm_ge import confidence_score
@@ -122,16 +121,12 @@ class G2D(UMT):
         "synthetic": {"modulation_ends": 3},
     }
     grad_edit_scope = frozenset({"encoders"})
-    paper = (
-        "Rakib, Bagavathi. G2D: Boosting Multimodal Learning with Gradient-Guided Distillation. "
-        "ICCV 2025 (rAIson-Lab/G2D)"
-    )
+    paper = "Rakib and Bagavathi, ICCV 2025 (rAIson-Lab/G2D)"
 
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
         self._groups = {m: model.modality_parameters(m) for m in self.modalities}
         self._scores: Tensor | None = None
-        self._means = EpochMeans(self.modalities)
 
     @torch.no_grad()
     def _teacher_outputs(self, batch: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -166,7 +161,7 @@ class G2D(UMT):
         coeffs = smp_coefficients(self._scores, cfg.smp_rule)
         active = cfg.smp and cfg.modulates(ctx.epoch)
         applied = coeffs if active else torch.ones_like(coeffs)
-        self._means.update(coeff=applied, teacher_score=self._scores)
+        self.epoch_means.update(coeff=applied, teacher_score=self._scores)
         if active:
             for i, m in enumerate(self.modalities):
                 scale_grads_(self._groups[m], coeffs[i])
@@ -175,5 +170,5 @@ class G2D(UMT):
         """UMT's teacher diagnostics, and the epoch means of the applied SMP factor (``coeff/<m>``: the
         share of steps that encoder learned) and of the teachers' batch confidence ``teacher_score/<m>``."""
         out = super().diagnostics()
-        out.update(self._means.pop())
+        out.update(self.epoch_means.pop())
         return out

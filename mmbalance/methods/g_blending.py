@@ -137,7 +137,7 @@ class GBlending(HeadedBalancer):
     """Gradient-Blending: per-modality heads and OGR-optimal loss weights, re-estimated on validation."""
 
     Config = GBlendingConfig
-    paper = "Wang, Tran, Feiszli. What Makes Training Multi-Modal Classification Networks Hard? CVPR 2020"
+    paper = "Wang et al., CVPR 2020"
     presets = {
         # Not from the paper: the 8-epoch synthetic benchmark's budget (two estimates of one epoch each).
         "synthetic": {"super_epoch": 4, "estimate_epochs": 1},

@@ -33,7 +33,6 @@ from mmbalance.config import finite, need
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import MethodConfig
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._grads import present_grads, step_auxiliary
 from mmbalance.models.base import ModelOutput, MultimodalModel
 from mmbalance.models.mmtm import MMTM
@@ -112,10 +111,7 @@ class Greedy(Balancer):
         "modelnet40": {"epsilon": 0.01, "window": 5, "start_epoch": 1},  # configs/training_guided.gin
     }
     max_modalities = 2
-    paper = (
-        "Wu, Jastrzębski, Cho, Geras. Characterizing and overcoming the greedy nature of learning in "
-        "multi-modal deep neural networks. ICML 2022 (nyukat/greedy_multimodal_learning)"
-    )
+    paper = "Wu et al., ICML 2022 (nyukat/greedy_multimodal_learning)"
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
@@ -132,7 +128,6 @@ class Greedy(Balancer):
         self.register_buffer("caring", torch.zeros((), dtype=torch.long))
         self.register_buffer("curation_step", torch.zeros((), dtype=torch.long))
         self._epoch = 0
-        self._means = EpochMeans(self.modalities)
         # a state dict builds the MMTM from its saved layout; its optimizer must exist before a
         # training state's optimizer state is loaded into it
         self.register_load_state_dict_post_hook(lambda module, _keys: module._make_optimizer())
@@ -140,7 +135,8 @@ class Greedy(Balancer):
     def _make_optimizer(self) -> None:
         """The MMTM's own optimizer, once the block is built (first forward or a loaded state)."""
         if self.mmtm_optimizer is None and self.mmtm.built:
-            self.mmtm_optimizer = self._optimizer_factory(list(self.mmtm.parameters()), lr=self.config.mmtm_lr)
+            params = list(self.mmtm.parameters())
+            self.mmtm_optimizer = self._optimizer_factory(params, lr=self.config.mmtm_lr)
 
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
         self._epoch = ctx.epoch
@@ -198,7 +194,7 @@ class Greedy(Balancer):
             else:
                 self.curation.fill_(False)
                 self.caring.fill_(0)
-            self._means.update(curation_fraction=self.curation, caring=self.caring)
+            self.epoch_means.update(curation_fraction=self.curation, caring=self.caring)
             return
         compute = ~self.curation if self.unlocked else torch.ones_like(self.curation)
         speeds_main, speeds_byp = [], []
@@ -219,7 +215,7 @@ class Greedy(Balancer):
         else:
             self.curation.fill_(False)
             self.caring.fill_(0)
-        self._means.update(d_bdr=self.d_bdr, curation_fraction=self.curation, caring=self.caring)
+        self.epoch_means.update(d_bdr=self.d_bdr, curation_fraction=self.curation, caring=self.caring)
 
     def on_after_optimizer_step(self, ctx: StepContext) -> None:
         if self.mmtm_optimizer is not None:
@@ -228,7 +224,7 @@ class Greedy(Balancer):
     def diagnostics(self) -> dict[str, float]:
         """Epoch means of d_BDR (guided), the fraction of steps in curation (``curation_fraction``)
         and the cared-for index (``caring``); the accumulated speeds ``m_main/<m>``, ``m_bypass/<m>``."""
-        out = self._means.pop()
+        out = self.epoch_means.pop()
         if not out:
             return {}
         speeds = torch.stack([self.m_main, self.m_bypass]).tolist()

@@ -30,7 +30,6 @@ from mmbalance.config import finite, need
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._grads import present_grads
 from mmbalance.methods._headed import HeadedBalancer
 from mmbalance.methods.ogm_ge import confidence_score
@@ -108,10 +107,7 @@ class InfoReg(HeadedBalancer):
         "synthetic": {"window_length": 2},  # 10 of main.py's 50 epochs, scaled to the benchmark's 8
     }
     grad_edit_scope = frozenset({"encoders"})
-    paper = (
-        "Huang, Wei, Yang, Hu. Adaptive Unimodal Regulation for Balanced Multimodal Information "
-        "Acquisition. CVPR 2025 (GeWu-Lab/InfoReg_CVPR2025)"
-    )
+    paper = "Huang et al., CVPR 2025 (GeWu-Lab/InfoReg_CVPR2025)"
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         cfg: InfoRegConfig = self.config
@@ -146,7 +142,6 @@ class InfoReg(HeadedBalancer):
         self.register_load_state_dict_post_hook(lambda module, _keys: module._view_snapshot())
         self._window, self._k = True, 1.0
         self._scores: Tensor | None = None
-        self._means = EpochMeans(self.modalities)
 
     # -- epoch level ------------------------------------------------------------------------------
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
@@ -203,7 +198,7 @@ class InfoReg(HeadedBalancer):
         trace = torch.nan_to_num(trace, nan=0.0, posinf=0.0, neginf=0.0)  # steps the AMP scaler skips
         self.trace_sum += trace
         self.trace_steps += 1
-        self._means.update(beta=beta, score=self._scores)
+        self.epoch_means.update(beta=beta, score=self._scores)
 
     def _step_trace(self, m: str) -> Tensor:
         grads = present_grads(self._fisher[m])
@@ -217,7 +212,7 @@ class InfoReg(HeadedBalancer):
     def diagnostics(self) -> dict[str, float]:
         """Epoch means of β_m (``beta/<m>``) and s_m (``score/<m>``), the window signal ``k`` and
         ``window`` (1 open, 0 closed) of the epoch."""
-        return {**self._means.pop(), "k": self._k, "window": float(self._window)}
+        return {**self.epoch_means.pop(), "k": self._k, "window": float(self._window)}
 
     def host_state(self) -> dict[str, Any]:
         """Finished epochs' traces and this epoch's window decision."""

@@ -31,7 +31,6 @@ from mmbalance.config import finite, need
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._headed import HeadedBalancer
 from mmbalance.methods._stages import isolated_rng, stage_loader, stage_seed, target_size
 from mmbalance.models.base import ModelOutput, MultimodalModel
@@ -150,10 +149,7 @@ class LFM(HeadedBalancer):
     Config = LFMConfig
     presets = {"cremad": {"weighting": "fitted"}}  # README: python Crema_epoch.py
     tasks = frozenset({"cls", "seg"})
-    paper = (
-        "Yang, Wan, Jiang, Xu. Facilitating Multimodal Classification via Dynamically Learning Modality "
-        "Gap. NeurIPS 2024 (njustkmg/NeurIPS24-LFM)"
-    )
+    paper = "Yang et al., NeurIPS 2024 (njustkmg/NeurIPS24-LFM)"
     heads_detach = False  # the alignment reaches the encoders through the heads
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
@@ -161,7 +157,6 @@ class LFM(HeadedBalancer):
         cfg: LFMConfig = self.config
         self._alpha_cls, self._alpha_align = 1.0 - cfg.alpha, cfg.alpha
         self._lr_alpha = cfg.lr_alpha
-        self._means = EpochMeans(self.modalities)
 
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
         """Set this epoch's (α_cls, α_align): the fitted schedule, or one hypergradient step."""
@@ -217,7 +212,7 @@ class LFM(HeadedBalancer):
             "lfm/alignment": 2.0 * self._alpha_align * aligned,
         }
         terms.update(self.heads.loss_terms(detached, target, task))
-        self._means.update(js=aligned.detach())
+        self.epoch_means.update(js=aligned.detach())
         return terms
 
     def host_state(self) -> dict[str, Any]:
@@ -230,4 +225,4 @@ class LFM(HeadedBalancer):
 
     def diagnostics(self) -> dict[str, float]:
         """The epoch's weights (``alpha_cls``, ``alpha_align``) and the mean pairwise alignment ``js``."""
-        return {"alpha_cls": self._alpha_cls, "alpha_align": self._alpha_align, **self._means.pop()}
+        return {"alpha_cls": self._alpha_cls, "alpha_align": self._alpha_align, **self.epoch_means.pop()}

@@ -29,7 +29,6 @@ from mmbalance.balancer import EpochContext, OptimizerFactory
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig, ModulationWindow
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._headed import HeadedBalancer
 from mmbalance.methods._stages import target_size
 from mmbalance.models.base import ModelOutput, MultimodalModel
@@ -129,17 +128,13 @@ class MBSD(HeadedBalancer):
 
     Config = MBSDConfig
     tasks = frozenset({"cls", "seg"})
-    paper = (
-        "Liu, Li, Song, Yang, Zeng. Multimodal Pre-Training with Self-Distillation for Product "
-        "Understanding in E-Commerce. WSDM 2023 (mechanism as in GeWu-Lab/BalanceBenchmark MBSD_trainer)"
-    )
+    paper = "Liu et al., WSDM 2023 (as in GeWu-Lab/BalanceBenchmark)"
     heads_detach = False  # inside the window the unimodal losses train the encoders too
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
         self._rs_space = rs_space_for(len(self.modalities), self.config.rs_space)
         self._epoch = 0
-        self._means = EpochMeans(self.modalities)
 
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
         self._epoch = ctx.epoch
@@ -159,7 +154,7 @@ class MBSD(HeadedBalancer):
         rs, kl, w = mbsd_losses([unimodal[m] for m in self.modalities], target, self._rs_space)
         terms["mbsd/rs"] = rs
         terms["mbsd/kl"] = kl
-        self._means.update(weight=w, rs=rs, kl=kl)
+        self.epoch_means.update(weight=w, rs=rs, kl=kl)
         return terms
 
     def host_state(self) -> dict[str, Any]:
@@ -170,4 +165,4 @@ class MBSD(HeadedBalancer):
 
     def diagnostics(self) -> dict[str, float]:
         """Epoch means (window epochs only) of the pair weight w (``weight``) and the two terms."""
-        return self._means.pop()
+        return self.epoch_means.pop()

@@ -32,7 +32,6 @@ from mmbalance.errors import ConfigError, ShapeError, UnsupportedError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig
 from mmbalance.methods._entropy_fusion import batch_entropy_weights, entropy_weights, fuse_logits
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._heads import UnimodalHeads, feature_kind, head_term, pool_features
 from mmbalance.methods._lazy_buffers import follow_saved_shapes_
 from mmbalance.methods._precision import upcast
@@ -94,11 +93,7 @@ class MLA(Balancer):
         "iemocap": {"fusion_weights": {"audio": 0.35, "vision": 0.25, "text": 0.4}},
     }
     tasks = frozenset({"cls", "seg"})
-    paper = (
-        "Zhang, Yoon, Bansal, Yao. Multimodal Representation Learning by Alternating Unimodal Adaptation. "
-        "CVPR 2024 "
-        "(Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation)"
-    )
+    paper = "Zhang et al., CVPR 2024 (Cecile-hi/Multimodal-Learning-with-Alternating-Unimodal-Adaptation)"
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
         cfg: MLAConfig = self.config
@@ -119,7 +114,6 @@ class MLA(Balancer):
         self._updates = 0  # host mirror of head_updates (read every modality update without a device sync)
         self._batch_index, self._batches_per_epoch = 0, 1
         self._pending: dict[str, Any] | None = None
-        self._means = EpochMeans(self.modalities)  # fusion weights of the batches predicted this epoch
 
     def _load_from_state_dict(
         self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
@@ -273,9 +267,9 @@ class MLA(Balancer):
     # -- diagnostics --------------------------------------------------------------------------------
     def _record(self, weights: Mapping[str, Tensor | float]) -> None:
         means = [torch.as_tensor(weights[m], dtype=torch.float64).mean() for m in self.modalities]
-        self._means.update(fusion_weight=torch.stack(means))
+        self.epoch_means.update(fusion_weight=torch.stack(means))
 
     def diagnostics(self) -> dict[str, float]:
         """Mean fusion weight per modality over the batches predicted since the last call
         (``fusion_weight/<m>``), and the number of shared-head updates so far."""
-        return {"head_updates": float(self.head_updates), **self._means.pop()}
+        return {"head_updates": float(self.head_updates), **self.epoch_means.pop()}

@@ -26,15 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmbalance.balancer import OptimizerFactory
 from mmbalance.config import finite, need
 from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._headed import HeadedBalancer
 from mmbalance.methods._heads import pool_features
 from mmbalance.models.base import ModelOutput, MultimodalModel
-from mmbalance.tasks import Task
 
 __all__ = ["MMCosine", "MMCosineConfig", "cosine_logits"]
 
@@ -65,15 +62,8 @@ class MMCosine(HeadedBalancer):
     # README: python main_CD.py --train --fusion_method gated --mmcosine True --scaling 10
     presets = {"cremad": {"scaling": 10.0}}
     tasks = frozenset({"cls"})
-    paper = (
-        "Xu, Feng, Zhang, Hu. MMCosine: Multi-Modal Cosine Loss Towards Balanced Audio-Visual "
-        "Fine-Grained Learning. ICASSP 2023 (GeWu-Lab/MMCosine_ICASSP23)"
-    )
+    paper = "Xu et al., ICASSP 2023 (GeWu-Lab/MMCosine_ICASSP23)"
     heads_detach = False  # the cross-entropy of the cosine logits trains the encoders
-
-    def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
-        super().setup(model, task, optimizer_factory)
-        self._means = EpochMeans(self.modalities)
 
     def class_weights(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``{m: W_m (K, d_m)}``: the weights of the linear heads (built on the first call; their
@@ -106,7 +96,7 @@ class MMCosine(HeadedBalancer):
             index = target.long().reshape(-1, 1)
             logits = output.extras[_UNIMODAL].values()
             target_logit = torch.stack([lg.gather(1, index).mean() for lg in logits])
-            self._means.update(target_logit=target_logit)
+            self.epoch_means.update(target_logit=target_logit)
         return {"task": task.loss(output.prediction, target)}
 
     def predict(self, output: ModelOutput) -> Tensor:
@@ -119,4 +109,4 @@ class MMCosine(HeadedBalancer):
 
     def diagnostics(self) -> dict[str, float]:
         """Epoch mean of each modality's target-class logit ``s · cos(z_m, W_m[y])``: ``target_logit/<m>``."""
-        return self._means.pop()
+        return self.epoch_means.pop()

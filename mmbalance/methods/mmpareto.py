@@ -27,10 +27,10 @@ from torch import Tensor, nn
 
 from mmbalance.balancer import OptimizerFactory, StepContext
 from mmbalance.config import finite, need
+from mmbalance.epoch_means import EpochMeans
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._headed import HeadedBalancer
 from mmbalance.methods._heads import head_term
 from mmbalance.models.base import MultimodalModel
@@ -110,10 +110,7 @@ class MMPareto(HeadedBalancer):
     their losses are MMPareto's unimodal tasks and reach the encoders."""
 
     Config = MMParetoConfig
-    paper = (
-        "Wei, Hu. MMPareto: Boosting Multimodal Learning with Innocent Unimodal Assistance. ICML 2024 "
-        "(GeWu-Lab/MMPareto_ICML2024)"
-    )
+    paper = "Wei and Hu, ICML 2024 (GeWu-Lab/MMPareto_ICML2024)"
     grad_edit_scope = frozenset({"encoders"})
     heads_detach = False
 
@@ -126,7 +123,7 @@ class MMPareto(HeadedBalancer):
             tuple[tuple[int, ...], torch.device], Tensor
         ] = {}  # tensor sizes on the device, built once
         self._inv_scale: Tensor | None = None
-        self._means = EpochMeans(self.modalities, finite_only=True)  # fp16 steps the scaler skips
+        self.epoch_means = EpochMeans(self.modalities, finite_only=True)  # fp16 steps the scaler skips
 
     # -- training step ----------------------------------------------------------------------------
     def backward(self, terms: Mapping[str, Tensor], scaler: torch.amp.GradScaler) -> None:
@@ -204,12 +201,12 @@ class MMPareto(HeadedBalancer):
         if rows:  # a modality whose encoder the losses did not reach counts as zeros
             zero = torch.zeros(3, dtype=torch.float64, device=next(iter(rows.values())).device)
             stats = torch.stack([rows.get(m, zero) for m in self.modalities]).detach()  # (M, 3)
-            self._means.update(cos=stats[:, 0], conflict=stats[:, 1], alpha_mm=stats[:, 2])
+            self.epoch_means.update(cos=stats[:, 0], conflict=stats[:, 1], alpha_mm=stats[:, 2])
 
     def diagnostics(self) -> dict[str, float]:
         """Epoch means per modality: ``cos/<m>`` = cos(g_mm, g_m), ``conflict/<m>`` = share of steps
         with cos ≤ 0 (min-norm weights), ``alpha_mm/<m>`` = weight of the multimodal gradient."""
-        return self._means.pop()
+        return self.epoch_means.pop()
 
 
 def _accumulate(params: list[Any], grads: tuple[Tensor | None, ...] | list[Tensor]) -> None:

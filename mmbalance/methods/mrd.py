@@ -22,12 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmbalance.balancer import Balancer, OptimizerFactory
+from mmbalance.balancer import Balancer
 from mmbalance.config import need
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import MethodConfig
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.models.base import ModelOutput, MultimodalModel
 
 __all__ = ["MRD", "MRDConfig", "modality_keep_mask", "MODES"]
@@ -79,14 +78,7 @@ class MRD(Balancer):
     """Per-sample modality dropout at the fusion input (training only)."""
 
     Config = MRDConfig
-    paper = (
-        "Modality Random Dropout, as compared in Guo et al., Classifier-guided Gradient Modulation, "
-        "NeurIPS 2024; mechanism of Neverova et al., ModDrop, TPAMI 2016"
-    )
-
-    def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
-        super().setup(model, task, optimizer_factory)
-        self._means = EpochMeans(self.modalities)
+    paper = "baseline of Guo et al., NeurIPS 2024; ModDrop, Neverova et al., TPAMI 2016"
 
     def forward_step(self, model: MultimodalModel, batch: Mapping[str, Tensor]) -> ModelOutput:
         """Encode, zero each sample's dropped modality features, fuse. ``output.features`` keeps the
@@ -105,14 +97,14 @@ class MRD(Balancer):
         out = model.fuse(masked, extras)
         out.features = features
         # per-step counts; their epoch means' ratio is the per-sample drop rate (partial batches too)
-        self._means.update(
+        self.epoch_means.update(
             dropped=(~keep).sum(dim=0), samples=torch.full((), keep.shape[0], device=keep.device)
         )
         return out
 
     def diagnostics(self) -> dict[str, float]:
         """Fraction of training samples in the epoch whose modality m was dropped."""
-        means = self._means.pop()
+        means = self.epoch_means.pop()
         if not means:
             return {}
         return {f"dropped/{m}": means[f"dropped/{m}"] / means["samples"] for m in self.modalities}

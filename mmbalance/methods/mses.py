@@ -90,10 +90,7 @@ class MSES(ValidationHeadsBalancer):
         # Not from the paper: patience scaled to the 8-epoch synthetic benchmark.
         "synthetic": {"patience": 2},
     }
-    paper = (
-        "Fujimori, Endo, Kawai, Mochizuki. Modality-specific learning rate control for multimodal "
-        "classification. ACPR 2019"
-    )
+    paper = "Fujimori et al., ACPR 2019"
 
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)

@@ -75,10 +75,7 @@ class MSLR(ValidationHeadsBalancer):
 
     Config = MSLRConfig
     grad_edit_scope = frozenset({"encoders"})
-    paper = (
-        "Yao, Mihalcea. Modality-specific Learning Rates for Effective Multimodal Additive Late-fusion. "
-        "Findings of ACL 2022"
-    )
+    paper = "Yao and Mihalcea, Findings of ACL 2022"
     presets = {
         # Initial multipliers of the AGM_ICCV2023 re-implementation (run/*_main.py), by dataset.
         "cremad": {"lr_scale": {"audio": 0.9, "visual": 1.1}},

@@ -60,10 +60,7 @@ class OGM(OGMGE):
         # Not from the paper: the 8-epoch synthetic benchmark, warm-up scaled from 6 of 100 epochs.
         "synthetic": {"modulation_starts": 1},
     }
-    paper = (
-        "Wei, Hu, Du, Wen. On-the-fly Modulation for Balanced Multimodal Learning. TPAMI 2024 "
-        "(GeWu-Lab/BML_TPAMI2024)"
-    )
+    paper = "Wei et al., TPAMI 2024 (GeWu-Lab/BML_TPAMI2024)"
 
     def coefficients(self, ratios: Tensor) -> Tensor:
         """``ogm_ge``'s Eq. 10, or the ``plus`` boost of the non-dominant modalities."""

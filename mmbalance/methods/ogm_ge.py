@@ -28,7 +28,6 @@ from mmbalance.config import need
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig, ModulationWindow
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._grads import present_grads
 from mmbalance.methods._headed import HeadedBalancer
 from mmbalance.methods._heads import head_term
@@ -146,10 +145,7 @@ class OGMGE(HeadedBalancer):
         "cremad": {"alpha": 0.8},  # README "Tips"
         "vggsound": {"alpha": 0.1},  # README "Tips" and default modulation setting
     }
-    paper = (
-        "Peng, Wei, Deng, Wang, Hu. Balanced Multimodal Learning via On-the-fly Gradient Modulation. "
-        "CVPR 2022 (GeWu-Lab/OGM-GE_CVPR2022)"
-    )
+    paper = "Peng et al., CVPR 2022 (GeWu-Lab/OGM-GE_CVPR2022)"
     grad_edit_scope = frozenset({"encoders"})
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
@@ -169,7 +165,6 @@ class OGMGE(HeadedBalancer):
         self._groups = groups
         self._lengths: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
         self._scores: Tensor | None = None
-        self._means = EpochMeans(self.modalities)
 
     # -- training step ----------------------------------------------------------------------------
     def loss_terms(self, output: ModelOutput, batch: Mapping[str, Tensor], task: Any) -> dict[str, Tensor]:
@@ -201,7 +196,7 @@ class OGMGE(HeadedBalancer):
             raise ConfigError("ogm_ge: on_after_backward ran before loss_terms computed the unimodal scores")
         ratios = pairwise_ratios(self._scores)
         coeffs = self.coefficients(ratios)
-        self._means.update(coeff=coeffs, ratio=ratios, score=self._scores)
+        self.epoch_means.update(coeff=coeffs, ratio=ratios, score=self._scores)
         if not cfg.modulates(ctx.epoch):
             return
         grads: list[Tensor] = []
@@ -221,4 +216,4 @@ class OGMGE(HeadedBalancer):
 
     def diagnostics(self) -> dict[str, float]:
         """Epoch means of k_u (``coeff/<m>``), ρ_u (``ratio/<m>``) and s_u (``score/<m>``, batch sum)."""
-        return self._means.pop()
+        return self.epoch_means.pop()

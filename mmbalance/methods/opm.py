@@ -28,7 +28,6 @@ from mmbalance.balancer import EpochContext, OptimizerFactory
 from mmbalance.config import finite, need
 from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._headed import HeadedBalancer
 from mmbalance.methods._stages import target_size
 from mmbalance.methods.ogm_ge import confidence_score, pairwise_ratios
@@ -93,16 +92,12 @@ class OPM(HeadedBalancer):
         # Not from the paper: the 8-epoch synthetic benchmark, warm-up scaled from 6 of 100 epochs.
         "synthetic": {"warmup_epochs": 1},
     }
-    paper = (
-        "Wei, Hu, Du, Wen. On-the-fly Modulation for Balanced Multimodal Learning. TPAMI 2024 "
-        "(GeWu-Lab/BML_TPAMI2024)"
-    )
+    paper = "Wei et al., TPAMI 2024 (GeWu-Lab/BML_TPAMI2024)"
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
         self._epoch = 0
         self._sizes: dict[tuple[Any, ...], Tensor] = {}
-        self._means = EpochMeans(self.modalities)
 
     def on_train_epoch_start(self, ctx: EpochContext) -> None:
         """Remember the epoch: the warm-up decides in ``forward_step``, which has no epoch argument."""
@@ -140,7 +135,7 @@ class OPM(HeadedBalancer):
         batch_size = features[self.modalities[0]].shape[0]
         if not self._drops():
             zero = torch.zeros_like(q)
-            self._means.update(q=q, ratio=ratios, score=scores, dropped=zero, executed=zero.sum())
+            self.epoch_means.update(q=q, ratio=ratios, score=scores, dropped=zero, executed=zero.sum())
             return model.fuse(features, extras)
         keep, executed = keep_mask(q, batch_size, cfg.p_exe)
         scale = torch.where(executed, rescale_factor(q, self._feature_sizes(features)), torch.ones_like(q[0]))
@@ -150,7 +145,7 @@ class OPM(HeadedBalancer):
             factor = keep[:, i].to(f.dtype) * scale.to(f.dtype)
             fused_in[m] = f * factor.reshape((-1,) + (1,) * (f.dim() - 1))
         dropped = (~keep).float().mean(dim=0)
-        self._means.update(q=q, ratio=ratios, score=scores, dropped=dropped, executed=executed.float())
+        self.epoch_means.update(q=q, ratio=ratios, score=scores, dropped=dropped, executed=executed.float())
         out = model.fuse(fused_in, extras)
         out.features = features
         return out
@@ -162,4 +157,4 @@ class OPM(HeadedBalancer):
     def diagnostics(self) -> dict[str, float]:
         """Epoch means of ``q/<m>``, ``ratio/<m>``, ``score/<m>`` (batch sum), ``dropped/<m>`` (share of
         samples whose feature was dropped) and ``executed`` (share of modulated batches)."""
-        return self._means.pop()
+        return self.epoch_means.pop()

@@ -32,7 +32,6 @@ from mmbalance.config import need
 from mmbalance.errors import ConfigError, ShapeError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import ModulationWindow
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._heads import SEQUENCE_POOLS, pool_features
 from mmbalance.methods._stages import eval_mode, iterate, stage_loader
 from mmbalance.methods.ogm_ge import pairwise_ratios
@@ -110,10 +109,7 @@ class PMR(Balancer):
         "cgmnist": {"alpha": 1.0, "momentum_coef": 0.0, "modulation_ends": 60},
     }
     tasks = frozenset({"cls"})
-    paper = (
-        "Fan, Xu, Wang, Wang, Guo. PMR: Prototypical Modal Rebalance for Multimodal Learning. CVPR 2023 "
-        "(fanyunfeng-bit/Modal-Imbalance-PMR)"
-    )
+    paper = "Fan et al., CVPR 2023 (fanyunfeng-bit/Modal-Imbalance-PMR)"
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
@@ -121,7 +117,6 @@ class PMR(Balancer):
         self._epoch = 0
         self._updates = 0  # prototype updates so far (the EMA starts at the third)
         self.proto_batches = 0  # forward-only batches spent on prototypes (cost record)
-        self._means = EpochMeans(self.modalities)
         self.register_load_state_dict_pre_hook(_make_prototype_buffers)
 
     def host_state(self) -> dict[str, int]:
@@ -196,10 +191,10 @@ class PMR(Balancer):
                 scores.append(F.softmax(logits, dim=1).gather(1, target.long().reshape(-1, 1)).sum())
         weights = pmr_weights(torch.stack(scores), cfg.alpha)  # scores, ratios, weights: float64
         terms["proto"] = (weights * torch.stack(losses)).sum().to(output.prediction.dtype)
-        self._means.update(proto_weight=weights, ratio=pairwise_ratios(torch.stack(scores)))
+        self.epoch_means.update(proto_weight=weights, ratio=pairwise_ratios(torch.stack(scores)))
         return terms
 
     def diagnostics(self) -> dict[str, float]:
         """Epoch means of the prototype-loss weight (``proto_weight/<m>``) and ratio ρ_m
         (``ratio/<m>``), and the prototype batches so far (``proto_batches``)."""
-        return {"proto_batches": float(self.proto_batches), **self._means.pop()}
+        return {"proto_batches": float(self.proto_batches), **self.epoch_means.pop()}

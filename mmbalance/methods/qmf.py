@@ -31,7 +31,6 @@ from mmbalance.config import finite, need
 from mmbalance.errors import ConfigError, DataError, ShapeError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig
-from mmbalance.methods._epoch_means import EpochMeans
 from mmbalance.methods._headed import HeadedBalancer
 from mmbalance.methods._heads import head_term
 from mmbalance.methods._lazy_buffers import follow_saved_shapes_
@@ -133,17 +132,13 @@ class QMF(HeadedBalancer):
         "sunrgbd": {"lam": 0.1, "detach_weights": False},
     }
     tasks = frozenset({"cls", "seg"})
-    paper = (
-        "Zhang, Wu, Zhang, Hu, Fu, Zhou, Peng. Provable Dynamic Fusion for Low-Quality Multimodal Data. "
-        "ICML 2023 (QingyangZhang/QMF)"
-    )
+    paper = "Zhang et al., ICML 2023 (QingyangZhang/QMF)"
     heads_detach = False  # the heads are the predictor: their losses train the encoders
 
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
         # cumulative per-sample loss per modality (official History.correctness), sized at epoch 0
         self.register_buffer("loss_history", torch.zeros(len(self.modalities), 0, dtype=torch.float64))
-        self._means = EpochMeans(self.modalities)
 
     def _load_from_state_dict(
         self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any
@@ -193,7 +188,7 @@ class QMF(HeadedBalancer):
                 correctness = normalize_history(self.loss_history[i, index], self.loss_history[i])
             terms[f"rank/{m}"] = self.config.lam * ranking_loss(confidence, correctness)
             confidences.append(confidence.detach().mean())
-        self._means.update(confidence=torch.stack(confidences))
+        self.epoch_means.update(confidence=torch.stack(confidences))
         return terms
 
     def _sample_index(self, batch: Mapping[str, Tensor]) -> Tensor:
@@ -226,4 +221,4 @@ class QMF(HeadedBalancer):
 
     def diagnostics(self) -> dict[str, float]:
         """Epoch mean of each modality's confidence ``w_m`` (training batches), ``confidence/<m>``."""
-        return self._means.pop()
+        return self.epoch_means.pop()

@@ -101,10 +101,7 @@ class ReconBoost(Balancer):
         # boosting : rectification ratio as the official 4 : 4) let every modality be boosted repeatedly.
         "synthetic": {"boost_epochs": 1, "correct_epochs": 1},
     }
-    paper = (
-        "Hua, Xu, Bao, Yang, Huang. ReconBoost: Boosting Can Achieve Modality Reconcilement. ICML 2024 "
-        "(huacong/ReconBoost)"
-    )
+    paper = "Hua et al., ICML 2024 (huacong/ReconBoost)"
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)
         cfg: ReconBoostConfig = self.config

@@ -83,10 +83,7 @@ class Relearning(Balancer):
         "synthetic": {"reinit_epoch": 2, "reinit_num": 2},  # not from the paper: 8 epochs, after 2 and 4
     }
     tasks = frozenset({"cls", "reg"})
-    paper = (
-        "Wei, Li, Feng, Hu. Diagnosing and Re-learning for Balanced Multimodal Learning. ECCV 2024 "
-        "(GeWu-Lab/Diagnosing_Relearning_ECCV2024)"
-    )
+    paper = "Wei et al., ECCV 2024 (GeWu-Lab/Diagnosing_Relearning_ECCV2024)"
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         """Keep a copy of every encoder's initial parameters (a buffer, so it is saved and follows the

@@ -117,10 +117,7 @@ class Remix(HeadedBalancer):
     }
     tasks = frozenset({"cls", "seg"})
     heads_detach = False
-    paper = (
-        "Ma, Chen, Deng. Improving Multimodal Learning Balance and Sufficiency through Data Remixing. "
-        "ICML 2025 (MatthewMaxy/Remix_ICML2025)"
-    )
+    paper = "Ma et al., ICML 2025 (MatthewMaxy/Remix_ICML2025)"
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)

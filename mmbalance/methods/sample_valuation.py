@@ -101,10 +101,7 @@ class SampleValuation(Balancer):
         "synthetic": {"warmup": 1},  # not from the paper: 5 of 60 warm-up epochs scaled to 8
     }
     tasks = frozenset({"cls", "reg"})
-    paper = (
-        "Wei, Feng, Wang, Hu. Enhancing Multimodal Cooperation via Sample-level Modality Valuation. "
-        "CVPR 2024 (GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation)"
-    )
+    paper = "Wei et al., CVPR 2024 (GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation)"
 
     def setup(self, model: MultimodalModel, task: Any, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)

@@ -120,7 +120,7 @@ class UME(HeadedBalancer):
     """Independently trained unimodal models, ensembled at test time."""
 
     Config = UMEConfig
-    paper = "Du et al. On Uni-Modal Feature Learning in Supervised Multi-Modal Learning. ICML 2023"
+    paper = "Du et al., ICML 2023"
     heads_detach = False  # each unimodal model trains its own encoder
 
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:

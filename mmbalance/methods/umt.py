@@ -89,7 +89,7 @@ class UMT(Balancer):
     """Distil frozen unimodal teachers' features into the multimodal encoders."""
 
     Config = UMTConfig
-    paper = "Du et al. On Uni-Modal Feature Learning in Supervised Multi-Modal Learning. ICML 2023"
+    paper = "Du et al., ICML 2023"
 
     def setup(self, model: MultimodalModel, task: Task, optimizer_factory: OptimizerFactory) -> None:
         super().setup(model, task, optimizer_factory)

@@ -7,7 +7,9 @@ import importlib
 from mmbalance.models.base import Head, ModelBuilder, ModelOutput, MultimodalModel
 from mmbalance.registry import Registry
 
-__all__ = ["MODELS", "register_model", "MultimodalModel", "ModelOutput", "Head", "ModelBuilder", "BUILTIN_MODELS"]
+__all__ = [
+    "MODELS", "register_model", "MultimodalModel", "ModelOutput", "Head", "ModelBuilder", "BUILTIN_MODELS"
+]
 
 BUILTIN_MODELS: tuple[str, ...] = ("small", "mult", "vit_bert", "deeplab")
 

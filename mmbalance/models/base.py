@@ -148,7 +148,9 @@ class MultimodalModel(nn.Module):
         if drop:
             unknown = set(drop) - set(self.modalities)
             if unknown:
-                raise ConfigError(f"drop names unknown modalities {sorted(unknown)}; model has {self.modalities}")
+                raise ConfigError(
+                    f"drop names unknown modalities {sorted(unknown)}; model has {self.modalities}"
+                )
             fused_in = {m: (torch.zeros_like(f) if m in drop else f) for m, f in features.items()}
             out = self.fuse(fused_in, extras)
             out.features = features

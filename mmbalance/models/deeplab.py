@@ -164,7 +164,8 @@ class DeepLabFusion(nn.Module):
         for m in self.order:
             if features[m].dim() != 4 or features[m].shape[1] != width:
                 raise ShapeError(
-                    f"deeplab fusion: features[{m!r}] must be (B, {width}, h, w), got {tuple(features[m].shape)}"
+                    f"deeplab fusion: features[{m!r}] must be (B, {width}, h, w), "
+                    f"got {tuple(features[m].shape)}"
                 )
         high = [features[m][:, : self.aspp_channels] for m in self.order]
         low = torch.cat([features[m][:, self.aspp_channels :] for m in self.order], dim=1)

@@ -238,7 +238,8 @@ def load_cached(folder: str | os.PathLike[str], expected_len: int | None = None)
         ) from exc
     if expected_len is not None and n != expected_len:
         raise DataError(
-            f"feature cache {folder} holds {n} samples, but the split has {expected_len}; delete it to rebuild"
+            f"feature cache {folder} holds {n} samples, but the split has {expected_len}; "
+            "delete it to rebuild"
         )
     arrays: dict[str, np.ndarray] = {}
     for key, shape in keys.items():

@@ -243,7 +243,8 @@ def check_transformer_sizes(config: Any) -> None:
         raise ValueError(f"num_heads must be an integer >= 1, got {config.num_heads!r}")
     if config.proj_dim % config.num_heads != 0:
         raise ValueError(
-            f"proj_dim must be divisible by num_heads, got proj_dim={config.proj_dim}, num_heads={config.num_heads}"
+            f"proj_dim must be divisible by num_heads, got proj_dim={config.proj_dim}, "
+            f"num_heads={config.num_heads}"
         )
     if not (isinstance(config.nlevels, int) and config.nlevels >= 3):
         raise ValueError(
@@ -343,7 +344,8 @@ class MulTBuilder(ModelBuilder):
             shape = tuple(shape)
             if len(shape) != 2 or shape[-1] < 1:
                 raise ConfigError(
-                    f"model 'mult' needs per-sample (L, d) sequence features; modality {m!r} has shape {shape}"
+                    f"model 'mult' needs per-sample (L, d) sequence features; "
+                    f"modality {m!r} has shape {shape}"
                 )
             in_dims[m] = int(shape[-1])
         order = fusion_order(spec.modality_names, cfg.fusion_first)

@@ -15,8 +15,8 @@ For cls/reg the head is ``Linear -> ReLU`` (body) then ``out_layer = Linear(head
 ``ModelOutput.features[m]`` is each encoder's raw output (sequences keep their time axis), and
 ``modality_parameters(m)`` is that encoder's parameters (from :class:`MultimodalModel`), so the
 groups are disjoint by construction. No layer carries running statistics (``small_seg`` uses
-GroupNorm, not BatchNorm), so a zeroed modality (``drop``) or a masked pass never changes a buffer. Weights are random (PyTorch's default
-initialisation under the caller's seed); nothing is downloaded.
+GroupNorm, not BatchNorm), so a zeroed modality (``drop``) or a masked pass never changes a buffer.
+Weights are random (PyTorch's default initialisation under the caller's seed); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -217,8 +217,8 @@ class SmallMLP(ModelBuilder):
         for m, shape in spec.modalities.items():
             if len(shape) != 1 or shape[0] < 1:
                 raise UnsupportedError(
-                    f"model 'small_mlp' needs vector modalities (d,); modality {m!r} has shape {tuple(shape)} "
-                    "(use 'small_transformer' for sequences)"
+                    f"model 'small_mlp' needs vector modalities (d,); "
+                    f"modality {m!r} has shape {tuple(shape)} (use 'small_transformer' for sequences)"
                 )
             encoders[m] = MLPEncoder(shape[0], c.hidden, c.layers, c.dropout)
         head = _vector_head(c.hidden * len(encoders), c.head_hidden, spec.num_outputs, c.dropout)
@@ -260,8 +260,8 @@ class SmallTransformer(ModelBuilder):
                 length, dim = shape
                 if dim < 1 or length > c.max_len:
                     raise UnsupportedError(
-                        f"model 'small_transformer': modality {m!r} has shape {tuple(shape)}; expected (L, d) "
-                        f"with d >= 1 and L <= max_len ({c.max_len}) or L = -1 (variable)"
+                        f"model 'small_transformer': modality {m!r} has shape {tuple(shape)}; "
+                        f"expected (L, d) with d >= 1 and L <= max_len ({c.max_len}) or L = -1 (variable)"
                     )
                 max_len = c.max_len if length == -1 else length
                 encoders[m] = SequenceEncoder(dim, c.d_model, c.heads, c.layers, c.ff, max_len, c.dropout)
@@ -305,8 +305,8 @@ class SmallSeg(ModelBuilder):
         for m, shape in spec.modalities.items():
             if len(shape) != 3 or tuple(shape[1:]) != size or shape[0] < 1:
                 raise UnsupportedError(
-                    f"model 'small_seg' needs image modalities (C, {size[0]}, {size[1]}) matching the target; "
-                    f"modality {m!r} has shape {tuple(shape)}"
+                    f"model 'small_seg' needs image modalities (C, {size[0]}, {size[1]}) "
+                    f"matching the target; modality {m!r} has shape {tuple(shape)}"
                 )
             encoders[m] = ConvEncoder(shape[0], c.channels)
         fusion = ConvConcatFusion(c.channels * len(encoders), c.decoder)

@@ -243,7 +243,8 @@ class BertTokens(FrozenExtractor):
             self.bert = BertModel(config, add_pooling_layer=False)
         if length > self.bert.config.max_position_embeddings:
             raise ConfigError(
-                f"text length {length} exceeds BERT's max_position_embeddings {self.bert.config.max_position_embeddings}"
+                f"text length {length} exceeds BERT's max_position_embeddings "
+                f"{self.bert.config.max_position_embeddings}"
             )
         self.vocab = int(self.bert.config.vocab_size)
         self.feature_shape = (int(length), int(dim))
@@ -252,7 +253,8 @@ class BertTokens(FrozenExtractor):
     def extract(self, ids: Tensor) -> Tensor:
         if ids.dim() != 2 or ids.shape[1] != self.length or ids.is_floating_point():
             raise ShapeError(
-                f"modality 'text': expected int64 token ids (B, {self.length}), got {tuple(ids.shape)} {ids.dtype}"
+                f"modality 'text': expected int64 token ids (B, {self.length}), "
+                f"got {tuple(ids.shape)} {ids.dtype}"
             )
         ids = ids.long()
         mask = ids != self.pad_id
@@ -354,8 +356,8 @@ class VitBertConfig(ConfigBase):
             )
         if self.vit_dim % self.vit_heads or self.bert_dim % self.bert_heads:
             raise ValueError(
-                f"vit_dim/bert_dim must be divisible by vit_heads/bert_heads, got {self.vit_dim}/{self.vit_heads} "
-                f"and {self.bert_dim}/{self.bert_heads}"
+                f"vit_dim/bert_dim must be divisible by vit_heads/bert_heads, "
+                f"got {self.vit_dim}/{self.vit_heads} and {self.bert_dim}/{self.bert_heads}"
             )
         if not (isinstance(self.pad_id, int) and 0 <= self.pad_id < self.bert_vocab):
             raise ValueError(f"pad_id must be in [0, bert_vocab={self.bert_vocab}), got {self.pad_id!r}")

@@ -11,8 +11,12 @@ import sys
 
 def main(path: str) -> None:
     report = json.load(open(path))
-    print(f"Device: {report['env']['device']}; torch {report['env']['torch']}; command: `{report.get('command', '')}`\n")
-    print("| method | task | floor (FLOP ratio) | measured ratio (median, IQR of steps) | above floor | memory overhead (bytes) |")
+    env = report["env"]
+    print(f"Device: {env['device']}; torch {env['torch']}; command: `{report.get('command', '')}`\n")
+    print(
+        "| method | task | floor (FLOP ratio) | measured ratio (median, IQR of steps) | above floor "
+        "| memory overhead (bytes) |"
+    )
     print("|---|---|---:|---:|---:|---:|")
     for r in sorted(report["results"], key=lambda r: (r["method"], r["task"])):
         excess = r["ratio_vs_joint"] / r["floor"] - 1

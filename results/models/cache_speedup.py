@@ -105,12 +105,13 @@ def main() -> None:
     ):
         med_u, med_c = statistics.median(u), statistics.median(c)
         print(
-            f"[{label}] uncached epochs s {[round(t, 2) for t in u]} | cached epochs s {[round(t, 2) for t in c]}"
-            f" + one-off extraction {x:.2f} s"
+            f"[{label}] uncached epochs s {[round(t, 2) for t in u]} | "
+            f"cached epochs s {[round(t, 2) for t in c]} + one-off extraction {x:.2f} s"
         )
         print(
-            f"[{label}] per-epoch speed-up (median) {med_u / med_c:.1f}x; {args.epochs} epochs incl. extraction "
-            f"{sum(u):.1f} s vs {x + sum(c):.1f} s = {sum(u) / (x + sum(c)):.2f}x"
+            f"[{label}] per-epoch speed-up (median) {med_u / med_c:.1f}x; "
+            f"{args.epochs} epochs incl. extraction {sum(u):.1f} s vs {x + sum(c):.1f} s "
+            f"= {sum(u) / (x + sum(c)):.2f}x"
         )
 
 

@@ -98,16 +98,18 @@ def test_item_is_a_normalised_centre_crop(root):
     ds = _build(root, augment=False)
     i, z = ds.eval_pairs["val"][0]
     case = ds.cases["val"][i]
-    vols = np.stack([np.asarray(nib.load(str(root / "brats2021" / case / f"{case}_{m}.nii.gz")).dataobj) for m in MODALITIES])
-    seg = np.asarray(nib.load(str(root / "brats2021" / case / f"{case}_seg.nii.gz")).dataobj).astype(np.int64)
+    case_dir = root / "brats2021" / case
+    vols = np.stack([np.asarray(nib.load(str(case_dir / f"{case}_{m}.nii.gz")).dataobj) for m in MODALITIES])
+    seg = np.asarray(nib.load(str(case_dir / f"{case}_seg.nii.gz")).dataobj).astype(np.int64)
     seg[seg == 4] = 3
     off = (BRATS_FIXTURE_SHAPE[0] - CROP) // 2
     item = ds.split("val")[0]
     norm = zscore_nonzero(vols.astype(np.float32))
-    assert torch.allclose(item["flair"][0], torch.from_numpy(norm[0, off : off + CROP, off : off + CROP, z]), atol=1e-5)
-    assert torch.equal(item["target"], torch.from_numpy(seg[off : off + CROP, off : off + CROP, z]))
+    crop = (slice(off, off + CROP), slice(off, off + CROP), z)
+    assert torch.allclose(item["flair"][0], torch.from_numpy(norm[0][crop]), atol=1e-5)
+    assert torch.equal(item["target"], torch.from_numpy(seg[crop]))
     raw = _build(root, normalize=False).split("val")[0]
-    assert torch.equal(raw["t2"][0], torch.from_numpy(vols[3, off : off + CROP, off : off + CROP, z].astype(np.float32)))
+    assert torch.equal(raw["t2"][0], torch.from_numpy(vols[3][crop].astype(np.float32)))
 
 
 def test_zscore_nonzero():
@@ -153,7 +155,11 @@ def test_nifti_carve_and_split_file(copy):
     assert not set(cases["train"]) & set(cases["val"]) and not set(cases["val"]) & set(cases["test"])
     assert sorted(sum(cases.values(), [])) == [f"BraTS2021_{k:05d}" for k in range(10)]
     assert _build(copy, split_seed=1).cases != cases
-    split = {"train": [f"BraTS2021_{k:05d}" for k in range(6)], "val": ["BraTS2021_00006"], "test": ["BraTS2021_00007"]}
+    split = {
+        "train": [f"BraTS2021_{k:05d}" for k in range(6)],
+        "val": ["BraTS2021_00006"],
+        "test": ["BraTS2021_00007"],
+    }
     (copy / "brats2021" / "splits.json").write_text(json.dumps(split))
     assert _build(copy, split_file="splits.json").cases == split
     split["test"] = ["BraTS2021_00000"]
@@ -178,14 +184,16 @@ def test_crop_larger_than_volume(root):
 
 def test_missing_modality_file(copy):
     (copy / "brats2021" / "BraTS2021_00003" / "BraTS2021_00003_t1ce.nii.gz").unlink()
-    with pytest.raises(DataError, match=r"missing file .*BraTS2021_00003_t1ce\.nii\.gz.*t1ce volume of case BraTS2021_00003"):
+    missing = r"missing file .*BraTS2021_00003_t1ce\.nii\.gz.*t1ce volume of case BraTS2021_00003"
+    with pytest.raises(DataError, match=missing):
         _build(copy)
 
 
 def test_wrong_volume_shape(copy):
     path = copy / "brats2021" / "BraTS2021_00002" / "BraTS2021_00002_t2.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((48, 48, 15), dtype=np.int16), np.eye(4)), str(path))
-    with pytest.raises(ShapeError, match=r"BraTS2021_00002_t2\.nii\.gz: shape \(48, 48, 15\), expected 3-D \(48, 48, 16\)"):
+    expected = r"BraTS2021_00002_t2\.nii\.gz: shape \(48, 48, 15\), expected 3-D \(48, 48, 16\)"
+    with pytest.raises(ShapeError, match=expected):
         _build(copy)
 
 
@@ -196,7 +204,8 @@ def test_label_out_of_range(copy):
     seg = np.asarray(nib.load(str(path)).dataobj).copy()
     seg[0, 0, 0] = 5
     nib.save(nib.Nifti1Image(seg, np.eye(4)), str(path))
-    with pytest.raises(DataError, match=rf"{case}_seg\.nii\.gz: label out of range: values \[5\]; expected labels in \[0, 1, 2, 4\]"):
+    expected = rf"{case}_seg\.nii\.gz: label out of range: values \[5\]; expected labels in \[0, 1, 2, 4\]"
+    with pytest.raises(DataError, match=expected):
         _build(copy)
 
 
@@ -218,7 +227,8 @@ def test_h5_missing_key_and_wrong_shape(tmp_path, root):
         image = fh["image"][()]
         del fh["image"]
         fh["image"] = image[:3]
-    with pytest.raises(ShapeError, match=r"image \(3, 48, 48, 16\) and label \(48, 48, 16\), expected image \(4, H, W, D\)"):
+    expected = r"image \(3, 48, 48, 16\) and label \(48, 48, 16\), expected image \(4, H, W, D\)"
+    with pytest.raises(ShapeError, match=expected):
         _build(tmp_path)
 
 
@@ -266,4 +276,5 @@ def test_parallel_conversion_matches_sequential(tmp_path, root):
     assert main([str(root / "brats2021"), str(tmp_path / "par"), "--workers", "2"]) == 0
     for path in (tmp_path / "seq").glob("*/*.h5"):
         with h5py.File(path) as a, h5py.File(tmp_path / "par" / path.parent.name / path.name) as b:
-            assert np.array_equal(a["image"][()], b["image"][()]) and np.array_equal(a["label"][()], b["label"][()])
+            assert np.array_equal(a["image"][()], b["image"][()])
+            assert np.array_equal(a["label"][()], b["label"][()])

@@ -24,12 +24,14 @@ LOADERS = {
 EXPECTED_FILES = {
     "food101": ["texts/train_titles.csv", "texts/test_titles.csv", "images/train/pizza/pizza_train_0.jpg",
                 "bert_tokenizer/vocab.txt", "bert_tokens_public_train.npz"],
-    "food101_cggm": ["train.json", "test.json", "images/test/sushi/sushi_test_1.jpg", "bert_tokens_cggm_json_test.npz"],
+    "food101_cggm": ["train.json", "test.json", "images/test/sushi/sushi_test_1.jpg",
+                     "bert_tokens_cggm_json_test.npz"],
     "mosi": ["mosi_data.pkl", "aligned_50.pkl"],
     "mosei": ["mosei_senti_data.pkl", "aligned_50.pkl"],
     "iemocap": ["A/comparE.h5", "A/comparE_mean_std.h5", "V/denseface.h5", "L/bert_large.h5",
                 "target/1/trn_label.npy", "target/2/tst_int2name.npy"],
-    "brats2021": ["BraTS2021_00000/BraTS2021_00000_flair.nii.gz", "BraTS2021_00009/BraTS2021_00009_seg.nii.gz"],
+    "brats2021": ["BraTS2021_00000/BraTS2021_00000_flair.nii.gz",
+                  "BraTS2021_00009/BraTS2021_00009_seg.nii.gz"],
     "brats2021_h5": ["train", "valid", "test"],
 }
 
@@ -72,7 +74,8 @@ def test_every_paper_dataset_has_a_fixture():
 def test_deterministic_and_subsets_match(written, tmp_path):
     root, _ = written
     write_fixtures(tmp_path, names=["mosi", "iemocap"])
-    assert (tmp_path / "mosi" / "mosi_data.pkl").read_bytes() == (root / "mosi" / "mosi_data.pkl").read_bytes()
+    pickle = "mosi/mosi_data.pkl"
+    assert (tmp_path / pickle).read_bytes() == (root / pickle).read_bytes()
     a = np.load(tmp_path / "iemocap" / "target" / "2" / "val_label.npy")
     assert np.array_equal(a, np.load(root / "iemocap" / "target" / "2" / "val_label.npy"))
     assert not (tmp_path / "food101").exists()

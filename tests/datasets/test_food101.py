@@ -49,11 +49,13 @@ def test_layouts_load(root, subdir, layout):
         data = ds.split(split)
         batch = torch.utils.data.default_collate([data[i] for i in range(len(data))])
         check_batch(batch, spec)
-        assert batch["image"].dtype == torch.float32 and 0 <= batch["image"].min() and batch["image"].max() <= 1
+        assert batch["image"].dtype == torch.float32
+        assert 0 <= batch["image"].min() and batch["image"].max() <= 1
         assert batch["text"].dtype == torch.int64
         assert (batch["text"][:, 0] == 2).all()  # [CLS] of the fixture vocabulary
         assert (batch["text"][:, -1] == 0).all()  # short titles: padded with id 0
-        assert set(batch["target"].tolist()) <= {CLASS_NAMES.index(c) for c in ("apple_pie", "pizza", "sushi")}
+        classes = {CLASS_NAMES.index(c) for c in ("apple_pie", "pizza", "sushi")}
+        assert set(batch["target"].tolist()) <= classes
 
 
 def test_full_size_default(root):
@@ -140,7 +142,8 @@ def test_stale_token_cache(copy):
     folder = copy / "food101"
     with open(folder / "texts" / "train_titles.csv", "a", newline="") as fh:
         csv.writer(fh).writerow(["pizza_extra.jpg", "pizza", "pizza"])
-    shutil.copy(folder / "images" / "train" / "pizza" / "pizza_train_0.jpg", folder / "images" / "train" / "pizza" / "pizza_extra.jpg")
+    pizza = folder / "images" / "train" / "pizza"
+    shutil.copy(pizza / "pizza_train_0.jpg", pizza / "pizza_extra.jpg")
     with pytest.raises(DataError, match=r"1 of 19 samples are not in the token cache.*pizza_extra"):
         _build(copy)
 
@@ -148,7 +151,8 @@ def test_stale_token_cache(copy):
 def test_label_out_of_range(copy):
     with open(copy / "food101" / "texts" / "test_titles.csv", "a", newline="") as fh:
         csv.writer(fh).writerow(["x.jpg", "a title", "spaghetti_napoli"])
-    with pytest.raises(DataError, match=r"test_titles\.csv row 7: label out of range: class 'spaghetti_napoli'"):
+    expected = r"test_titles\.csv row 7: label out of range: class 'spaghetti_napoli'"
+    with pytest.raises(DataError, match=expected):
         _build(copy)
 
 

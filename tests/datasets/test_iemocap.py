@@ -117,7 +117,8 @@ def test_missing_utterance(copy):
     name = _ids(copy / "iemocap", 1, "tst")[0]
     with h5py.File(copy / "iemocap" / "L" / "bert_large.h5", "a") as fh:
         del fh[name]
-    with pytest.raises(DataError, match=rf"bert_large\.h5: missing utterance '{name}' listed in the test split"):
+    expected = rf"bert_large\.h5: missing utterance '{name}' listed in the test split"
+    with pytest.raises(DataError, match=expected):
         DATASETS.build("iemocap", None, root=str(copy))
 
 
@@ -137,7 +138,8 @@ def test_too_long_utterance(copy):
         fh[name] = np.zeros((23, 1024), dtype=np.float32)
     with pytest.raises(DataError, match="text length 23 exceeds text_max_len=22"):
         DATASETS.build("iemocap", None, root=str(copy))
-    assert DATASETS.build("iemocap", None, root=str(copy), text_max_len=23).spec.modalities["text"] == (23, 1024)
+    longer = DATASETS.build("iemocap", None, root=str(copy), text_max_len=23)
+    assert longer.spec.modalities["text"] == (23, 1024)
 
 
 def test_label_out_of_range(copy):
@@ -145,7 +147,8 @@ def test_label_out_of_range(copy):
     labels = np.load(path)
     labels[4] = [0, 2, 0, 0]
     np.save(path, labels)
-    with pytest.raises(DataError, match=r"val_label\.npy: label out of range at row 4: \[0\.0, 2\.0, 0\.0, 0\.0\]"):
+    expected = r"val_label\.npy: label out of range at row 4: \[0\.0, 2\.0, 0\.0, 0\.0\]"
+    with pytest.raises(DataError, match=expected):
         DATASETS.build("iemocap", None, root=str(copy))
 
 

@@ -38,7 +38,9 @@ def _broken(tmp_path, root, edit, file="mosi_data.pkl"):
     return tmp_path
 
 
-@pytest.mark.parametrize("name,flavour", [("mosi", "mult"), ("mosi", "mmsa"), ("mosei", "mult"), ("mosei", "mmsa")])
+@pytest.mark.parametrize(
+    "name,flavour", [("mosi", "mult"), ("mosi", "mmsa"), ("mosei", "mult"), ("mosei", "mmsa")]
+)
 def test_loads_fixture(root, name, flavour):
     ds = DATASETS.build(name, None, root=str(root), flavour=flavour)
     spec = ds.spec

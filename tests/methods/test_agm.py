@@ -21,9 +21,9 @@ from mmbalance.methods.agm import (
 )
 from mmbalance.methods.joint import Joint
 from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, Trainer
 
 from ..conftest import tiny_model, tiny_splits
+from ._helpers import tiny_trainer
 
 CPU = torch.device("cpu")
 
@@ -136,24 +136,15 @@ def test_scale_grad_is_identity_forward_and_scaled_backward():
     assert x.grad.tolist() == [3.0, 30.0]
 
 
-def _trainer(balancer, seed=0):
-    splits, _ = tiny_splits()
-    cfg = TrainConfig(batch_size=16, seed=seed, eval_modality_scores=False, cost_steps=0)
-    torch.manual_seed(seed)
-    trainer = Trainer(tiny_model(seed=seed), balancer, make_task("cls", 3), cfg, CPU, steps_per_epoch=3)
-    data = splits["train"].tensors
-    return trainer, [{k: v[i * 16 : (i + 1) * 16] for k, v in data.items()} for i in range(3)]
-
-
 @pytest.mark.parametrize("mask", ["input", "feature"])
 def test_gradient_is_the_k_weighted_sum_of_response_gradients(mask):
     bal = AGM(AGMConfig(alpha=1.0, mask=mask, head_grad_clip=None))
-    trainer, batches = _trainer(bal)
+    trainer, batches = tiny_trainer(bal)
     model, batch = trainer.model, batches[0]
     bal.running_score.copy_(torch.tensor([0.2, 3.0]))
     bal.num_scores.fill_(5)
     out = bal.forward_step(model, batch)
-    k = bal._means._sums["coeff"].float()
+    k = bal.epoch_means._sums["coeff"].float()
     assert not torch.allclose(k, torch.ones(2))
     torch.testing.assert_close(out.prediction, model(batch).prediction, atol=1e-6, rtol=1e-5)  # Σ m_i = f(N)
     params = list(model.parameters())
@@ -174,8 +165,8 @@ def test_gradient_is_the_k_weighted_sum_of_response_gradients(mask):
 
 
 def test_alpha0_gradient_equals_joint_up_to_rounding():
-    joint, batches = _trainer(Joint())
-    agm, _ = _trainer(AGM(AGMConfig(alpha=0.0, head_grad_clip=None)))
+    joint, batches = tiny_trainer(Joint())
+    agm, _ = tiny_trainer(AGM(AGMConfig(alpha=0.0, head_grad_clip=None)))
     for trainer in (joint, agm):
         out = trainer.balancer.forward_step(trainer.model, batches[0])
         F.cross_entropy(out.prediction, batches[0]["target"]).backward()
@@ -185,14 +176,14 @@ def test_alpha0_gradient_equals_joint_up_to_rounding():
 
 def test_modulation_window_and_running_mean():
     bal = AGM(AGMConfig(alpha=1.0, modulation_starts=1, modulation_ends=2))
-    trainer, batches = _trainer(bal)
+    trainer, batches = tiny_trainer(bal)
     bal.running_score.copy_(torch.tensor([0.2, 3.0], dtype=torch.float64))
     bal.num_scores.fill_(1)
     bal._epoch = 0
     bal.forward_step(trainer.model, batches[0])
-    k = bal._means._sums["coeff"]
+    k = bal.epoch_means._sums["coeff"]
     assert torch.equal(k, torch.ones(2, dtype=torch.float64))  # outside the window: k = 1
-    s = bal._means._sums["score"]
+    s = bal.epoch_means._sums["score"]
     expected = torch.tensor([0.2, 3.0], dtype=torch.float64) * 1 / 2 + s / 2
     torch.testing.assert_close(bal.running_score, expected, rtol=1e-12, atol=0)
     assert bal.num_scores.item() == 2
@@ -246,7 +237,7 @@ def test_float64_model_follows_the_official_cremad_arithmetic_step_by_step():
 
 def test_conditional_clip_only_when_a_head_gradient_exceeds_c():
     bal = AGM(AGMConfig(head_grad_clip=1.0))
-    trainer, _ = _trainer(bal)
+    trainer, _ = tiny_trainer(bal)
     params = bal._params
     for p in params:
         p.grad = torch.full_like(p, 0.01)

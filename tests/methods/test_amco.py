@@ -20,7 +20,7 @@ from mmbalance.tasks import make_task
 from mmbalance.train import TrainConfig, fit
 
 from ..conftest import tiny_model, tiny_splits
-from ._helpers import fit_synthetic, start_epoch, tiny_trainer
+from ._helpers import short_fit, start_epoch, tiny_trainer
 
 CPU = torch.device("cpu")
 
@@ -127,7 +127,7 @@ def test_config_errors_and_classification_only():
 
 @pytest.mark.parametrize("dataset", ["synthetic_cls2", "synthetic_cls3"])
 def test_fit_on_each_synthetic_task(dataset):
-    result = fit_synthetic("amco", dataset)
+    result = short_fit("amco", dataset, samples=64)
     modalities = result.trainer.model.modalities
     expected = {f"{k}/{m}" for k in ("masked", "share") for m in modalities}
     assert set(result.history[1]["diagnostics"]) == expected

@@ -14,10 +14,9 @@ from mmbalance.methods import METHODS
 from mmbalance.methods import arl as arl_module
 from mmbalance.methods.arl import ARL, ARLConfig, arl_coefficients, inverse_entropy_weights, logit_shares
 from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, Trainer
 
 from ..conftest import tiny_model, tiny_splits
-from .synthetic_fit import short_fit
+from ._helpers import short_fit, tiny_trainer
 
 CPU = torch.device("cpu")
 OUT_A = torch.tensor([[2.0, 0.0], [0.0, 2.0]])  # confident
@@ -88,21 +87,15 @@ def test_the_entropy_floor_scales_with_the_number_of_modalities(monkeypatch):
     # three modalities: floor 0.3 * 2/3 = 0.2 -> (0.2, 0.25, 0.749) -> w ~ (0.484, 0.387, 0.129);
     # a fixed 0.3 would give (0.3, 0.3, 0.749) -> w ~ (0.417, 0.417, 0.167)
     inverse = [1 / max(x / sum(h), 0.2) for x in h]
-    recorded = bal._means.pop()
+    recorded = bal.epoch_means.pop()
     for m, inv in zip(rows, inverse, strict=True):
         assert recorded[f"inverse_entropy/{m}"] == pytest.approx(inv / sum(inverse), abs=1e-5)
     assert recorded["inverse_entropy/a"] == pytest.approx(0.484, abs=2e-3)
 
 
-def _trainer(cfg, seed=0):
-    splits, _ = tiny_splits()
-    torch.manual_seed(seed)
-    bal = ARL(cfg)
-    tcfg = TrainConfig(batch_size=16, seed=seed, eval_modality_scores=False, cost_steps=0)
-    trainer = Trainer(tiny_model(seed=seed), bal, make_task("cls", 3), tcfg, CPU, steps_per_epoch=3)
-    data = splits["train"].tensors
-    batches = [{k: v[i * 16:(i + 1) * 16] for k, v in data.items()} for i in range(3)]
-    return trainer, bal, batches
+def _trainer(cfg):
+    trainer, batches = tiny_trainer(ARL(cfg))
+    return trainer, trainer.balancer, batches
 
 
 class _Epoch:
@@ -163,6 +156,6 @@ def test_classification_and_segmentation_only_and_config_errors():
 
 @pytest.mark.parametrize("ds_name", ["synthetic_cls2", "synthetic_cls3", "synthetic_seg4"])
 def test_short_fit_on_every_declared_synthetic_task(ds_name):
-    result, spec = short_fit(ARL(ARLConfig(start=0)), ds_name)
+    result = short_fit(ARL(ARLConfig(start=0)), ds_name, batch_size=32)
     diag = result.history[-1]["diagnostics"]
-    assert sum(diag[f"omega/{m}"] for m in spec.modalities) == pytest.approx(1.0)
+    assert sum(diag[f"omega/{m}"] for m in result.trainer.balancer.modalities) == pytest.approx(1.0)

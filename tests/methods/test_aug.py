@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmbalance.balancer import EpochContext
 from mmbalance.datasets import DATASETS
 from mmbalance.errors import ConfigError, UnsupportedError
 from mmbalance.methods import METHODS
@@ -29,8 +28,7 @@ from mmbalance.tasks import make_task
 from mmbalance.train import TrainConfig, Trainer, make_optimizer_factory
 
 from ..conftest import tiny_model, tiny_splits
-from ._helpers import tiny_trainer
-from .synthetic_fit import short_fit
+from ._helpers import short_fit, start_epoch, tiny_trainer
 
 CPU = torch.device("cpu")
 CLS3 = make_task("cls", 3)
@@ -191,32 +189,25 @@ def test_loss_terms_are_the_official_boosting_loss():
     torch.testing.assert_close(output.prediction, 0.5 * a.total + 0.5 * b.total)
 
 
-def _epoch_start(trainer, epoch, num_epochs):
-    trainer.balancer.on_train_epoch_start(EpochContext(
-        model=trainer.model, epoch=epoch, num_epochs=num_epochs, train_loader=None, val_loader=None,
-        task=trainer.task, device=CPU, optimizer=trainer.optimizer, to_device=lambda b: b,
-    ))
-
-
 def test_the_weak_modality_receives_a_classifier_at_assignment_epochs_only():
     trainer, batches = tiny_trainer(AUG())
     bal = trainer.balancer
     trainer.train_step(batches[0], 0, 0)
     with torch.no_grad():
         bal.score_sums.copy_(torch.tensor([30.0, 20.0], dtype=torch.float64))  # ratio 1.5: b is weak
-    _epoch_start(trainer, 1, 30)  # after epoch 0: always
+    start_epoch(trainer, 1, 30)  # after epoch 0: always
     assert bal.classifiers.counts() == {"a": 1, "b": 2} and bal.score_sums.abs().sum() == 0
     bal.score_sums.copy_(torch.tensor([10.0, 40.0], dtype=torch.float64))  # a is weak
-    _epoch_start(trainer, 2, 30)  # 30 epochs: interval 3; after epoch 1 none
+    start_epoch(trainer, 2, 30)  # 30 epochs: interval 3; after epoch 1 none
     assert bal.classifiers.counts() == {"a": 1, "b": 2}
     bal.score_sums.copy_(torch.tensor([10.0, 40.0], dtype=torch.float64))
-    _epoch_start(trainer, 3, 30)  # after epoch 2: (2 + 1) % 3 == 0
+    start_epoch(trainer, 3, 30)  # after epoch 2: (2 + 1) % 3 == 0
     assert bal.classifiers.counts() == {"a": 2, "b": 2}
     assert bal.diagnostics()["classifiers/a"] == 2.0
 
 
 def test_the_best_validation_state_restores_its_own_classifiers():
-    result, _ = short_fit(AUG(), "synthetic_cls2", epochs=4)
+    result = short_fit(AUG(), "synthetic_cls2", epochs=4, batch_size=32)
     bal = result.trainer.balancer
     best = result.history[result.best_epoch]["diagnostics"]
     assert bal.classifiers.counts() == {m: int(best[f"classifiers/{m}"]) for m in bal.modalities}
@@ -226,9 +217,9 @@ def test_the_best_validation_state_restores_its_own_classifiers():
 
 @pytest.mark.parametrize("ds_name", ["synthetic_cls2", "synthetic_cls3", "synthetic_seg4"])
 def test_short_fit_on_every_declared_synthetic_task(ds_name):
-    result, spec = short_fit(AUG(), ds_name, epochs=3)
+    result = short_fit(AUG(), ds_name, epochs=3, batch_size=32)
     counts = result.trainer.balancer.classifiers.counts()
-    assert set(counts) == set(spec.modalities) and all(n >= 1 for n in counts.values())
+    assert set(counts) == set(result.trainer.balancer.modalities) and all(n >= 1 for n in counts.values())
 
 
 def test_config_and_setup_errors():

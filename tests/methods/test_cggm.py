@@ -24,6 +24,7 @@ from mmbalance.methods.cggm import CGGM, CGGMConfig
 from mmbalance.tasks import ClassificationTask, RegressionTask, SegmentationTask, make_task
 from mmbalance.train import TrainConfig, Trainer
 from tests.conftest import tiny_model, tiny_splits
+from tests.methods._helpers import assert_same_parameters, train_steps
 
 CPU = torch.device("cpu")
 F64 = torch.float64
@@ -527,11 +528,8 @@ def test_observer_mode_trains_exactly_like_joint():
     trainer, batches = make_trainer(magnitude=False, direction=None, head_dropout=0.0)
     torch.manual_seed(0)
     joint = Trainer(tiny_model(seed=0), Joint(), make_task("cls", 3), TrainConfig(batch_size=16, seed=0), CPU)
-    for i, batch in enumerate(batches * 2):
-        trainer.train_step(batch, 0, i)
-        joint.train_step(batch, 0, i)
-    for a, b in zip(trainer.model.parameters(), joint.model.parameters(), strict=True):
-        assert torch.equal(a, b)
+    train_steps(batches * 2, 0, trainer, joint)
+    assert_same_parameters(trainer.model, joint.model)
     assert trainer.balancer.diagnostics()["grad_norm/a"] > 0
 
 

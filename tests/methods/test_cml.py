@@ -11,13 +11,11 @@ import torch
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS
 from mmbalance.methods.cml import CML, CMLConfig, calibration_penalty, removal_masks
-from mmbalance.methods.joint import Joint
 from mmbalance.models.base import ModelOutput
 from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, Trainer
 
-from ..conftest import tiny_model, tiny_splits
-from ._short_runs import short_fit
+from ..conftest import tiny_model
+from ._helpers import assert_same_parameters, joint_and, short_fit, tiny_trainer, train_steps
 
 CPU = torch.device("cpu")
 LN3, LN4, LN9 = math.log(3.0), math.log(4.0), math.log(9.0)
@@ -79,27 +77,14 @@ def test_errors():
         METHODS.build("cml", None, modulation_starts=2, modulation_ends=0)
 
 
-def _trainer(balancer, seed=0):
-    splits, _ = tiny_splits()
-    cfg = TrainConfig(batch_size=16, seed=seed, eval_modality_scores=False, cost_steps=0)
-    torch.manual_seed(seed)
-    trainer = Trainer(tiny_model(seed=seed), balancer, make_task("cls", 3), cfg, CPU, steps_per_epoch=3)
-    data = splits["train"].tensors
-    return trainer, [{k: v[i * 16:(i + 1) * 16] for k, v in data.items()} for i in range(3)]
-
-
 def test_outside_the_window_it_is_joint_exactly():
-    joint, batches = _trainer(Joint())
-    cml, _ = _trainer(CML(CMLConfig(modulation_starts=3, modulation_ends=5)))
-    for i, b in enumerate(batches):
-        joint.train_step(b, 0, i)
-        cml.train_step(b, 0, i)
-    for pj, pc in zip(joint.model.parameters(), cml.model.parameters(), strict=True):
-        assert torch.equal(pj, pc)
+    joint, cml, batches = joint_and(CML(CMLConfig(modulation_starts=3, modulation_ends=5)))
+    train_steps(batches, 0, joint, cml)
+    assert_same_parameters(joint.model, cml.model)
 
 
 def test_chain_zeroes_each_samples_removed_features_from_a_private_generator():
-    trainer, batches = _trainer(CML())
+    trainer, batches = tiny_trainer(CML())
     bal, model, batch = trainer.balancer, trainer.model, batches[0]
     generator_state = bal._generator.get_state()
     rng_state = torch.random.get_rng_state()
@@ -121,7 +106,7 @@ def test_chain_zeroes_each_samples_removed_features_from_a_private_generator():
 
 
 def test_training_state_restores_the_removal_orders():
-    trainer, batches = _trainer(CML())
+    trainer, batches = tiny_trainer(CML())
     state = trainer.balancer.training_state()
     first = trainer.balancer.forward_step(trainer.model, batches[0]).extras["cml_chain"][0]
     trainer.balancer.load_training_state(state)

@@ -27,7 +27,7 @@ from mmbalance.tasks import make_task
 from mmbalance.train import TrainConfig, batch_to_device, make_loader
 
 from ..conftest import ConcatFusion, tiny_splits
-from ._helpers import fit_synthetic, tiny_trainer
+from ._helpers import short_fit, tiny_trainer
 
 CPU = torch.device("cpu")
 LN3 = math.log(3.0)
@@ -259,7 +259,7 @@ def test_config_errors():
 
 @pytest.mark.parametrize("dataset", ["synthetic_cls2", "synthetic_cls3"])
 def test_short_fit_on_every_declared_task(dataset):
-    result = fit_synthetic("di_mml", dataset, epochs=3, contrast_start=1, fusion_epochs=1)
+    result = short_fit("di_mml", dataset, samples=64, epochs=3, contrast_start=1, fusion_epochs=1)
     terms = [set(h["terms"]) for h in result.history]
     assert "duc" not in terms[0] and "duc" in terms[1] and terms[2] == {"task"}
     assert result.history[1]["diagnostics"]["dims_found"] == 1.0

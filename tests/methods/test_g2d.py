@@ -11,13 +11,10 @@ import torch
 from mmbalance.errors import ConfigError, ShapeError
 from mmbalance.methods import METHODS
 from mmbalance.methods.g2d import G2D, G2DConfig, logit_distillation, smp_coefficients
-from mmbalance.methods.joint import Joint
 from mmbalance.methods.ogm_ge import confidence_score
-from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, fit
+from mmbalance.train import TrainConfig
 
-from ..conftest import tiny_model, tiny_splits
-from ._helpers import fit_synthetic, tiny_trainer
+from ._helpers import assert_fits_like_joint, short_fit, tiny_trainer
 
 CPU = torch.device("cpu")
 LN3 = math.log(3.0)
@@ -127,17 +124,10 @@ def test_loss_terms_distil_the_fused_prediction_toward_every_teacher():
 
 def test_neutral_setting_reproduces_joint_exactly():
     """No distillation and no SMP: the teacher stage (forked RNG, private loader) changes nothing."""
-    splits, spec = tiny_splits()
     cfg = TrainConfig(epochs=2, batch_size=16, eval_modality_scores=False, cost_steps=0)
-    models = []
-    neutral = G2DConfig(logit_weight=0.0, feature_weight=0.0, smp=False, teacher_epochs=2)
-    for balancer in (Joint(), G2D(neutral)):
-        model = tiny_model()
-        fit(model, balancer, splits, spec, make_task("cls", 3), cfg, CPU)
-        models.append(model)
+    balancer = G2D(G2DConfig(logit_weight=0.0, feature_weight=0.0, smp=False, teacher_epochs=2))
+    assert_fits_like_joint(balancer, cfg)
     assert bool(balancer.teachers_trained) and balancer.extra_steps() == 2 * 2 * 3
-    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
-        assert torch.equal(p, q)
 
 
 def test_config_errors():
@@ -158,7 +148,7 @@ def test_config_errors():
 
 @pytest.mark.parametrize("dataset", ["synthetic_cls2", "synthetic_cls3", "synthetic_reg3", "synthetic_seg4"])
 def test_short_fit_on_every_declared_task(dataset):
-    result = fit_synthetic("g2d", dataset, teacher_epochs=1, teacher_batches=2)
+    result = short_fit("g2d", dataset, samples=64, teacher_epochs=1, teacher_batches=2)
     diag = result.history[-1]["diagnostics"]
     assert diag["teachers_trained"] == 1.0
     assert all(0.0 <= diag[f"coeff/{m}"] <= 1.0 for m in result.trainer.balancer.modalities)

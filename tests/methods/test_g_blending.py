@@ -11,20 +11,13 @@ from mmbalance.methods import METHODS
 from mmbalance.methods.g_blending import FUSION, GBlending, GBlendingConfig, gblend_weights
 from mmbalance.methods.joint import Joint
 from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, Trainer, batch_to_device, fit, make_loader
+from mmbalance.train import TrainConfig, Trainer, batch_to_device, make_loader
 
 from ..conftest import tiny_model, tiny_splits
-from ._float64 import float64_problem
+from ._helpers import fit_tiny, float64_problem
 
 CPU = torch.device("cpu")
 CFG = TrainConfig(epochs=2, batch_size=16, eval_modality_scores=False, cost_steps=0)
-
-
-def _fit(balancer):
-    splits, spec = tiny_splits()
-    model = tiny_model()
-    fit(model, balancer, splits, spec, make_task("cls", 3), CFG, CPU)
-    return model
 
 
 def test_delta_weights_by_hand():
@@ -64,8 +57,9 @@ def test_final_estimator_and_overfit_floor():
 
 
 def test_fixed_fusion_only_weights_reproduce_joint_exactly():
-    joint = _fit(Joint())
-    blend = _fit(GBlending(GBlendingConfig(mode="fixed", weights={"a": 0.0, "b": 0.0, FUSION: 1.0})))
+    joint, _ = fit_tiny(Joint(), CFG)
+    fusion_only = GBlendingConfig(mode="fixed", weights={"a": 0.0, "b": 0.0, FUSION: 1.0})
+    blend, _ = fit_tiny(GBlending(fusion_only), CFG)
     for (k, v), (k2, v2) in zip(joint.state_dict().items(), blend.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2), k
 

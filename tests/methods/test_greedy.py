@@ -19,10 +19,8 @@ from mmbalance.methods.greedy import (
     conditional_learning_speed,
     curation_update,
 )
-from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, Trainer
 
-from ..conftest import tiny_model, tiny_splits
+from ._helpers import tiny_trainer
 
 CPU = torch.device("cpu")
 
@@ -49,7 +47,7 @@ def test_speeds_of_float32_tensors_are_float64_exact():
 
 def test_buffers_accumulate_the_float64_speeds_of_each_step():
     bal = Greedy(GreedyConfig(start_epoch=5))  # locked: measure every step
-    trainer, batches = _trainer(bal)
+    trainer, batches = tiny_trainer(bal, batch_size=8)
     expected = torch.zeros(2, 2, dtype=torch.float64)  # rows: main, bypass
     original = bal.on_after_backward
 
@@ -108,18 +106,9 @@ def test_curation_state_machine_matches_the_official_callback():
     assert entered > 10
 
 
-def _trainer(balancer, seed=0):
-    splits, _ = tiny_splits()
-    cfg = TrainConfig(batch_size=8, seed=seed, eval_modality_scores=False, cost_steps=0)
-    torch.manual_seed(seed)
-    trainer = Trainer(tiny_model(seed=seed), balancer, make_task("cls", 3), cfg, CPU, steps_per_epoch=6)
-    data = splits["train"].tensors
-    return trainer, [{k: v[i * 8 : (i + 1) * 8] for k, v in data.items()} for i in range(6)]
-
-
 def test_training_accumulates_speeds_and_round_trips_state():
     bal = Greedy(GreedyConfig(epsilon=0.0, window=2, start_epoch=1))
-    trainer, batches = _trainer(bal)
+    trainer, batches = tiny_trainer(bal, batch_size=8)
     trainer.train_step(batches[0], 0, 0)  # locked: measure, never curate
     assert not bool(bal.curation) and (bal.m_main > 0).all() and (bal.m_bypass > 0).all()
     assert not any(b.requires_grad for b in bal.buffers())  # no autograd graph carried across steps
@@ -138,7 +127,7 @@ def test_training_accumulates_speeds_and_round_trips_state():
     bal.eval()
     torch.testing.assert_close(bal.predict(output), expected.prediction)
     fresh = Greedy(GreedyConfig())
-    _trainer(fresh, seed=1)
+    tiny_trainer(fresh, seed=1, batch_size=8)
     fresh.load_state_dict(bal.state_dict())
     for k, v in bal.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
@@ -147,7 +136,7 @@ def test_training_accumulates_speeds_and_round_trips_state():
 
 def test_random_variant_and_errors():
     bal = Greedy(GreedyConfig(variant="random", start_epoch=0))
-    trainer, batches = _trainer(bal)
+    trainer, batches = tiny_trainer(bal, batch_size=8)
     for i, b in enumerate(batches):
         trainer.train_step(b, 0, i)
     assert float(bal.m_main.sum()) == 0.0  # the random variant measures nothing

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from mmbalance.errors import ConfigError, ShapeError
-from mmbalance.methods._grads import step_auxiliary
 from mmbalance.methods._heads import UnimodalHeads, feature_kind, pool_features
 
 B = 3
@@ -84,7 +83,8 @@ def test_state_dict_round_trip_builds_fresh_heads():
     trained = UnimodalHeads(("vec", "seq", "map"), "cls", 3, hidden=4, seed=1)
     feats = _features()
     expected = trained(feats)
-    assert all(isinstance(v, torch.Tensor) for v in trained.state_dict().values())  # runner snapshots clone them
+    # runner snapshots clone them
+    assert all(isinstance(v, torch.Tensor) for v in trained.state_dict().values())
     fresh = UnimodalHeads(("vec", "seq", "map"), "cls", 3, hidden=4, seed=99)
     assert not fresh.built
     fresh.load_state_dict(trained.state_dict())
@@ -121,18 +121,17 @@ def test_width_change_and_bad_options_raise():
         UnimodalHeads(("a",), "det", 2)
     with pytest.raises(ConfigError, match="hidden"):
         UnimodalHeads(("a",), "cls", 2, hidden=0)
-    with pytest.raises(ConfigError, match="first forward"):
-        UnimodalHeads(("a",), "cls", 2).make_optimizer(lambda p, lr=None: torch.optim.SGD(p, lr=0.1))
 
 
-def test_auxiliary_step_through_a_disabled_scaler_updates_and_zeroes():
-    heads = UnimodalHeads(("a",), "reg", 1, seed=0)
+def test_own_step_through_a_disabled_scaler_updates_and_zeroes():
+    heads = UnimodalHeads(("a",), "reg", 1, seed=0, optimizer_factory=torch.optim.SGD, lr=0.5)
     f = {"a": torch.randn(B, 5)}
+    heads.step(torch.amp.GradScaler("cpu", enabled=False))  # before the heads are built: nothing
+    assert heads.optimizer is None
     heads(f)
-    opt = heads.make_optimizer(lambda p, lr=None: torch.optim.SGD(p, lr=lr), lr=0.5)
     before = heads.heads["a"].net.bias.detach().clone()
     heads(f)["a"].sum().backward()
-    step_auxiliary(torch.amp.GradScaler("cpu", enabled=False), opt)
+    heads.step(torch.amp.GradScaler("cpu", enabled=False))
     # d(sum out)/d bias = B, so bias moves by -lr * B
     torch.testing.assert_close(heads.heads["a"].net.bias.detach(), before - 0.5 * B)
     assert heads.heads["a"].net.bias.grad is None

@@ -18,12 +18,11 @@ from mmbalance.methods.inforeg import (
     proximal_coefficients,
     window_signal,
 )
-from mmbalance.methods.joint import Joint
 from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, Trainer, fit
+from mmbalance.train import TrainConfig
 
-from ..conftest import tiny_model, tiny_splits
-from .synthetic_fit import short_fit
+from ..conftest import tiny_model
+from ._helpers import assert_fits_like_joint, short_fit, tiny_trainer
 
 CPU = torch.device("cpu")
 
@@ -69,13 +68,8 @@ def _ctx(model, epoch):
 
 
 def _trainer(cfg):
-    splits, _ = tiny_splits()
-    torch.manual_seed(0)
-    bal = InfoReg(cfg)
-    tcfg = TrainConfig(batch_size=16, eval_modality_scores=False, cost_steps=0)
-    trainer = Trainer(tiny_model(), bal, make_task("cls", 3), tcfg, CPU, steps_per_epoch=3)
-    data = splits["train"].tensors
-    return trainer, bal, [{k: v[i * 16:(i + 1) * 16] for k, v in data.items()} for i in range(3)]
+    trainer, batches = tiny_trainer(InfoReg(cfg))
+    return trainer, trainer.balancer, batches
 
 
 def test_proximal_pull_toward_the_epoch_start_weights_and_trace_bookkeeping():
@@ -145,16 +139,8 @@ def test_window_reads_one_modalitys_trace_when_asked():
 
 
 def test_neutral_setting_reproduces_joint_exactly():
-    splits, spec = tiny_splits()
     cfg = TrainConfig(epochs=2, batch_size=16, eval_modality_scores=False, cost_steps=0)
-    finals = []
-    for bal in (Joint(), InfoReg(InfoRegConfig(beta=0.0, unimodal_grad=False))):
-        torch.manual_seed(0)
-        model = tiny_model()
-        fit(model, bal, splits, spec, make_task("cls", 3), cfg, CPU)
-        finals.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*finals, strict=True):
-        assert torch.equal(a, b)
+    assert_fits_like_joint(InfoReg(InfoRegConfig(beta=0.0, unimodal_grad=False)), cfg)
 
 
 def test_config_and_setup_errors():
@@ -175,6 +161,6 @@ def test_config_and_setup_errors():
 @pytest.mark.parametrize("ds_name", ["synthetic_cls2", "synthetic_cls3", "synthetic_reg3", "synthetic_seg4"])
 def test_short_fit_on_every_synthetic_task(ds_name):
     bal = InfoReg()
-    result, _ = short_fit(bal, ds_name)
+    result = short_fit(bal, ds_name, batch_size=32)
     assert len(bal.host_state()["traces"]) == 1 and all(t > 0 for t in bal.host_state()["traces"][0])
     assert result.history[-1]["diagnostics"]["window"] == 1.0

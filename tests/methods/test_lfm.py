@@ -21,11 +21,10 @@ from mmbalance.methods.lfm import (
     learned_alpha,
     pairwise_alignment,
 )
-from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, Trainer, batch_to_device, make_loader
+from mmbalance.train import batch_to_device, make_loader
 
-from ..conftest import tiny_model, tiny_splits
-from ._short_runs import short_fit
+from ..conftest import tiny_splits
+from ._helpers import short_fit, tiny_trainer
 
 CPU = torch.device("cpu")
 # softmax: (0, 0) -> p = (1/2, 1/2); (ln 3, 0) -> q = (3/4, 1/4)
@@ -92,13 +91,10 @@ def test_config_errors():
         METHODS.build("lfm", None, lr_alpha=-1.0)
 
 
-def _trainer(balancer, seed=0):
-    splits, _ = tiny_splits()
-    cfg = TrainConfig(batch_size=16, seed=seed, eval_modality_scores=False, cost_steps=0)
-    torch.manual_seed(seed)
-    trainer = Trainer(tiny_model(seed=seed), balancer, make_task("cls", 3), cfg, CPU, steps_per_epoch=3)
-    data = splits["train"].tensors
-    return trainer, splits, [{k: v[i * 16:(i + 1) * 16] for k, v in data.items()} for i in range(3)]
+def _trainer(balancer):
+    """:func:`tiny_trainer` of ``balancer``, with the tiny problem's splits (for epoch contexts)."""
+    trainer, batches = tiny_trainer(balancer)
+    return trainer, tiny_splits()[0], batches
 
 
 def _epoch_context(trainer, splits, epoch=0, num_epochs=2):

@@ -10,13 +10,9 @@ import torch
 
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS
-from mmbalance.methods.joint import Joint
 from mmbalance.methods.mbsd import MBSD, MBSDConfig, mbsd_losses, pair_distillation, rs_space_for
-from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, Trainer
 
-from ..conftest import tiny_model, tiny_splits
-from ._short_runs import short_fit
+from ._helpers import assert_same_parameters, joint_and, short_fit, train_steps
 
 CPU = torch.device("cpu")
 LN3, LN4 = math.log(3.0), math.log(4.0)
@@ -90,32 +86,17 @@ def test_errors():
         METHODS.build("mbsd", None, head_lr=0.0)
 
 
-def _trainer(balancer, seed=0):
-    splits, _ = tiny_splits()
-    cfg = TrainConfig(batch_size=16, seed=seed, eval_modality_scores=False, cost_steps=0)
-    torch.manual_seed(seed)
-    trainer = Trainer(tiny_model(seed=seed), balancer, make_task("cls", 3), cfg, CPU, steps_per_epoch=3)
-    data = splits["train"].tensors
-    return trainer, [{k: v[i * 16:(i + 1) * 16] for k, v in data.items()} for i in range(3)]
-
-
 def test_outside_the_window_it_trains_exactly_as_joint_while_the_heads_learn():
-    joint, batches = _trainer(Joint())
-    mbsd, _ = _trainer(MBSD(MBSDConfig(modulation_starts=4, modulation_ends=6)))  # epoch 0 is outside
-    for i, b in enumerate(batches):
-        joint.train_step(b, 0, i)
-        mbsd.train_step(b, 0, i)
-    for pj, pm in zip(joint.model.parameters(), mbsd.model.parameters(), strict=True):
-        assert torch.equal(pj, pm)
+    joint, mbsd, batches = joint_and(MBSD(MBSDConfig(modulation_starts=4, modulation_ends=6)))
+    train_steps(batches, 0, joint, mbsd)  # epoch 0 is outside the window
+    assert_same_parameters(joint.model, mbsd.model)
     assert mbsd.balancer.heads.optimizer.state  # the heads took optimizer steps
     assert mbsd.balancer.diagnostics() == {}
 
 
 def test_inside_the_window_the_terms_reach_the_encoders():
-    joint, batches = _trainer(Joint())
-    mbsd, _ = _trainer(MBSD())
-    joint.train_step(batches[0], 0, 0)
-    mbsd.train_step(batches[0], 0, 0)
+    joint, mbsd, batches = joint_and(MBSD())
+    train_steps(batches[:1], 0, joint, mbsd)
     encoder = [(pj, pm) for pj, pm in zip(joint.model.encoders.parameters(), mbsd.model.encoders.parameters(),
                                           strict=True)]
     assert any(not torch.equal(pj, pm) for pj, pm in encoder)

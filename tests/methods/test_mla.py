@@ -18,10 +18,9 @@ from mmbalance.methods.mla import (
     fuse_logits,
     project_gradient_,
 )
-from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, Trainer
 
 from ..conftest import tiny_model, tiny_splits
+from ._helpers import tiny_trainer
 
 CPU = torch.device("cpu")
 T = torch.tensor
@@ -74,15 +73,8 @@ def test_entropy_fusion_weights_by_hand():
 
 
 def _trainer(config: MLAConfig, seed: int = 0):
-    splits, _ = tiny_splits(dims=(("a", 4), ("b", 3)))
-    task = make_task("cls", 3)
-    cfg = TrainConfig(
-        batch_size=16, seed=seed, optimizer="sgd", lr=0.1, cost_steps=0, eval_modality_scores=False
-    )
-    torch.manual_seed(seed)
-    trainer = Trainer(tiny_model(seed=seed), MLA(config), task, cfg, CPU, steps_per_epoch=3)
-    batch = {k: v[:16] for k, v in splits["train"].tensors.items()}
-    return trainer, batch, task
+    trainer, batches = tiny_trainer(MLA(config), seed, optimizer="sgd", lr=0.1)
+    return trainer, batches[0], trainer.task
 
 
 @pytest.mark.parametrize("projection", [True, False])

@@ -20,7 +20,7 @@ from mmbalance.tasks import make_task
 from mmbalance.train import TrainConfig, fit
 
 from ..conftest import tiny_model, tiny_splits
-from ._helpers import fit_synthetic, tiny_trainer
+from ._helpers import short_fit, tiny_trainer
 
 CPU = torch.device("cpu")
 
@@ -101,6 +101,6 @@ def test_config_errors_and_classification_only():
 
 @pytest.mark.parametrize("dataset", ["synthetic_cls2", "synthetic_cls3"])
 def test_fit_on_each_synthetic_task(dataset):
-    result = fit_synthetic("mmcosine", dataset)
+    result = short_fit("mmcosine", dataset, samples=64)
     modalities = result.trainer.model.modalities
     assert set(result.history[0]["diagnostics"]) == {f"target_logit/{m}" for m in modalities}

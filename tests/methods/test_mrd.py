@@ -7,12 +7,9 @@ import torch
 
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS
-from mmbalance.methods.joint import Joint
 from mmbalance.methods.mrd import MRD, MRDConfig, modality_keep_mask
-from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, Trainer
 
-from ..conftest import tiny_model, tiny_splits
+from ._helpers import assert_same_parameters, joint_and, tiny_trainer, train_steps
 
 CPU = torch.device("cpu")
 N = 200_000
@@ -49,17 +46,8 @@ def test_extremes_and_bad_input():
         METHODS.build("mrd", None, mode="all")
 
 
-def _trainer(balancer, seed=0):
-    splits, _ = tiny_splits()
-    cfg = TrainConfig(batch_size=16, seed=seed, eval_modality_scores=False, cost_steps=0)
-    torch.manual_seed(seed)
-    trainer = Trainer(tiny_model(seed=seed), balancer, make_task("cls", 3), cfg, CPU, steps_per_epoch=3)
-    data = splits["train"].tensors
-    return trainer, [{k: v[i * 16 : (i + 1) * 16] for k, v in data.items()} for i in range(3)]
-
-
 def test_forward_zeroes_exactly_the_dropped_features_per_sample():
-    trainer, batches = _trainer(MRD(MRDConfig(p=1.0, mode="one")))
+    trainer, batches = tiny_trainer(MRD(MRDConfig(p=1.0, mode="one")))
     model, bal = trainer.model, trainer.balancer
     batch = batches[0]
     torch.manual_seed(3)
@@ -78,16 +66,11 @@ def test_forward_zeroes_exactly_the_dropped_features_per_sample():
 
 
 def test_p0_reproduces_joint_exactly_and_diagnostics_count_drops():
-    joint, batches = _trainer(Joint())
-    mrd, _ = _trainer(MRD(MRDConfig(p=0.0)))
-    for i, b in enumerate(batches):
-        joint.train_step(b, 0, i)
-        mrd.train_step(b, 0, i)
-    for a, b in zip(joint.model.parameters(), mrd.model.parameters(), strict=True):
-        assert torch.equal(a, b)
-    dropping, batches = _trainer(MRD(MRDConfig(p=1.0, mode="one")))
-    for i, b in enumerate(batches):
-        dropping.train_step(b, 0, i)
+    joint, mrd, batches = joint_and(MRD(MRDConfig(p=0.0)))
+    train_steps(batches, 0, joint, mrd)
+    assert_same_parameters(joint.model, mrd.model)
+    dropping, batches = tiny_trainer(MRD(MRDConfig(p=1.0, mode="one")))
+    train_steps(batches, 0, dropping)
     diag = dropping.balancer.diagnostics()
     assert set(diag) == {"dropped/a", "dropped/b"}
     assert diag["dropped/a"] + diag["dropped/b"] == pytest.approx(1.0)  # exactly one per sample

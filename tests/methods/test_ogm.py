@@ -7,11 +7,10 @@ import torch
 
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS
-from mmbalance.methods.joint import Joint
 from mmbalance.methods.ogm import OGM, OGMConfig, plus_coefficients
 from mmbalance.methods.ogm_ge import pairwise_ratios
 
-from ._helpers import fit_synthetic, tiny_trainer
+from ._helpers import assert_same_parameters, joint_and, short_fit, tiny_trainer, train_steps
 
 
 def test_journal_coefficients_by_hand():
@@ -81,13 +80,9 @@ def test_plus_boosts_the_slower_modality_in_a_step():
 def test_warm_up_reproduces_joint_exactly():
     # default window starts at epoch 6: epochs before it leave the model's gradients untouched (GE noise
     # included) and the heads read detached features, so the trajectory is joint's bit for bit
-    joint, batches = tiny_trainer(Joint())
-    ogm, _ = tiny_trainer(OGM())
-    for i, b in enumerate(batches):
-        joint.train_step(b, 2, i)
-        ogm.train_step(b, 2, i)
-    for pj, po in zip(joint.model.parameters(), ogm.model.parameters(), strict=True):
-        assert torch.equal(pj, po)
+    joint, ogm, batches = joint_and(OGM())
+    train_steps(batches, 2, joint, ogm)
+    assert_same_parameters(joint.model, ogm.model)
 
 
 def test_defaults_and_config_errors():
@@ -107,5 +102,5 @@ def test_defaults_and_config_errors():
 
 @pytest.mark.parametrize("dataset", ["synthetic_cls2", "synthetic_cls3", "synthetic_reg3", "synthetic_seg4"])
 def test_fit_on_each_synthetic_task(dataset):
-    result = fit_synthetic("ogm", dataset, modulation_starts=1)
+    result = short_fit("ogm", dataset, samples=64, modulation_starts=1)
     assert set(result.history[1]["diagnostics"]) >= {"coeff/" + m for m in result.trainer.model.modalities}

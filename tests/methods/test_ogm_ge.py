@@ -9,7 +9,6 @@ import torch
 
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS
-from mmbalance.methods.joint import Joint
 from mmbalance.methods.ogm_ge import (
     OGMGE,
     OGMGEConfig,
@@ -19,24 +18,10 @@ from mmbalance.methods.ogm_ge import (
     pairwise_ratios,
 )
 from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, Trainer
 
-from ..conftest import tiny_model, tiny_splits
+from ._helpers import assert_same_parameters, joint_and, tiny_trainer, train_steps
 
 CPU = torch.device("cpu")
-
-
-def _trainer(balancer, seed=0, **cfg):
-    splits, _ = tiny_splits()
-    base = dict(batch_size=16, seed=seed, eval_modality_scores=False, cost_steps=0)
-    base.update(cfg)
-    torch.manual_seed(seed)
-    trainer = Trainer(
-        tiny_model(seed=seed), balancer, make_task("cls", 3), TrainConfig(**base), CPU, steps_per_epoch=3
-    )
-    data = splits["train"].tensors if hasattr(splits["train"], "tensors") else None
-    batches = [{k: v[i * 16 : (i + 1) * 16] for k, v in data.items()} for i in range(3)]
-    return trainer, batches
 
 
 def test_eq10_two_modalities_by_hand():
@@ -131,24 +116,16 @@ def test_gaussian_enhancement_with_one_coefficient_per_tensor():
         gaussian_enhance_([torch.ones(2)], torch.tensor([1.0, 2.0]))
 
 
-def _params(trainer):
-    return [p.detach().clone() for p in trainer.model.parameters()]
-
-
 def test_neutral_setting_alpha0_without_ge_reproduces_joint_exactly():
-    joint, batches = _trainer(Joint())
-    ogm, _ = _trainer(OGMGE(OGMGEConfig(alpha=0.0, ge=False)))
-    for i, b in enumerate(batches):
-        joint.train_step(b, 0, i)
-        ogm.train_step(b, 0, i)
-    for pj, po in zip(_params(joint), _params(ogm), strict=True):
-        assert torch.equal(pj, po)
+    joint, ogm, batches = joint_and(OGMGE(OGMGEConfig(alpha=0.0, ge=False)))
+    train_steps(batches, 0, joint, ogm)
+    assert_same_parameters(joint.model, ogm.model)
     assert ogm.balancer.heads.built
 
 
 def test_only_the_dominant_modality_is_scaled_and_only_inside_the_window():
     bal = OGMGE(OGMGEConfig(alpha=0.5, ge=False, modulation_starts=1, modulation_ends=1))
-    trainer, batches = _trainer(bal)
+    trainer, batches = tiny_trainer(bal)
     captured = {}
     original = bal.on_after_backward
 
@@ -184,4 +161,4 @@ def test_config_and_setup_errors():
     with pytest.raises(ConfigError, match="unknown config key"):
         METHODS.build("ogm_ge", None, rho=1.0)
     with pytest.raises(ConfigError, match="4-D conv weights.*'a'"):
-        _trainer(OGMGE(OGMGEConfig(params="conv")))
+        tiny_trainer(OGMGE(OGMGEConfig(params="conv")))

@@ -7,11 +7,10 @@ import torch
 
 from mmbalance.errors import ConfigError
 from mmbalance.methods import METHODS
-from mmbalance.methods.joint import Joint
 from mmbalance.methods.ogm_ge import pairwise_ratios
 from mmbalance.methods.opm import OPM, OPMConfig, drop_probabilities, keep_mask, rescale_factor
 
-from ._helpers import fit_synthetic, start_epoch, tiny_trainer
+from ._helpers import assert_same_parameters, joint_and, short_fit, start_epoch, tiny_trainer, train_steps
 
 
 def test_drop_probabilities_by_hand():
@@ -84,22 +83,14 @@ def test_forward_step_drops_the_dominant_features_and_rescales_all():
     assert diag[f"dropped/{m_dom}"] == pytest.approx(dropped.float().mean().item())
 
 
-def _params(trainer):
-    return [p.detach().clone() for p in trainer.model.parameters()]
-
-
 @pytest.mark.parametrize("config, epoch", [(OPMConfig(p_exe=0.0, warmup_epochs=0), 3), (OPMConfig(), 5)])
 def test_no_drop_reproduces_joint_exactly(config, epoch):
     # p_exe = 0, or an epoch inside the warm-up (epochs 0-5 by default): the heads read detached
     # features and no random number is drawn, so the model's trajectory is joint's bit for bit.
-    joint, batches = tiny_trainer(Joint())
-    opm, _ = tiny_trainer(OPM(config))
+    joint, opm, batches = joint_and(OPM(config))
     start_epoch(opm, epoch)
-    for i, b in enumerate(batches):
-        joint.train_step(b, epoch, i)
-        opm.train_step(b, epoch, i)
-    for pj, po in zip(_params(joint), _params(opm), strict=True):
-        assert torch.equal(pj, po)
+    train_steps(batches, epoch, joint, opm)
+    assert_same_parameters(joint.model, opm.model)
     assert opm.balancer.heads.built and opm.balancer.diagnostics()["executed"] == 0.0
 
 
@@ -115,6 +106,6 @@ def test_config_errors():
 
 @pytest.mark.parametrize("dataset", ["synthetic_cls2", "synthetic_cls3", "synthetic_reg3", "synthetic_seg4"])
 def test_fit_on_each_synthetic_task(dataset):
-    result = fit_synthetic("opm", dataset, warmup_epochs=1, p_exe=1.0)
+    result = short_fit("opm", dataset, samples=64, warmup_epochs=1, p_exe=1.0)
     first, second = (h["diagnostics"] for h in result.history)
     assert first["executed"] == 0.0 and second["executed"] == 1.0  # warm-up epoch 0, drops in epoch 1

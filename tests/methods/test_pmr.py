@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from mmbalance.balancer import EpochContext
 from mmbalance.errors import ConfigError, UnsupportedError
 from mmbalance.methods import METHODS
-from mmbalance.methods.joint import Joint
 from mmbalance.methods.pmr import PMR, PMRConfig, class_prototypes, pmr_weights, prototype_logits
 from mmbalance.models.base import ModelOutput
 from mmbalance.tasks import make_task
 from mmbalance.train import TrainConfig, Trainer, batch_to_device, fit, make_loader
 
 from ..conftest import tiny_model, tiny_splits
+from ._helpers import assert_fits_like_joint
 
 CPU = torch.device("cpu")
 
@@ -152,17 +152,8 @@ def test_proto_term_is_alpha_times_the_slower_modalitys_prototype_ce():
 
 
 def test_alpha0_reproduces_joint_exactly():
-    splits, spec = tiny_splits()
     cfg = TrainConfig(epochs=2, batch_size=16, eval_modality_scores=False, cost_steps=0)
-    task = make_task("cls", 3)
-    results = []
-    for bal in (Joint(), PMR(PMRConfig(alpha=0.0))):
-        torch.manual_seed(0)
-        model = tiny_model()
-        fit(model, bal, splits, spec, task, cfg, CPU)
-        results.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
+    assert_fits_like_joint(PMR(PMRConfig(alpha=0.0)), cfg)
 
 
 def test_classification_only_and_config_errors():

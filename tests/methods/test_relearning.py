@@ -14,7 +14,6 @@ from mmbalance.datasets.base import DatasetSpec, TensorDictDataset
 from mmbalance.errors import ConfigError, UnsupportedError
 from mmbalance.methods import METHODS
 from mmbalance.methods._kmeans import kmeans, minmax_scale, purity
-from mmbalance.methods.joint import Joint
 from mmbalance.methods.relearning import (
     Relearning,
     RelearningConfig,
@@ -28,7 +27,7 @@ from mmbalance.testing import check_state_round_trip
 from mmbalance.train import TrainConfig, batch_to_device, fit, make_loader, make_optimizer_factory
 
 from ..conftest import ConcatFusion, tiny_model, tiny_splits
-from ._helpers import fit_synthetic
+from ._helpers import assert_fits_like_joint, short_fit
 
 CPU = torch.device("cpu")
 
@@ -156,16 +155,9 @@ def test_reinit_num_caps_the_diagnoses_across_a_saved_state():
 
 def test_lambda0_reproduces_joint_exactly():
     # diagnoses after epochs 1 and 2 run (eval mode, isolated RNG) but alpha = tanh(0) = 0
-    splits, spec = tiny_splits()
     cfg = TrainConfig(epochs=4, batch_size=16, eval_modality_scores=False, cost_steps=0)
-    results = []
-    for bal in (Joint(), Relearning(RelearningConfig(move_lambda=0.0, reinit_epoch=1, reinit_num=2))):
-        torch.manual_seed(0)
-        model = tiny_model()
-        result = fit(model, bal, splits, spec, make_task("cls", 3), cfg, CPU)
-        results.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
+    neutral = Relearning(RelearningConfig(move_lambda=0.0, reinit_epoch=1, reinit_num=2))
+    result = assert_fits_like_joint(neutral, cfg)
     diagnosed = [h["diagnostics"] for h in result.history]
     assert [d["reinits"] for d in diagnosed] == [0.0, 0.0, 1.0, 2.0]
     assert "purity_val/a" in diagnosed[2] and diagnosed[2]["alpha/a"] == 0.0
@@ -192,7 +184,7 @@ def test_config_errors_and_unsupported_task():
 
 @pytest.mark.parametrize("dataset", ["synthetic_cls2", "synthetic_cls3", "synthetic_reg3"])
 def test_fit_on_each_synthetic_task(dataset):
-    result = fit_synthetic("relearning", dataset, epochs=3, reinit_epoch=1)
+    result = short_fit("relearning", dataset, samples=64, epochs=3, reinit_epoch=1)
     stats = result.history[2]["diagnostics"]  # epoch 2 starts with the diagnosis of epoch 1
     assert stats["reinits"] == 1.0
     for m in result.trainer.model.modalities:

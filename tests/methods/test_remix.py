@@ -22,7 +22,7 @@ from mmbalance.testing import check_state_round_trip
 from mmbalance.train import TrainConfig, Trainer, batch_to_device, make_loader
 
 from ..conftest import tiny_model, tiny_splits
-from .synthetic_fit import short_fit
+from ._helpers import assert_same_parameters, short_fit, train_steps
 
 CPU = torch.device("cpu")
 CFG = TrainConfig(batch_size=16, eval_modality_scores=False, cost_steps=0)
@@ -167,11 +167,8 @@ def test_neutral_setting_alpha0_without_remixing_reproduces_joint_exactly():
     joint = Trainer(tiny_model(seed=0), Joint(), make_task("cls", 3), CFG, CPU, steps_per_epoch=3)
     for epoch in range(2):
         _epoch_start(remix, splits, epoch)
-        for i, b in enumerate(batches):
-            joint.train_step(b, epoch, i)
-            remix.train_step(b, epoch, i)
-    for p, q in zip(joint.model.parameters(), remix.model.parameters(), strict=True):
-        assert torch.equal(p, q)
+        train_steps(batches, epoch, joint, remix)
+    assert_same_parameters(joint.model, remix.model)
     assert remix.balancer.heads.built
 
 
@@ -198,7 +195,7 @@ def test_config_and_setup_errors():
 
 @pytest.mark.parametrize("ds_name", ["synthetic_cls2", "synthetic_cls3", "synthetic_seg4"])
 def test_short_fit_on_every_declared_synthetic_task(ds_name):
-    result, spec = short_fit(Remix(RemixConfig(warmup=1)), ds_name, epochs=3)
+    result = short_fit(Remix(RemixConfig(warmup=1)), ds_name, epochs=3, batch_size=32)
     diag = result.history[-1]["diagnostics"]
-    assert sum(diag[f"remix/share/{m}"] for m in spec.modalities) == pytest.approx(1.0)
+    assert sum(diag[f"remix/share/{m}"] for m in result.trainer.balancer.modalities) == pytest.approx(1.0)
     assert diag["remix/assign_batches"] > 0

@@ -14,7 +14,6 @@ from mmbalance.balancer import EpochContext
 from mmbalance.errors import ConfigError, UnsupportedError
 from mmbalance.methods import METHODS
 from mmbalance.methods._shapley import correct_predictions, shapley_matrix, subset_values, valuate
-from mmbalance.methods.joint import Joint
 from mmbalance.methods.sample_valuation import (
     SampleValuation,
     SampleValuationConfig,
@@ -24,10 +23,10 @@ from mmbalance.methods.sample_valuation import (
 )
 from mmbalance.tasks import make_task
 from mmbalance.testing import check_state_round_trip
-from mmbalance.train import TrainConfig, Trainer, batch_to_device, fit, make_loader
+from mmbalance.train import TrainConfig, Trainer, batch_to_device, make_loader
 
 from ..conftest import tiny_model, tiny_splits
-from ._helpers import fit_synthetic
+from ._helpers import assert_fits_like_joint, short_fit
 
 CPU = torch.device("cpu")
 
@@ -183,16 +182,8 @@ def test_modality_level_duplicates_keep_the_lowest_contribution():
     SampleValuationConfig(warmup=5),  # all epochs inside the warm-up
 ])
 def test_no_resampling_reproduces_joint_exactly(config):
-    splits, spec = tiny_splits()
     cfg = TrainConfig(epochs=3, batch_size=16, eval_modality_scores=False, cost_steps=0)
-    results = []
-    for bal in (Joint(), SampleValuation(config)):
-        torch.manual_seed(0)
-        model = tiny_model()
-        result = fit(model, bal, splits, spec, make_task("cls", 3), cfg, CPU)
-        results.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
+    result = assert_fits_like_joint(SampleValuation(config), cfg)
     valued = result.history[-1]["diagnostics"]["valued_samples"]
     assert valued == (3 * 9 if config.warmup == 0 else 0)  # int(48 * 0.2) = 9 per epoch
 
@@ -212,13 +203,13 @@ def test_config_errors_and_unsupported_task():
             METHODS.build("sample_valuation", None, **{key: value})
     assert not METHODS.get("sample_valuation").supports(task="seg")
     with pytest.raises(UnsupportedError, match="sample_valuation"):
-        fit_synthetic("sample_valuation", "synthetic_seg4")
+        short_fit("sample_valuation", "synthetic_seg4", samples=64)
 
 
 @pytest.mark.parametrize("dataset", ["synthetic_cls2", "synthetic_cls3", "synthetic_reg3"])
 @pytest.mark.parametrize("level", ["sample", "modality"])
 def test_fit_on_each_synthetic_task(dataset, level):
-    result = fit_synthetic("sample_valuation", dataset, warmup=1, level=level, alpha=2.0)
+    result = short_fit("sample_valuation", dataset, samples=64, warmup=1, level=level, alpha=2.0)
     first, second = (h["diagnostics"] for h in result.history)
     assert first["valued_samples"] == 0 and second["valued_samples"] > 0
     modalities = result.trainer.model.modalities

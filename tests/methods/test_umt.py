@@ -8,12 +8,12 @@ import torch
 from mmbalance.balancer import EpochContext
 from mmbalance.errors import ConfigError, ShapeError
 from mmbalance.methods import METHODS
-from mmbalance.methods.joint import Joint
 from mmbalance.methods.umt import UMT, UMTConfig, distillation_loss
 from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, Trainer, batch_to_device, fit, make_loader
+from mmbalance.train import TrainConfig, Trainer, batch_to_device, make_loader
 
 from ..conftest import tiny_model, tiny_splits
+from ._helpers import assert_fits_like_joint
 
 CPU = torch.device("cpu")
 CFG = TrainConfig(epochs=2, batch_size=16, eval_modality_scores=False, cost_steps=0)
@@ -36,15 +36,9 @@ def test_distillation_loss_by_hand():
 
 def test_zero_scaling_with_trained_teachers_reproduces_joint_exactly():
     """The teacher stage runs on a forked RNG and a private loader: it leaves the main run untouched."""
-    splits, spec = tiny_splits()
-    models = []
-    for balancer in (Joint(), UMT(UMTConfig(scaling=0.0, teacher_epochs=2))):
-        model = tiny_model()
-        fit(model, balancer, splits, spec, make_task("cls", 3), CFG, CPU)
-        models.append(model)
+    balancer = UMT(UMTConfig(scaling=0.0, teacher_epochs=2))
+    assert_fits_like_joint(balancer, CFG)
     assert bool(balancer.teachers_trained) and balancer.extra_steps() == 2 * 2 * 3
-    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
-        assert torch.equal(p, q)
 
 
 def test_teachers_train_then_stay_frozen_in_eval_mode():

@@ -1,4 +1,5 @@
-"""``deeplab``: per-modality ResNet + ASPP encoders, shared DeepLabv3+ decoder (mmbalance/models/deeplab.py)."""
+"""``deeplab``: per-modality ResNet + ASPP encoders, shared DeepLabv3+ decoder
+(mmbalance/models/deeplab.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``vit_bert``: frozen ViT + BERT extractors with trainable MulT-style encoders (mmbalance/models/vit_bert.py)."""
+"""``vit_bert``: frozen ViT + BERT extractors with trainable MulT-style encoders
+(mmbalance/models/vit_bert.py)."""
 
 from __future__ import annotations
 

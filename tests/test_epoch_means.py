@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmbalance.methods._epoch_means import EpochMeans
+from mmbalance.epoch_means import EpochMeans
 
 
 def _feed(means: EpochMeans) -> None:

@@ -2,7 +2,9 @@
 
 A method records its coefficients, ratios or cosines every step with :meth:`EpochMeans.update`
 (device tensors, no host read) and reports their epoch means from ``diagnostics()`` with
-:meth:`EpochMeans.pop`, which reads them all in one host transfer and starts the next epoch.
+:meth:`EpochMeans.pop`, which reads them all in one host transfer and starts the next epoch. Every
+balancer gets one over its modalities, ``self.epoch_means``, from ``Balancer.setup``; a method makes
+more where it needs other options (``finite_only``, ``reduction``) or other step subsets.
 Sums are float64, so long epochs do not lose the small terms. With ``reduction="min"`` or ``"max"``
 the same accumulator keeps the epoch's extremes instead (CGGM's ``B_min`` / ``B_max``).
 """
@@ -73,7 +75,9 @@ class EpochMeans:
                 out[name] = flat[i]
             else:
                 if size != len(self.modalities):
-                    raise ValueError(f"statistic {name!r} has {size} values for {len(self.modalities)} modalities")
+                    raise ValueError(
+                        f"statistic {name!r} has {size} values for {len(self.modalities)} modalities"
+                    )
                 out.update({f"{name}/{m}": flat[i + j] for j, m in enumerate(self.modalities)})
             i += size
         return out
