@@ -36,7 +36,7 @@ import torch
 from mmbalance.bench import PAPER_CASES, random_batches
 from mmbalance.datasets import DATASETS
 from mmbalance.measure import compare_cost, persistent_state_bytes
-from mmbalance.methods._cggm_heads import MapHead
+from mmbalance.methods._cggm_head_layers import MapHead
 from mmbalance.methods.cggm import CGGM
 from mmbalance.methods.joint import Joint
 from mmbalance.models import MODELS

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from mmbalance.config import ConfigBase
+from mmbalance.config import ConfigBase, need
 from mmbalance.datasets import register_dataset
 from mmbalance.datasets.base import DatasetSpec, MultimodalDataset
 from mmbalance.datasets.splits import carve_split, check_fraction, data_dir, read_split_file, require_file
@@ -96,26 +96,19 @@ class BraTS2021Config(ConfigBase):
     case_glob: str = "BraTS2021_*"  # nifti: case folder pattern
 
     def check(self) -> None:
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
-        if not isinstance(self.crop_size, int) or self.crop_size < 8:
-            raise ValueError(f"crop_size must be an integer >= 8, got {self.crop_size!r}")
-        if not 0 <= self.noise_p <= 1:
-            raise ValueError(f"noise_p must be in [0, 1], got {self.noise_p!r}")
-        if self.noise_sigma_max < 0:
-            raise ValueError(f"noise_sigma_max must be >= 0, got {self.noise_sigma_max!r}")
+        need(self, self.layout in LAYOUTS, "layout", f"one of {LAYOUTS}")
+        need(self, self.crop_size >= 8, "crop_size", "an integer >= 8")
+        need(self, 0 <= self.noise_p <= 1, "noise_p", "in [0, 1]")
+        need(self, self.noise_sigma_max >= 0, "noise_sigma_max", ">= 0")
         check_fraction("val_fraction", self.val_fraction)
         check_fraction("test_fraction", self.test_fraction)
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(
                 f"val_fraction + test_fraction must be < 1, got {self.val_fraction} + {self.test_fraction}"
             )
-        if not isinstance(self.eval_slices_per_case, int) or self.eval_slices_per_case < 0:
-            got = self.eval_slices_per_case
-            raise ValueError(f"eval_slices_per_case must be an integer >= 0, got {got!r}")
+        need(self, self.eval_slices_per_case >= 0, "eval_slices_per_case", "an integer >= 0")
         for name in ("split_seed", "eval_seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+            need(self, getattr(self, name) >= 0, name, "an integer >= 0")
 
 
 # -- volumes ---------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from mmbalance.errors import ConfigError, ShapeError
 from mmbalance.methods._grads import step_auxiliary
-from mmbalance.methods._heads import SEQUENCE_POOLS, feature_kind, pool_features
+from mmbalance.models.features import SEQUENCE_POOLS, feature_kind, pool_features
 
 __all__ = ["BoostedClassifiers", "BoostedOutputs"]
 

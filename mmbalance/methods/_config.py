@@ -13,7 +13,7 @@ the shared fields that a method's Config declares:
 from __future__ import annotations
 
 from mmbalance.config import ConfigBase, finite, need
-from mmbalance.methods._heads import SEQUENCE_POOLS
+from mmbalance.models.features import SEQUENCE_POOLS
 
 __all__ = ["MethodConfig", "HeadConfig", "ModulationWindow"]
 

@@ -32,7 +32,6 @@ it does. Their loss terms are named ``unimodal/<modality>`` (:data:`HEAD_TERM`) 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -41,57 +40,24 @@ from torch import Tensor, nn
 
 from mmbalance.errors import ConfigError, ShapeError
 from mmbalance.methods._grads import step_auxiliary
+from mmbalance.models.features import (
+    FEATURE_KINDS,
+    SEQUENCE_POOLS,
+    build_with_generator,
+    feature_kind,
+    pool_features,
+)
 from mmbalance.models.resize import resize_bilinear
 
-__all__ = [
-    "UnimodalHeads",
-    "feature_kind",
-    "pool_features",
-    "build_with_generator",
-    "head_term",
-    "SEQUENCE_POOLS",
-    "HEAD_TERM",
-]
+__all__ = ["UnimodalHeads", "head_term", "HEAD_TERM"]
 
-SEQUENCE_POOLS = ("mean", "first", "last")
-_KINDS = ("vector", "sequence", "map")
+_KINDS = FEATURE_KINDS
 HEAD_TERM = "unimodal/{}"  # the loss term of modality m's head, in every method
 
 
 def head_term(modality: str) -> str:
     """``unimodal/<modality>``: the name of a unimodal head's loss term."""
     return HEAD_TERM.format(modality)
-
-
-def feature_kind(feature: Tensor, modality: str = "?") -> str:
-    """``"vector"`` for ``(B, d)``, ``"sequence"`` for ``(B, L, d)``, ``"map"`` for ``(B, C, h, w)``.
-
-    Raises:
-        ShapeError: any other number of dimensions.
-    """
-    kinds = {2: "vector", 3: "sequence", 4: "map"}
-    if not isinstance(feature, Tensor) or feature.dim() not in kinds:
-        shape = tuple(feature.shape) if isinstance(feature, Tensor) else type(feature).__name__
-        raise ShapeError(
-            f"features[{modality!r}] has shape {shape}; expected (B, d), (B, L, d) or (B, C, h, w)"
-        )
-    return kinds[feature.dim()]
-
-
-def pool_features(feature: Tensor, sequence_pool: str = "mean") -> Tensor:
-    """``(B, d)`` summary of a vector, sequence (pool over L) or map (global average) feature."""
-    kind = feature_kind(feature)
-    if kind == "vector":
-        return feature
-    if kind == "sequence":
-        if sequence_pool == "mean":
-            return feature.mean(dim=1)
-        if sequence_pool == "first":
-            return feature[:, 0]
-        if sequence_pool == "last":
-            return feature[:, -1]
-        raise ConfigError(f"sequence_pool must be one of {SEQUENCE_POOLS}, got {sequence_pool!r}")
-    return feature.mean(dim=(2, 3))
 
 
 class _VectorHead(nn.Module):
@@ -128,32 +94,6 @@ class _MapHead(nn.Module):
         if out_size is not None and tuple(logits.shape[-2:]) != tuple(out_size):
             logits = resize_bilinear(logits, out_size, align_corners=False)
         return logits
-
-
-def _reset_with_generator(module: nn.Module, generator: torch.Generator) -> None:
-    """PyTorch's default Linear/Conv init (Kaiming-uniform a=sqrt(5), fan-in bias), drawn from
-    ``generator`` instead of the global RNG."""
-    for layer in module.modules():
-        if isinstance(layer, nn.Linear | nn.Conv2d):
-            with torch.no_grad():
-                nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
-                if layer.bias is not None:
-                    fan_in = layer.weight[0].numel()
-                    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-                    nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
-
-
-def build_with_generator(
-    factory: Callable[[], nn.Module], generator: torch.Generator, device: Any, dtype: torch.dtype
-) -> nn.Module:
-    """``factory()`` built on the meta device, then materialised on ``device`` with PyTorch's default
-    Linear/Conv2d initialisation drawn from ``generator``: nothing is drawn from the global RNG, and
-    the initial weights do not depend on the device."""
-    with torch.device("meta"):
-        module = factory()
-    module = module.to_empty(device="cpu").to(dtype=dtype)
-    _reset_with_generator(module, generator)
-    return module.to(device=device)
 
 
 class UnimodalHeads(nn.Module):

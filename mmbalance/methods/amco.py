@@ -33,8 +33,9 @@ from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig, ModulationWindow
 from mmbalance.methods._grads import step_auxiliary
 from mmbalance.methods._headed import HeadedBalancer
-from mmbalance.methods._heads import build_with_generator, head_term
+from mmbalance.methods._heads import head_term
 from mmbalance.models.base import ModelOutput, MultimodalModel
+from mmbalance.models.features import build_with_generator
 from mmbalance.tasks import Task
 
 __all__ = ["AMCo", "AMCoConfig", "mask_ratio", "class_mask", "dependency_shares"]

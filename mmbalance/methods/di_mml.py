@@ -32,9 +32,10 @@ from mmbalance.errors import ConfigError, ShapeError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig
 from mmbalance.methods._headed import HeadedBalancer
-from mmbalance.methods._heads import UnimodalHeads, pool_features
+from mmbalance.methods._heads import UnimodalHeads
 from mmbalance.methods._stages import eval_mode, isolated_rng, iterate, stage_loader, stage_seed
 from mmbalance.models.base import ModelOutput, MultimodalModel
+from mmbalance.models.features import pool_features
 from mmbalance.tasks import Task
 
 __all__ = ["DIMML", "DIMMLConfig", "effective_dimensions", "own_dimensions", "duc_loss", "certainty_fusion"]

@@ -32,11 +32,12 @@ from mmbalance.errors import ConfigError, ShapeError, UnsupportedError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig
 from mmbalance.methods._entropy_fusion import batch_entropy_weights, entropy_weights, fuse_logits
-from mmbalance.methods._heads import UnimodalHeads, feature_kind, head_term, pool_features
+from mmbalance.methods._heads import UnimodalHeads, head_term
 from mmbalance.methods._lazy_buffers import follow_saved_shapes_
 from mmbalance.methods._precision import upcast
 from mmbalance.methods._stages import target_size
 from mmbalance.models.base import ModelOutput, MultimodalModel
+from mmbalance.models.features import feature_kind, pool_features
 from mmbalance.tasks import Task
 
 __all__ = ["MLA", "MLAConfig", "project_gradient_", "entropy_weights", "batch_entropy_weights", "fuse_logits"]

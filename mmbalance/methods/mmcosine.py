@@ -30,8 +30,8 @@ from mmbalance.config import finite, need
 from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig
 from mmbalance.methods._headed import HeadedBalancer
-from mmbalance.methods._heads import pool_features
 from mmbalance.models.base import ModelOutput, MultimodalModel
+from mmbalance.models.features import pool_features
 
 __all__ = ["MMCosine", "MMCosineConfig", "cosine_logits"]
 

@@ -32,10 +32,10 @@ from mmbalance.config import need
 from mmbalance.errors import ConfigError, ShapeError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import ModulationWindow
-from mmbalance.methods._heads import SEQUENCE_POOLS, pool_features
 from mmbalance.methods._stages import eval_mode, iterate, stage_loader
 from mmbalance.methods.ogm_ge import pairwise_ratios
 from mmbalance.models.base import ModelOutput, MultimodalModel
+from mmbalance.models.features import SEQUENCE_POOLS, pool_features
 
 __all__ = ["PMR", "PMRConfig", "class_prototypes", "prototype_logits", "pmr_weights"]
 

@@ -36,7 +36,7 @@ from mmbalance.errors import ConfigError, ShapeError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig
 from mmbalance.methods._grads import step_auxiliary
-from mmbalance.methods._heads import UnimodalHeads, feature_kind
+from mmbalance.methods._heads import UnimodalHeads
 from mmbalance.methods._reconboost_loss import boosting_loss, consolidation_loss, stage_modality
 from mmbalance.methods._stages import (
     encode_modality,
@@ -49,6 +49,7 @@ from mmbalance.methods._stages import (
     train_pass,
 )
 from mmbalance.models.base import ModelOutput, MultimodalModel
+from mmbalance.models.features import feature_kind
 from mmbalance.tasks import Task
 
 __all__ = ["ReconBoost", "ReconBoostConfig", "boosting_loss", "consolidation_loss", "stage_modality"]

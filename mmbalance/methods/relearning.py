@@ -30,10 +30,10 @@ from mmbalance.config import finite, need
 from mmbalance.errors import ConfigError
 from mmbalance.methods import register_method
 from mmbalance.methods._config import HeadConfig
-from mmbalance.methods._heads import pool_features
 from mmbalance.methods._kmeans import kmeans, minmax_scale, purity
 from mmbalance.methods._stages import eval_mode, isolated_rng, iterate, stage_loader, stage_seed
 from mmbalance.models.base import MultimodalModel
+from mmbalance.models.features import pool_features
 
 __all__ = ["Relearning", "RelearningConfig", "reinit_due", "reinit_strength", "soft_reinit_"]
 

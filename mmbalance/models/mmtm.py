@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from mmbalance.errors import ConfigError, ShapeError
-from mmbalance.methods._heads import build_with_generator, feature_kind, pool_features
+from mmbalance.models.features import build_with_generator, feature_kind, pool_features
 
 __all__ = ["MMTM"]
 

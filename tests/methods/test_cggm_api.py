@@ -14,7 +14,8 @@ from mmbalance.datasets.base import TensorDictDataset
 from mmbalance.errors import ConfigError, ShapeError
 from mmbalance.methods import METHODS
 from mmbalance.methods._cggm_formulas import magnitude_coefficients, sequential_sum
-from mmbalance.methods._cggm_heads import OfficialClassifier, msa_head
+from mmbalance.methods._cggm_head_layers import OfficialClassifier
+from mmbalance.methods._cggm_heads import msa_head
 from mmbalance.methods.cggm import CGGM, CGGMConfig
 from mmbalance.tasks import make_task
 from mmbalance.train import TrainConfig, Trainer, fit

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mmbalance.errors import ConfigError, ShapeError
-from mmbalance.methods._heads import UnimodalHeads, feature_kind, pool_features
+from mmbalance.methods._heads import UnimodalHeads
+from mmbalance.models.features import feature_kind, pool_features
 
 B = 3
 
