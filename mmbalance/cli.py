@@ -218,7 +218,7 @@ def _cmd_matrix(args: argparse.Namespace) -> int:
         return run_matrix(spec, out, shard=shard, set_overrides=sets, data_root=args.data_root,
                           device=args.device, quiet=quiet, executor=make_executor(args, tracking), **options)
 
-    def to_train() -> int:
+    def to_train() -> list[str]:
         return runs_to_train(spec, out, shard=shard, set_overrides=sets, data_root=args.data_root)
 
     report = run_with_jobs(args, run, to_train, device=args.device or spec.device)

@@ -68,9 +68,9 @@ def parse_jobs(text: str) -> int | str:
     return value
 
 
-def resolve_jobs(setting: int | str, executor: str, device: str | None, to_train: Callable[[], int]) -> int:
-    """The number of worker processes for ``setting`` (see the module docstring); ``to_train()``
-    counts the runs left to train (asked only for ``auto`` on the CPU).
+def resolve_jobs(setting: int | str, executor: str, device: str | None, left: int) -> int:
+    """The number of worker processes for ``setting`` (see the module docstring); ``left``: the
+    runs left to train.
 
     Raises:
         ConfigError: more than one job with ``--executor ray`` (Ray places the runs itself).
@@ -83,7 +83,7 @@ def resolve_jobs(setting: int | str, executor: str, device: str | None, to_train
         return int(setting)
     if (device or "auto").startswith("cuda") or _cuda_by_default(device):
         return 1
-    return max(1, min(usable_cores(), -(-to_train() // RUNS_PER_JOB)))
+    return max(1, min(usable_cores(), -(-left // RUNS_PER_JOB)))
 
 
 def _cuda_by_default(device: str | None) -> bool:
@@ -113,17 +113,19 @@ def worker_argv(argv: Sequence[str]) -> list[str]:
 
 
 def run_with_jobs(
-    args: Any, run: Callable[[bool], MatrixReport], to_train: Callable[[], int], device: str | None
+    args: Any, run: Callable[[bool], MatrixReport], to_train: Callable[[], list[str]], device: str | None
 ) -> MatrixReport:
     """``run(quiet)`` (one :func:`~mmbalance.matrix_run.run_matrix` call) with ``args.jobs`` workers;
-    ``to_train()`` counts the runs left to train (:func:`~mmbalance.matrix_run.runs_to_train`),
+    ``to_train()`` lists the runs left to train (:func:`~mmbalance.matrix_run.runs_to_train`),
     ``device`` is the device asked for (``--device``, else the spec's).
 
     Raises:
         ConfigError: a bad ``--jobs`` value, or another worker that ended with a user error (its
             message).
     """
-    jobs = resolve_jobs(parse_jobs(str(args.jobs)), args.executor, device, to_train)
+    setting = parse_jobs(str(args.jobs))
+    pending = set(to_train()) if args.executor == "local" else set()
+    jobs = resolve_jobs(setting, args.executor, device, len(pending))
     if jobs == 1:
         return run(args.quiet)
     import torch
@@ -153,7 +155,7 @@ def run_with_jobs(
             message = lines[-1].removeprefix("mmbalance: error: ")
             raise ConfigError(f"another --jobs worker stopped: {message}")
     # the runs other workers claimed: counted from their rows; a dead worker's runs trained here
-    return _settle(report, run(True))
+    return _settle(report, run(True), pending)
 
 
 def _die_with_parent() -> None:
@@ -168,17 +170,19 @@ def _die_with_parent() -> None:
         pass
 
 
-def _settle(first: MatrixReport, final: MatrixReport) -> MatrixReport:
+def _settle(first: MatrixReport, final: MatrixReport, pending: set[str]) -> MatrixReport:
     """``first`` with each run another worker claimed replaced by its outcome in ``final`` (a second
-    pass after the workers exited), counted as done by this command, not as done before it."""
+    pass after the workers exited); a run of ``pending`` (not done when the command started) counts
+    as done by this command, whichever worker did it, not as done before it."""
     from mmbalance.matrix_run import CLAIMED
 
-    outcome = {run.run_id: (status, skipped) for run, status, skipped in final.outcomes}
+    outcome = {run.run_id: status for run, status, _ in final.outcomes}
     settled = []
     for run, status, skipped in first.outcomes:
         if status == CLAIMED:
-            status, _ = outcome.get(run.run_id, (CLAIMED, True))
-            skipped = status == CLAIMED
+            status = outcome.get(run.run_id, CLAIMED)
+        if run.run_id in pending and status != CLAIMED:
+            skipped = False
         settled.append((run, status, skipped))
     first.outcomes = settled
     return first

@@ -156,12 +156,14 @@ def runs_to_train(
     shard: tuple[int, int] | None = None,
     set_overrides: Mapping[str, Any] | None = None,
     data_root: str | None = None,
-) -> int:
-    """How many runs of the selection have no finished row in ``out`` yet (what a call of
+) -> list[str]:
+    """The run ids of the selection without a finished row in ``out`` yet (what a call of
     :func:`run_matrix` would train, claims aside)."""
     runs = select_shard(plan_matrix(spec, set_overrides=set_overrides, data_root=data_root), shard)
-    statuses = (_previous_status(Path(out) / f"{run.run_id}.json")[0] for run in runs if run.resolved)
-    return sum(1 for status in statuses if status not in DONE_STATUSES)
+    folder = Path(out)
+    trainable = [run.run_id for run in runs if run.resolved is not None]
+    statuses = {run_id: _previous_status(folder / f"{run_id}.json")[0] for run_id in trainable}
+    return [run_id for run_id, status in statuses.items() if status not in DONE_STATUSES]
 
 
 def check_thread_count(

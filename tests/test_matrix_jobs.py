@@ -19,16 +19,16 @@ def test_parse_and_resolve_jobs():
     for bad in ("0", "-1", "two", "1.5"):
         with pytest.raises(ConfigError, match=f"--jobs must be 'auto' or an integer >= 1, got '{bad}'"):
             parse_jobs(bad)
-    assert resolve_jobs(3, "local", "cpu", lambda: 0) == 3  # a number is taken as given
+    assert resolve_jobs(3, "local", "cpu", 0) == 3  # a number is taken as given
     # auto on the CPU: one job per RUNS_PER_JOB runs left, at most one per usable core
-    assert resolve_jobs("auto", "local", "cpu", lambda: 0) == 1
-    assert resolve_jobs("auto", "local", "cpu", lambda: RUNS_PER_JOB) == 1
-    assert resolve_jobs("auto", "local", "cpu", lambda: RUNS_PER_JOB + 1) == min(2, usable_cores())
-    assert resolve_jobs("auto", "local", "cpu", lambda: 10**6) == usable_cores()
-    assert resolve_jobs("auto", "local", "cuda", lambda: 10**6) == 1  # one device
-    assert resolve_jobs("auto", "ray", None, lambda: 10**6) == 1  # Ray places the runs
+    assert resolve_jobs("auto", "local", "cpu", 0) == 1
+    assert resolve_jobs("auto", "local", "cpu", RUNS_PER_JOB) == 1
+    assert resolve_jobs("auto", "local", "cpu", RUNS_PER_JOB + 1) == min(2, usable_cores())
+    assert resolve_jobs("auto", "local", "cpu", 10**6) == usable_cores()
+    assert resolve_jobs("auto", "local", "cuda", 10**6) == 1  # one device
+    assert resolve_jobs("auto", "ray", None, 10**6) == 1  # Ray places the runs
     with pytest.raises(ConfigError, match="--jobs 2 applies to --executor local"):
-        resolve_jobs(2, "ray", None, lambda: 10)
+        resolve_jobs(2, "ray", None, 10)
 
 
 def test_worker_argv_is_the_command_quiet_without_tables_and_one_job():
@@ -45,17 +45,20 @@ def test_runs_claimed_by_other_workers_are_counted_from_the_final_pass(tmp_path)
         def __init__(self, run_id):
             self.run_id = run_id
 
-    a, b, c, d = Run("a"), Run("b"), Run("c"), Run("d")
-    first = MatrixReport(
-        tmp_path, 4, 4, [(a, "ok", True), (b, "ok", False), (c, CLAIMED, True), (d, CLAIMED, True)]
-    )
-    final = MatrixReport(
-        tmp_path, 4, 4, [(a, "ok", True), (b, "ok", True), (c, "failed", True), (d, "ok", False)]
-    )
-    settled = _settle(first, final)
-    # done before the command: skipped; done by this worker, by another, or left by a dead one: not
-    assert settled.outcomes == [(a, "ok", True), (b, "ok", False), (c, "failed", False), (d, "ok", False)]
-    assert settled.summary().startswith("4 runs: 3 ok, 0 unsupported, 1 failed; 1 already done")
+    a, b, c, d, e = Run("a"), Run("b"), Run("c"), Run("d"), Run("e")
+    first = MatrixReport(tmp_path, 5, 5, [
+        (a, "ok", True), (b, "ok", False), (c, CLAIMED, True), (d, CLAIMED, True), (e, "ok", True),
+    ])
+    final = MatrixReport(tmp_path, 5, 5, [
+        (a, "ok", True), (b, "ok", True), (c, "failed", True), (d, "ok", False), (e, "ok", True),
+    ])
+    settled = _settle(first, final, pending={"b", "c", "d", "e"})
+    # done before the command: skipped; done by this worker, by another (e: done meanwhile, found
+    # before this worker could claim it), or left by a dead one and trained in the final pass: not
+    assert settled.outcomes == [
+        (a, "ok", True), (b, "ok", False), (c, "failed", False), (d, "ok", False), (e, "ok", False),
+    ]
+    assert settled.summary().startswith("5 runs: 4 ok, 0 unsupported, 1 failed; 1 already done")
 
 
 def test_two_jobs_train_the_matrix_once_and_report_every_run(tmp_path, capsys):
