@@ -36,7 +36,7 @@ def test_planned_run_ids_equal_the_committed_rows():
         row = json.loads(path.read_text())
         committed[(row["label"], row["dataset"], row["seed"])] = row["run_id"]
     runs = plan_matrix(load_spec(ROOT / "results/synthetic/matrix.toml"))
-    assert len(runs) == len(committed) == 228
+    assert len(runs) == len(committed) == 420  # 33 methods and the unimodal rows, 4 tasks, 3 seeds
     planned = {(r.label, r.dataset, r.seed): r.run_id for r in runs}
     assert planned == committed
 
