@@ -10,30 +10,20 @@ from mmbalance.results import load_plan, load_rows
 from mmbalance.tables import metric_table
 
 ROOT = Path(__file__).resolve().parents[1] / "results" / "cggm"
-# Config fields added after the CGGM rows were made (with the values those rows ran with).
-ADDED_SINCE = {"method": {"head": "auto"}, "train": {"divergence_factor": 1000.0}}
 
 
-def _planned():
-    runs = plan_matrix(load_spec(ROOT / "specs" / "variants.toml"))
+def _planned(spec: str = "variants"):
+    runs = plan_matrix(load_spec(ROOT / "specs" / f"{spec}.toml"))
     return {(r.label, r.dataset, r.seed): r for r in runs}
 
 
-def test_the_variants_spec_plans_the_committed_runs():
-    planned = _planned()
-    rows = [json.loads(p.read_text()) for p in (ROOT / "rows" / "variants").glob("*.json")]
-    assert len(planned) == len(rows) == 168
-    same_id = 0
-    for row in rows:
-        run = planned[(row["label"], row["dataset"], row["seed"])]
-        if row["method"] != "cggm":  # joint and unimodal: the very runs, same run ids
-            assert run.run_id == row["run_id"], row["label"]
-            same_id += 1
-            continue
-        # CGGM rows predate two fields; with them added their configs are the planned ones
-        config = {s: {**row["config"][s], **ADDED_SINCE.get(s, {})} for s in row["config"]}
-        assert config == run.resolved.config, (row["label"], row["dataset"], row["seed"])
-    assert same_id == 96
+def test_the_specs_plan_exactly_the_committed_runs():
+    for spec, count in (("variants", 168), ("ablation", 48)):
+        planned = _planned(spec)
+        rows = [json.loads(p.read_text()) for p in (ROOT / "rows" / spec).glob("*.json")]
+        assert len(planned) == len(rows) == count
+        committed = {(row["label"], row["dataset"], row["seed"]): row["run_id"] for row in rows}
+        assert committed == {key: run.run_id for key, run in planned.items()}, spec
 
 
 def test_the_ablation_shares_its_joint_runs_with_the_clipped_protocol():
@@ -60,6 +50,6 @@ def test_the_table_of_the_committed_rows_has_one_row_per_variant_and_protocol():
     for variant in ("cggm_official", "cggm_paper", "cggm_stabilize"):
         for clip in ("none", "0.8"):
             assert f"{variant}[clip_grad_norm={clip}]" in lines
-    # README: protocol B official cls2 accuracy 90.2, Δ against the clipped joint -1.4
-    assert "90.23 ± 1.32 (3)" in lines["cggm_official[clip_grad_norm=0.8]"]
-    assert "-1.37" in lines["cggm_official[clip_grad_norm=0.8]"]
+    # README: protocol B official cls2 accuracy 89.2, Δ against the clipped joint -2.4
+    assert "89.23 ± 1.30 (3)" in lines["cggm_official[clip_grad_norm=0.8]"]
+    assert "-2.37" in lines["cggm_official[clip_grad_norm=0.8]"]
