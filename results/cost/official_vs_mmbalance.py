@@ -219,7 +219,8 @@ def measure(args: argparse.Namespace, msatrain: Any, shape: str) -> dict[str, An
 
     batches = official_batches(shape, args.batches)
     total = args.warmup + 1 + args.steps  # warm-up, one counted step, timed steps
-    official = {mod: OfficialLoop(msatrain, shape, mod, batches, total, args.threads, args.warmup)
+    extra = args.profile_steps if args.profile and args.only is None else 0  # profiled later
+    official = {mod: OfficialLoop(msatrain, shape, mod, batches, total + extra, args.threads, args.warmup)
                 for mod in ("cggm", "none")} if args.only != "mmbalance" else {}
     trainers, mm_batches = mmbalance_trainers(shape, batches) if args.only != "official" else ({}, [])
     mine = ["mmbalance cggm", "mmbalance joint"] if trainers else []
@@ -244,10 +245,11 @@ def measure(args: argparse.Namespace, msatrain: Any, shape: str) -> dict[str, An
     for mod, loop in official.items():
         ms[f"official {mod}"] = loop.loader.ms[args.warmup:]
         flops[f"official {mod}"] = loop.loader.flops
-        loop.thread.join(timeout=60)
+        if not extra:
+            loop.thread.join(timeout=60)
     for t in trainers.values():
         t.flush_terms()
-    return {"ms": ms, "flops": flops, "trainers": trainers, "batches": mm_batches}
+    return {"ms": ms, "flops": flops, "trainers": trainers, "batches": mm_batches, "official": official}
 
 
 def report(shape: str, result: dict[str, Any]) -> None:
@@ -278,34 +280,63 @@ def report(shape: str, result: dict[str, Any]) -> None:
               f"{(ratio / floor - 1) * 100:+.1f}% above it (target within 2%)")
 
 
+Profile = dict[str, tuple[float, int]]  # operator -> (self CPU ms, calls) per step
+
+
+def _self_ms(steps: int, run: Callable[[int], None]) -> Profile:
+    """Self CPU ms and calls per step of every operator over ``steps`` calls of ``run``, on every
+    thread (the official loop runs in a thread of its own)."""
+    from torch.profiler import ProfilerActivity, _ExperimentalConfig
+    from torch.profiler import profile as torch_profile
+
+    config = _ExperimentalConfig(profile_all_threads=True)
+    with torch_profile(activities=[ProfilerActivity.CPU], experimental_config=config) as prof:
+        for i in range(steps):
+            run(i)
+    return {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in prof.key_averages()}
+
+
+
+def _diff_table(base: Profile, other: Profile, names: tuple[str, str], rows: int) -> None:
+    """Per operator: ms (calls) per step on both sides, and its share of the difference in total."""
+    total = {n: sum(ms for ms, _ in side.values()) for n, side in zip(names, (base, other), strict=True)}
+    gap = total[names[1]] - total[names[0]]
+    print(f"self CPU ms per step under the profiler: {names[0]} {total[names[0]]:.1f}, "
+          f"{names[1]} {total[names[1]]:.1f}, difference {gap:+.1f}\n")
+    print(f"| operator | {names[0]} ms (calls) | {names[1]} ms (calls) | share of the difference |")
+    print("|---|---:|---:|---:|")
+    diff = {k: other.get(k, (0.0, 0))[0] - base.get(k, (0.0, 0))[0] for k in set(base) | set(other)}
+    for k in sorted(diff, key=lambda k: -abs(diff[k]))[:rows]:
+        (bm, bn), (om, on) = base.get(k, (0.0, 0)), other.get(k, (0.0, 0))
+        print(f"| `{k}` | {bm:.1f} ({bn}) | {om:.1f} ({on}) | {diff[k] / gap * 100:+.1f} % |")
+    print()
+
+
 def profile(result: dict[str, Any], steps: int, rows: int) -> None:
-    """Where mmbalance's CGGM step spends its time, and where its time above joint's goes:
-    torch.profiler over ``steps`` steps of each, self CPU time per operator and step."""
+    """Where mmbalance's CGGM step spends its time, where its time above mmbalance's joint step goes,
+    and (with the official loops in the process) where mmbalance's joint step differs from the
+    official ``none`` step: torch.profiler over ``steps`` steps of each."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    per_step: dict[str, dict[str, tuple[float, int]]] = {}
-    for name in ("method", "joint"):
-        trainer, batches = result["trainers"][name], result["batches"]
-        with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-            for i in range(steps):
-                mmbalance_step(trainer, batches, i)()
-        trainer.flush_terms()
-        if name == "method":
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
-        per_step[name] = {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count // steps)
-                          for e in prof.key_averages()}
-    cggm, joint = per_step["method"], per_step["joint"]
-    total = {k: sum(ms for ms, _ in v.values()) for k, v in per_step.items()}
-    extra = total["method"] - total["joint"]
-    print(f"self CPU ms per step under the profiler: cggm {total['method']:.1f}, joint {total['joint']:.1f}, "
-          f"difference {extra:.1f}\n")
-    print("| operator | joint ms (calls) | cggm ms (calls) | share of the difference |")
-    print("|---|---:|---:|---:|")
-    diff = {k: cggm.get(k, (0.0, 0))[0] - joint.get(k, (0.0, 0))[0] for k in set(cggm) | set(joint)}
-    for k in sorted(diff, key=lambda k: -diff[k])[:rows]:
-        (jm, jn), (cm, cn) = joint.get(k, (0.0, 0)), cggm.get(k, (0.0, 0))
-        print(f"| `{k}` | {jm:.1f} ({jn}) | {cm:.1f} ({cn}) | {diff[k] / extra * 100:.1f} % |")
+    trainers, batches = result["trainers"], result["batches"]
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+        for i in range(steps):
+            mmbalance_step(trainers["method"], batches, i)()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    ours = {name: _self_ms(steps, lambda i, t=trainers[name]: mmbalance_step(t, batches, i)())
+            for name in ("method", "joint")}
+    for t in trainers.values():
+        t.flush_terms()
+    _diff_table(ours["joint"], ours["method"], ("mmbalance joint", "mmbalance cggm"), rows)
+    official = result.get("official") or {}
+    if official:
+        base = _self_ms(steps, lambda i: official["none"].step())
+        _diff_table(base, ours["joint"], ("official none", "mmbalance joint"), rows)
+        for _ in range(steps):  # the CGGM loop's profiling turns, unused: let it finish
+            official["cggm"].step()
+        for loop in official.values():
+            loop.thread.join(timeout=60)
 
 
 def main(argv: list[str] | None = None) -> int:
