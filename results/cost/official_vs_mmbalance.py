@@ -3,6 +3,7 @@
     git clone https://github.com/zrguo/CGGM /path/to/CGGM          # not part of this repository
     python results/cost/official_vs_mmbalance.py --official /path/to/CGGM
     python results/cost/official_vs_mmbalance.py --official /path/to/CGGM --profile   # + where time goes
+    python results/cost/official_vs_mmbalance.py --official /path/to/CGGM --only mmbalance   # a control
 
 Four contestants per shape (MOSI: text (50, 768), audio (50, 5), vision (50, 20), regression;
 IEMOCAP: text (22, 1024), audio (350, 130), vision (50, 342), 4 classes), batch 64, random inputs:
@@ -18,10 +19,13 @@ IEMOCAP: text (22, 1024), audio (350, 130), vision (50, 342), 4 classes), batch 
   preset and the training preset's setup (Adam 1e-3, clip 0.8).
 
 Each round steps every contestant once, in a rotating order, on the same batch; one intra-op
-thread (``--threads``). Printed: median and IQR of step times, each CGGM's ratio to its own
-baseline, mmbalance's CGGM step over the official one (target <= 0.8), and the FLOP floor
-(FLOPs of a mmbalance CGGM step over a joint step: the ratio its own extra work explains; target:
-the measured ratio within 2 % of it).
+thread (``--threads``). ``--only official`` / ``--only mmbalance`` builds and times one side alone
+(does sharing the process change a side's timings?). ``--profile`` adds torch.profiler tables: the
+operators of mmbalance's CGGM step, and per operator the difference between mmbalance's CGGM and
+joint steps and between the official ``none`` step and mmbalance's joint step. Printed: median
+and IQR of step times, each CGGM's ratio to its own baseline, mmbalance's CGGM step over the
+official one (target <= 0.8), and the FLOP floor (FLOPs of a mmbalance CGGM step over a joint
+step: the ratio its own extra work explains; target: the measured ratio within 2 % of it).
 
 Two adaptations, both outside the timed step: ``initiate`` is replaced by the same construction
 without ``ReduceLROnPlateau(verbose=True)`` (the argument is gone from current torch; the scheduler
