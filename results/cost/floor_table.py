@@ -67,7 +67,7 @@ def main(path: str) -> None:
         s = r["signals"]
         mine, base = s["method"]["aten_ops_by_name"], s["joint"]["aten_ops_by_name"]
         extra = {k: (mine.get(k, 0) - base.get(k, 0)) / s["steps"] for k in set(mine) | set(base)}
-        top = sorted((k for k in extra if extra[k] > 0), key=lambda k: -extra[k])[:4]
+        top = sorted((k for k in extra if extra[k] > 0), key=lambda k: (-extra[k], k))[:4]
         names = ", ".join(f"`{k.removeprefix('aten.')}` +{extra[k]:.0f}" for k in top)
         print(f"| `{r['method']}` | {r['task']} | {(r['ratio_vs_joint'] / r['floor'] - 1) * 100:+.0f}% "
               f"| {_calls(r, 'method') - _calls(r, 'joint'):+,.0f} | {names} |")
