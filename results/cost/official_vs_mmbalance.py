@@ -36,6 +36,7 @@ only acts between epochs), and when ``einops`` is not installed an import-only s
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import threading
@@ -63,6 +64,37 @@ COMMON = {"cls_layers": 2, "num_heads": 5, "proj_dim": 40, "batch_size": 64, "cl
           "seed": 666}
 
 
+Profile = dict[str, tuple[float, int]]  # operator -> (self CPU ms, calls) per step
+
+
+def per_step(prof: Any, steps: int) -> Profile:
+    """A finished torch.profiler's self CPU ms and calls per step of every operator."""
+    return {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in prof.key_averages()}
+
+
+def _self_ms(steps: int, run: Callable[[int], None]) -> Profile:
+    """Self CPU ms and calls per step of every operator over ``steps`` calls of ``run`` (this thread)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            run(i)
+    return per_step(prof, steps)
+
+
+def thread_usage() -> tuple[float, int, float]:
+    """Wall clock, minor page faults and kernel CPU seconds of the calling thread (Linux)."""
+    r = resource.getrusage(resource.RUSAGE_THREAD)
+    return time.perf_counter(), r.ru_minflt, r.ru_stime
+
+
+def usage_since(start: tuple[float, int, float]) -> tuple[float, int, float]:
+    """(ms, minor page faults, kernel s) of the calling thread since ``start``."""
+    now = thread_usage()
+    return (now[0] - start[0]) * 1e3, now[1] - start[1], now[2] - start[2]
+
+
 class _Stop(Exception):
     """Raised by the loader inside the official loop once its steps are done."""
 
@@ -77,31 +109,43 @@ class Turn:
 
 class TurnLoader:
     """The official loop's ``train_loader``: one batch per turn; times the code between two batches
-    (the official step), counts FLOPs of step ``count_step``, and stops the loop after ``steps``."""
+    (the official step), counts FLOPs of step ``count_step``, profiles the last ``profile_steps``
+    steps (torch.profiler, in the loop's own thread) and stops the loop after ``steps``."""
 
-    def __init__(self, batches: list[dict[str, torch.Tensor]], steps: int, turn: Turn, count_step: int):
+    def __init__(self, batches: list[dict[str, torch.Tensor]], steps: int, turn: Turn, count_step: int,
+                 profile_steps: int = 0):
         self.batches, self.steps, self.turn, self.count_step = batches, steps, turn, count_step
-        self.ms: list[float] = []
+        self.profile_steps = profile_steps
+        self.usage: list[tuple[float, int, float]] = []  # per step: ms, minor faults, kernel s
         self.flops = 0
+        self.profile: Profile = {}
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
         from torch.utils.flop_counter import FlopCounterMode
 
+        prof = torch_profile(activities=[ProfilerActivity.CPU]) if self.profile_steps else None
         for i in range(self.steps):
             self.turn.go.acquire()
+            if prof is not None and i == self.steps - self.profile_steps:
+                prof.__enter__()
             if i == self.count_step:
                 with FlopCounterMode(display=False) as counter:
                     yield self.batches[i % len(self.batches)]
                 self.flops = int(counter.get_total_flops())
             else:
-                t0 = time.perf_counter()
+                start = thread_usage()
                 yield self.batches[i % len(self.batches)]
-                self.ms.append((time.perf_counter() - t0) * 1e3)
+                self.usage.append(usage_since(start))
             if i < self.steps - 1:
                 self.turn.done.release()
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            self.profile = per_step(prof, self.profile_steps)
         raise _Stop  # the last step's turn ends when the loop unwinds (see OfficialLoop.run)
 
 
@@ -130,7 +174,7 @@ class OfficialLoop:
     """``train_model`` of the official code for one modulation, in its own thread, step by step."""
 
     def __init__(self, msatrain: Any, shape: str, modulation: str, batches: list, steps: int, threads: int,
-                 count_step: int) -> None:
+                 count_step: int, profile_steps: int = 0) -> None:
         modalities, outputs, defaults = SHAPES[shape]
         hyp = argparse.Namespace(**COMMON, **defaults, modulation=modulation)
         hyp.orig_dim = [modalities[m][1] for m in ("text", "audio", "vision")]
@@ -156,7 +200,7 @@ class OfficialLoop:
         }
         self.msatrain, self.hyp, self.threads = msatrain, hyp, threads
         self.turn = Turn()
-        self.loader = TurnLoader(batches, steps, self.turn, count_step)
+        self.loader = TurnLoader(batches, steps, self.turn, count_step, profile_steps)
         self.thread = threading.Thread(target=self.run, daemon=True)
 
     def run(self) -> None:
@@ -224,11 +268,12 @@ def measure(args: argparse.Namespace, msatrain: Any, shape: str) -> dict[str, An
     batches = official_batches(shape, args.batches)
     total = args.warmup + 1 + args.steps  # warm-up, one counted step, timed steps
     extra = args.profile_steps if args.profile and args.only is None else 0  # profiled later
-    official = {mod: OfficialLoop(msatrain, shape, mod, batches, total + extra, args.threads, args.warmup)
+    official = {mod: OfficialLoop(msatrain, shape, mod, batches, total + extra, args.threads, args.warmup,
+                                  extra if mod == "none" else 0)
                 for mod in ("cggm", "none")} if args.only != "mmbalance" else {}
     trainers, mm_batches = mmbalance_trainers(shape, batches) if args.only != "official" else ({}, [])
     mine = ["mmbalance cggm", "mmbalance joint"] if trainers else []
-    ms: dict[str, list[float]] = {name: [] for name in mine}
+    usage: dict[str, list[tuple[float, int, float]]] = {name: [] for name in mine}
     flops: dict[str, int] = {}
     names = [*(f"official {mod}" for mod in official), *mine]
     for i in range(total):
@@ -242,18 +287,20 @@ def measure(args: argparse.Namespace, msatrain: Any, shape: str) -> dict[str, An
                     step()
                 flops[name] = int(counter.get_total_flops())
                 continue
-            t0 = time.perf_counter()
+            start = thread_usage()
             step()
             if i > args.warmup:
-                ms[name].append((time.perf_counter() - t0) * 1e3)
+                usage[name].append(usage_since(start))
     for mod, loop in official.items():
-        ms[f"official {mod}"] = loop.loader.ms[args.warmup:]
+        usage[f"official {mod}"] = loop.loader.usage[args.warmup:]
         flops[f"official {mod}"] = loop.loader.flops
         if not extra:
             loop.thread.join(timeout=60)
     for t in trainers.values():
         t.flush_terms()
-    return {"ms": ms, "flops": flops, "trainers": trainers, "batches": mm_batches, "official": official}
+    ms = {name: [u[0] for u in steps] for name, steps in usage.items()}
+    return {"ms": ms, "usage": usage, "flops": flops, "trainers": trainers, "batches": mm_batches,
+            "official": official}
 
 
 def report(shape: str, result: dict[str, Any]) -> None:
@@ -265,11 +312,15 @@ def report(shape: str, result: dict[str, Any]) -> None:
         return q[2] - q[0]
 
     print(f"\n{shape.upper()} (batch 64, {len(next(iter(ms.values())))} timed steps each)\n")
-    print("| contestant | step ms (median ± IQR) | GFLOPs / step |")
-    print("|---|---:|---:|")
+    print("| contestant | step ms (median ± IQR) | GFLOPs / step | minor page faults / step "
+          "| kernel CPU s / step |")
+    print("|---|---:|---:|---:|---:|")
     for name in ("official none", "official cggm", "mmbalance joint", "mmbalance cggm"):
         if name in ms:
-            print(f"| {name} | {med[name]:.1f} ± {iqr(ms[name]):.1f} | {flops[name] / 1e9:.2f} |")
+            faults = statistics.median(u[1] for u in result["usage"][name])
+            kernel = statistics.median(u[2] for u in result["usage"][name])
+            print(f"| {name} | {med[name]:.1f} ± {iqr(ms[name]):.1f} | {flops[name] / 1e9:.2f} "
+                  f"| {faults:,.0f} | {kernel:.2f} |")
     print()
     if "official cggm" in ms:
         print(f"official cggm / official none: {med['official cggm'] / med['official none']:.3f} "
@@ -282,23 +333,6 @@ def report(shape: str, result: dict[str, Any]) -> None:
         ratio = med["mmbalance cggm"] / med["mmbalance joint"]
         print(f"mmbalance cggm / mmbalance joint: {ratio:.3f}; FLOP floor {floor:.3f}; "
               f"{(ratio / floor - 1) * 100:+.1f}% above it (target within 2%)")
-
-
-Profile = dict[str, tuple[float, int]]  # operator -> (self CPU ms, calls) per step
-
-
-def _self_ms(steps: int, run: Callable[[int], None]) -> Profile:
-    """Self CPU ms and calls per step of every operator over ``steps`` calls of ``run``, on every
-    thread (the official loop runs in a thread of its own)."""
-    from torch.profiler import ProfilerActivity, _ExperimentalConfig
-    from torch.profiler import profile as torch_profile
-
-    config = _ExperimentalConfig(profile_all_threads=True)
-    with torch_profile(activities=[ProfilerActivity.CPU], experimental_config=config) as prof:
-        for i in range(steps):
-            run(i)
-    return {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in prof.key_averages()}
-
 
 
 def _diff_table(base: Profile, other: Profile, names: tuple[str, str], rows: int) -> None:
@@ -335,12 +369,13 @@ def profile(result: dict[str, Any], steps: int, rows: int) -> None:
     _diff_table(ours["joint"], ours["method"], ("mmbalance joint", "mmbalance cggm"), rows)
     official = result.get("official") or {}
     if official:
-        base = _self_ms(steps, lambda i: official["none"].step())
-        _diff_table(base, ours["joint"], ("official none", "mmbalance joint"), rows)
-        for _ in range(steps):  # the CGGM loop's profiling turns, unused: let it finish
+        for _ in range(steps):  # the last turns of both loops; the none loop profiles its own
+            official["none"].step()
             official["cggm"].step()
         for loop in official.values():
             loop.thread.join(timeout=60)
+        base = official["none"].loader.profile
+        _diff_table(base, ours["joint"], ("official none", "mmbalance joint"), rows)
 
 
 def main(argv: list[str] | None = None) -> int:
