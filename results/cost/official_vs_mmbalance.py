@@ -16,7 +16,8 @@ IEMOCAP: text (22, 1024), audio (350, 130), vision (50, 342), 4 classes), batch 
   (``model.zero_grad`` ... ``optimizer.step``, ``.item()`` included) is what is timed;
 * ``mmbalance cggm`` / ``mmbalance joint``: :class:`mmbalance.train.Trainer` steps of ``cggm`` with
   the dataset's preset (``mosi`` / ``iemocap``) and of ``joint``, on the MulT model of the same
-  preset and the training preset's setup (Adam 1e-3, clip 0.8).
+  preset and the training preset's setup (Adam 1e-3, clip 0.8), run in a worker thread as the
+  official loops are (see :func:`measure`: the main thread's allocator behaves differently).
 
 Each round steps every contestant once, in a rotating order, on the same batch; one intra-op
 thread (``--threads``). ``--only official`` / ``--only mmbalance`` builds and times one side alone
@@ -43,6 +44,7 @@ import threading
 import time
 import types
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -262,9 +264,25 @@ def mmbalance_step(trainer: Any, batches: list, i: int) -> Callable[[], None]:
     return lambda: trainer.train_step(batches[i % len(batches)], 0, i % len(batches))
 
 
-def measure(args: argparse.Namespace, msatrain: Any, shape: str) -> dict[str, Any]:
+def _timed(step: Callable[[], None]) -> tuple[float, int, float]:
+    start = thread_usage()
+    step()
+    return usage_since(start)
+
+
+def _counted(step: Callable[[], None]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+def measure(args: argparse.Namespace, msatrain: Any, shape: str) -> dict[str, Any]:
+    """Time the contestants. mmbalance's steps run in a worker thread of their own, as the official
+    loops do: glibc serves a worker thread from its own allocator arena, whose large blocks are kept
+    between steps, while the main thread's arena returns them to the OS and faults them in again on
+    the next step (tens of thousands of page faults per step at these shapes)."""
     batches = official_batches(shape, args.batches)
     total = args.warmup + 1 + args.steps  # warm-up, one counted step, timed steps
     extra = args.profile_steps if args.profile and args.only is None else 0  # profiled later
@@ -272,6 +290,7 @@ def measure(args: argparse.Namespace, msatrain: Any, shape: str) -> dict[str, An
                                   extra if mod == "none" else 0)
                 for mod in ("cggm", "none")} if args.only != "mmbalance" else {}
     trainers, mm_batches = mmbalance_trainers(shape, batches) if args.only != "official" else ({}, [])
+    worker = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(args.threads,))
     mine = ["mmbalance cggm", "mmbalance joint"] if trainers else []
     usage: dict[str, list[tuple[float, int, float]]] = {name: [] for name in mine}
     flops: dict[str, int] = {}
@@ -283,14 +302,11 @@ def measure(args: argparse.Namespace, msatrain: Any, shape: str) -> dict[str, An
                 continue
             step = mmbalance_step(trainers["method" if name.endswith("cggm") else "joint"], mm_batches, i)
             if i == args.warmup:
-                with FlopCounterMode(display=False) as counter:
-                    step()
-                flops[name] = int(counter.get_total_flops())
+                flops[name] = worker.submit(_counted, step).result()
                 continue
-            start = thread_usage()
-            step()
+            used = worker.submit(_timed, step).result()
             if i > args.warmup:
-                usage[name].append(usage_since(start))
+                usage[name].append(used)
     for mod, loop in official.items():
         usage[f"official {mod}"] = loop.loader.usage[args.warmup:]
         flops[f"official {mod}"] = loop.loader.flops
@@ -300,7 +316,7 @@ def measure(args: argparse.Namespace, msatrain: Any, shape: str) -> dict[str, An
         t.flush_terms()
     ms = {name: [u[0] for u in steps] for name, steps in usage.items()}
     return {"ms": ms, "usage": usage, "flops": flops, "trainers": trainers, "batches": mm_batches,
-            "official": official}
+            "official": official, "worker": worker}
 
 
 def report(shape: str, result: dict[str, Any]) -> None:
@@ -357,13 +373,17 @@ def profile(result: dict[str, Any], steps: int, rows: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    trainers, batches = result["trainers"], result["batches"]
-    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-        for i in range(steps):
-            mmbalance_step(trainers["method"], batches, i)()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
-    ours = {name: _self_ms(steps, lambda i, t=trainers[name]: mmbalance_step(t, batches, i)())
-            for name in ("method", "joint")}
+    trainers, batches, worker = result["trainers"], result["batches"], result["worker"]
+
+    def cggm_table() -> str:  # the profiler records the thread it runs in: mmbalance's worker
+        with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+            for i in range(steps):
+                mmbalance_step(trainers["method"], batches, i)()
+        return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+    print(worker.submit(cggm_table).result())
+    ours = {name: worker.submit(_self_ms, steps, lambda i, t=trainers[name]: mmbalance_step(t, batches, i)())
+            .result() for name in ("method", "joint")}
     for t in trainers.values():
         t.flush_terms()
     _diff_table(ours["joint"], ours["method"], ("mmbalance joint", "mmbalance cggm"), rows)
