@@ -280,9 +280,9 @@ def _counted(step: Callable[[], None]) -> int:
 
 def measure(args: argparse.Namespace, msatrain: Any, shape: str) -> dict[str, Any]:
     """Time the contestants. mmbalance's steps run in a worker thread of their own, as the official
-    loops do: glibc serves a worker thread from its own allocator arena, whose large blocks are kept
-    between steps, while the main thread's arena returns them to the OS and faults them in again on
-    the next step (tens of thousands of page faults per step at these shapes)."""
+    loops do, so that both sides are served by glibc's per-thread allocator arenas (the main
+    thread's arena returns and refaults large blocks differently); the page-fault and kernel-time
+    columns show what each side still pays."""
     batches = official_batches(shape, args.batches)
     total = args.warmup + 1 + args.steps  # warm-up, one counted step, timed steps
     extra = args.profile_steps if args.profile and args.only is None else 0  # profiled later
