@@ -26,6 +26,7 @@ from mmbalance.matrix import parse_spec, plan_matrix
 from mmbalance.matrix_run import run_matrix
 from mmbalance.results import load_rows
 from tests import executor_runs
+from tests.processes import sigkill, wait_for
 
 ray = pytest.importorskip("ray")
 from mmbalance.executor_ray import RayExecutor, RayOptions  # noqa: E402 (needs ray)
@@ -188,14 +189,8 @@ def test_a_killed_driver_restarted_redoes_nothing_finished(cluster, tmp_path):
     spec.write_text(SPEC_TOML)
     cmd = _driver(spec, out, "--address", cluster.address)
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while not list(out.glob("*.json")):
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "no run finished within 180 s"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    wait_for(lambda: list(out.glob("*.json")), proc, "a finished run")
+    sigkill(proc)
     done = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.json")}
     assert 1 <= len(done) < 6, f"the kill should land mid-matrix, {len(done)} of 6 runs were done"
     again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ from mmbalance.methods import METHODS, register_method
 from mmbalance.resolve import ResolvedRun
 from mmbalance.results import PLAN_DIR, load_plan, load_rows
 from mmbalance.tables import metric_table
+from tests.processes import sigkill, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -430,14 +429,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     proc = subprocess.Popen(
         _matrix_cmd(spec, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 120
-    while not list(out.glob("*.json")):
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "no run finished within 120 s"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    wait_for(lambda: list(out.glob("*.json")), proc, "a finished run", timeout=120, poll=0.005)
+    sigkill(proc)
     done = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.glob("*.json")}
     assert 1 <= len(done) < 9, f"kill should land mid-matrix, {len(done)} of 9 runs were done"
 

@@ -20,6 +20,7 @@ from mmbalance.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE, comparable_row
 from mmbalance.claims import CLAIMS_DIR
 from mmbalance.cli import main
 from mmbalance.results import load_rows
+from tests.processes import sigkill, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 # joint, unimodal[strong], unimodal[weak] on synthetic_cls2 (x seeds): runs of about a second each
@@ -100,14 +101,6 @@ def test_two_processes_on_one_folder_train_every_run_exactly_once(tmp_path):
     assert not list((out / CLAIMS_DIR).iterdir())
 
 
-def _wait_for(predicate, proc, what, timeout=180):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, f"{what} did not happen within {timeout} s"
-        time.sleep(0.01)
-
-
 def _checkpoint_epoch(path):
     try:
         return torch.load(path, weights_only=True)["epoch"]
@@ -123,13 +116,11 @@ def test_a_run_killed_in_its_third_epoch_resumes_from_its_checkpoint_with_the_sa
     argv = [sys.executable, "-c", "import sys; from mmbalance.cli import main; sys.exit(main(sys.argv[1:]))",
             *_matrix(spec, out, "--checkpoint-every", "1")]
     proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: list((out / CHECKPOINT_DIR).glob(f"*/{CHECKPOINT_FILE}")) if out.exists() else [],
-              proc, "the first checkpoint")
+    wait_for(lambda: list((out / CHECKPOINT_DIR).glob(f"*/{CHECKPOINT_FILE}")) if out.exists() else [],
+             proc, "the first checkpoint")
     path = next((out / CHECKPOINT_DIR).glob(f"*/{CHECKPOINT_FILE}"))
-    _wait_for(lambda: _checkpoint_epoch(path) == 1, proc, "the checkpoint of epoch 1")
-    proc.send_signal(signal.SIGKILL)  # inside epoch 2, the third
-    proc.wait()
-    proc.stderr.close()
+    wait_for(lambda: _checkpoint_epoch(path) == 1, proc, "the checkpoint of epoch 1")
+    sigkill(proc)  # inside epoch 2, the third
     assert _checkpoint_epoch(path) == 1 and not list(out.glob("*.json"))
     assert (out / CLAIMS_DIR / path.parent.name).exists()  # the killed process's claim is left behind
 
@@ -157,7 +148,7 @@ def test_a_claim_without_heartbeat_is_skipped_then_taken_over_after_the_timeout(
             *_matrix(spec, out, "--claim-timeout", "4")]
     proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: (out / CLAIMS_DIR).is_dir() and any((out / CLAIMS_DIR).iterdir()), proc, "a claim")
+        wait_for(lambda: (out / CLAIMS_DIR).is_dir() and any((out / CLAIMS_DIR).iterdir()), proc, "a claim")
         proc.send_signal(signal.SIGSTOP)
         [claim] = list((out / CLAIMS_DIR).iterdir())
         assert main(_matrix(spec, out, "--claim-timeout", "4")) == 0  # its heartbeat is fresh: skipped

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from mmbalance.cli import main
 from mmbalance.results import load_rows
 from tests.faults.conftest import TINY_SPEC
+from tests.processes import sigkill, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,14 +48,8 @@ def test_sigkill_inside_the_atomic_write_leaves_no_stray_file_after_the_next_run
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 120
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "the writer never reached its first row"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    wait_for(marker.exists, proc, "the writer reaching its first row", timeout=120)
+    sigkill(proc)
     strays = [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
     assert len(strays) == 1 and strays[0].startswith(".") and f".{proc.pid}@" in strays[0]  # the killed write
     assert not list(out.glob("*.json"))  # no row: the kill came before os.replace
