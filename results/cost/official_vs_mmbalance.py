@@ -74,15 +74,15 @@ def per_step(prof: Any, steps: int) -> Profile:
     return {e.key: (e.self_cpu_time_total / 1e3 / steps, e.count // steps) for e in prof.key_averages()}
 
 
-def _self_ms(steps: int, run: Callable[[int], None]) -> Profile:
-    """Self CPU ms and calls per step of every operator over ``steps`` calls of ``run`` (this thread)."""
+def _profiled(steps: int, run: Callable[[int], None]) -> Any:
+    """A finished torch.profiler over ``steps`` calls of ``run`` (it records the calling thread)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         for i in range(steps):
             run(i)
-    return per_step(prof, steps)
+    return prof
 
 
 def thread_usage() -> tuple[float, int, float]:
@@ -370,20 +370,15 @@ def profile(result: dict[str, Any], steps: int, rows: int) -> None:
     """Where mmbalance's CGGM step spends its time, where its time above mmbalance's joint step goes,
     and (with the official loops in the process) where mmbalance's joint step differs from the
     official ``none`` step: torch.profiler over ``steps`` steps of each."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     trainers, batches, worker = result["trainers"], result["batches"], result["worker"]
+    profs = {}  # profiled in mmbalance's worker thread, where its steps run
+    for name in ("method", "joint"):
+        def run(i: int, trainer: Any = trainers[name]) -> None:
+            mmbalance_step(trainer, batches, i)()
 
-    def cggm_table() -> str:  # the profiler records the thread it runs in: mmbalance's worker
-        with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-            for i in range(steps):
-                mmbalance_step(trainers["method"], batches, i)()
-        return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-
-    print(worker.submit(cggm_table).result())
-    ours = {name: worker.submit(_self_ms, steps, lambda i, t=trainers[name]: mmbalance_step(t, batches, i)())
-            .result() for name in ("method", "joint")}
+        profs[name] = worker.submit(_profiled, steps, run).result()
+    print(profs["method"].key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    ours = {name: per_step(prof, steps) for name, prof in profs.items()}
     for t in trainers.values():
         t.flush_terms()
     _diff_table(ours["joint"], ours["method"], ("mmbalance joint", "mmbalance cggm"), rows)
