@@ -58,5 +58,6 @@ class ValidationHeadsBalancer(HeadedBalancer):
     def on_unimodal_validation(
         self, ctx: EpochContext, epoch: int, stats: dict[str, tuple[float, float]]
     ) -> None:
-        """Update the method's state from the validation of epoch ``epoch`` (0-based)."""
-        raise NotImplementedError
+        """Update the method's state from the validation of epoch ``epoch`` (0-based). Every subclass
+        defines it (MSES, MSLR): it is what the base's validation is for."""
+        raise NotImplementedError(f"{type(self).__name__} must define on_unimodal_validation")
