@@ -27,7 +27,15 @@ from mmbalance.methods.joint import Joint
 from mmbalance.models import MODELS
 from mmbalance.models.base import MultimodalModel
 from mmbalance.tasks import make_task
-from mmbalance.train import FitResult, TrainConfig, Trainer, fit, seed_everything
+from mmbalance.train import (
+    FitResult,
+    TrainConfig,
+    Trainer,
+    batch_to_device,
+    fit,
+    make_loader,
+    seed_everything,
+)
 
 from ..conftest import tiny_model, tiny_splits
 
@@ -64,6 +72,22 @@ def start_epoch(trainer: Trainer, epoch: int, num_epochs: int = 10) -> None:
         task=trainer.task, device=CPU, optimizer=trainer.optimizer, to_device=lambda b: b,
     )
     trainer.balancer.on_train_epoch_start(ctx)
+
+
+def tiny_epoch(
+    balancer: Balancer, cfg: TrainConfig, num_epochs: int
+) -> tuple[Trainer, EpochContext, list[dict[str, Tensor]]]:
+    """A trainer on ``tiny_splits`` / ``tiny_model``, the context of its epoch 0 of ``num_epochs`` with
+    the train and validation loaders, and the training batches of one pass on the device."""
+    splits, _ = tiny_splits()
+    trainer = Trainer(tiny_model(), balancer, make_task("cls", 3), cfg, CPU, steps_per_epoch=3)
+    loader = make_loader(splits["train"], cfg, CPU, train=True)
+    ctx = EpochContext(
+        model=trainer.model, epoch=0, num_epochs=num_epochs, train_loader=loader,
+        val_loader=make_loader(splits["val"], cfg, CPU, train=False), task=trainer.task, device=CPU,
+        optimizer=trainer.optimizer, to_device=lambda b: batch_to_device(b, CPU),
+    )
+    return trainer, ctx, [batch_to_device(b, CPU) for b in loader]
 
 
 def fit_tiny(balancer: Balancer, cfg: TrainConfig) -> tuple[MultimodalModel, FitResult]:

@@ -14,8 +14,7 @@ from mmbalance.methods.mses import MSES, MSESConfig, mses_step
 from mmbalance.tasks import make_task
 from mmbalance.train import TrainConfig, Trainer, batch_to_device, make_loader
 
-from ..conftest import tiny_model, tiny_splits
-from ._helpers import assert_fits_like_joint, float64_problem
+from ._helpers import assert_fits_like_joint, float64_problem, tiny_epoch
 
 CPU = torch.device("cpu")
 CFG = TrainConfig(epochs=2, batch_size=16, eval_modality_scores=False, cost_steps=0)
@@ -38,17 +37,7 @@ def test_smoothed_patience_rule_by_hand():
 
 
 def _setup(restore="modality", stop_mode="freeze"):
-    splits, _ = tiny_splits()
-    model = tiny_model()
-    balancer = MSES(MSESConfig(patience=0, restore=restore, stop_mode=stop_mode))
-    trainer = Trainer(model, balancer, make_task("cls", 3), CFG, CPU, steps_per_epoch=3)
-    loader = make_loader(splits["train"], CFG, CPU, train=True)
-    ctx = EpochContext(
-        model=model, epoch=0, num_epochs=4, train_loader=loader,
-        val_loader=make_loader(splits["val"], CFG, CPU, train=False), task=trainer.task, device=CPU,
-        optimizer=trainer.optimizer, to_device=lambda b: batch_to_device(b, CPU),
-    )
-    return trainer, ctx, [batch_to_device(b, CPU) for b in loader]
+    return tiny_epoch(MSES(MSESConfig(patience=0, restore=restore, stop_mode=stop_mode)), CFG, num_epochs=4)
 
 
 def _epoch(trainer, ctx, batches, epoch, scripted, monkeypatch):

@@ -11,10 +11,9 @@ import mmbalance.methods._validation_heads as validation_heads_module
 from mmbalance.balancer import EpochContext
 from mmbalance.methods._config import HeadConfig
 from mmbalance.methods._validation_heads import ValidationHeadsBalancer
-from mmbalance.tasks import make_task
-from mmbalance.train import TrainConfig, Trainer, batch_to_device, make_loader
+from mmbalance.train import TrainConfig
 
-from ..conftest import tiny_model, tiny_splits
+from ._helpers import tiny_epoch
 
 CPU = torch.device("cpu")
 CFG = TrainConfig(epochs=2, batch_size=16, eval_modality_scores=False, cost_steps=0)
@@ -44,17 +43,7 @@ class _Recorder(ValidationHeadsBalancer):
 
 
 def _setup(heads=True):
-    splits, _ = tiny_splits()
-    model = tiny_model()
-    balancer = _Recorder(_Config(heads=heads))
-    trainer = Trainer(model, balancer, make_task("cls", 3), CFG, CPU, steps_per_epoch=3)
-    loader = make_loader(splits["train"], CFG, CPU, train=True)
-    ctx = EpochContext(
-        model=model, epoch=0, num_epochs=3, train_loader=loader,
-        val_loader=make_loader(splits["val"], CFG, CPU, train=False), task=trainer.task, device=CPU,
-        optimizer=trainer.optimizer, to_device=lambda b: batch_to_device(b, CPU),
-    )
-    return trainer, ctx, [batch_to_device(b, CPU) for b in loader]
+    return tiny_epoch(_Recorder(_Config(heads=heads)), CFG, num_epochs=3)
 
 
 def test_validation_of_the_finished_epoch_from_epoch_one_under_a_forked_rng(monkeypatch):
